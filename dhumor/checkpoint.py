@@ -1,0 +1,149 @@
+"""Checkpoints that load with nothing else and never run pickled code.
+
+A dhumor checkpoint is a directory: ``model.safetensors`` (weights) and ``dhumor.json`` (task
+schema, encoder names and provenance, hyperparameters, the resolved training config, metrics).
+Lightning ``.ckpt`` files also load, through ``torch.load(weights_only=True)``.
+
+>>> from dhumor.checkpoint import load_module
+>>> module = load_module("checkpoints/harmeme-tcrnet")            # doctest: +SKIP
+>>> module.schema.name, module.stream_names                         # doctest: +SKIP
+('harmeme', ['image', 'caption'])
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .encoders.registry import get_entry
+from .errors import CheckpointError
+
+FORMAT = "dhumor-checkpoint/1"
+WEIGHTS, META = "model.safetensors", "dhumor.json"
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-safe copy of hyperparameters (tuples → lists, paths → str)."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def checkpoint_meta(hparams: dict, metrics: dict | None = None, config: Any = None, notes: dict | None = None) -> dict:
+    from . import __version__
+    import lightning
+
+    from .schema import get_schema
+
+    hp = _plain({k: v for k, v in dict(hparams).items() if not k.startswith("_")})  # CLI bookkeeping
+    streams = hp["streams"]
+    encoders = {}
+    for s in streams:
+        name = hp[f"{s}_encoder"]
+        try:
+            e = get_entry(name)
+            encoders[s] = {"name": name, "provenance": e.provenance, "offline": e.offline}
+        except KeyError:
+            encoders[s] = {"name": name}
+        encoders[s]["dim"] = hp["input_dims"][s]
+    return {
+        "format": FORMAT,
+        "schema": get_schema(hp["task"]).to_dict(),
+        "encoders": encoders,
+        "hparams": hp,
+        "metrics": _plain(metrics) if metrics else None,
+        "config": _plain(config) if config is not None else None,
+        "notes": notes or {},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"dhumor": __version__, "torch": torch.__version__, "lightning": lightning.__version__},
+    }
+
+
+def write_checkpoint(state_dict: dict[str, torch.Tensor], meta: dict, out_dir: str | Path) -> Path:
+    """Write weights + metadata into ``out_dir`` atomically (a killed write leaves the old one intact)."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+        save_file(tensors, tmp / WEIGHTS, metadata={"format": FORMAT})
+        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def export_module(module, out_dir: str | Path, metrics: dict | None = None, config: Any = None,
+                  notes: dict | None = None) -> Path:
+    """Export a :class:`~dhumor.model.lit.DHumorModule` as a dhumor checkpoint directory."""
+    return write_checkpoint(module.state_dict(), checkpoint_meta(module.hparams, metrics, config, notes), out_dir)
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(meta, state_dict)`` of a checkpoint directory, its ``model.safetensors``, or a Lightning ``.ckpt``."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    if path.is_dir() or path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        d = path if path.is_dir() else path.parent
+        meta_path, weights_path = d / META, (d / WEIGHTS if path.is_dir() else path)
+        if not meta_path.exists() or not weights_path.exists():
+            raise CheckpointError(f"{d}: a dhumor checkpoint needs {META} and {WEIGHTS}")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{meta_path}: invalid JSON ({e})") from None
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{meta_path}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+        try:
+            return meta, load_file(weights_path)
+        except Exception as e:
+            raise CheckpointError(f"{weights_path}: cannot read weights ({e})") from None
+    if path.suffix == ".ckpt":
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{path}: refused to load (only plain tensors and values are accepted; "
+                                  f"pickled code is never run): {str(e).splitlines()[0][:300]}") from None
+        if "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+            raise CheckpointError(f"{path}: not a Lightning checkpoint of a dhumor model")
+        return checkpoint_meta(ckpt["hyper_parameters"]), ckpt["state_dict"]
+    raise CheckpointError(f"{path}: expected a checkpoint directory, a .safetensors or a .ckpt file")
+
+
+def load_module(path: str | Path, map_location: str | torch.device = "cpu"):
+    """Rebuild a :class:`~dhumor.model.lit.DHumorModule` from a checkpoint, in eval mode."""
+    from .model.lit import DHumorModule
+
+    meta, state = read_checkpoint(path)
+    import inspect
+
+    accepted = set(inspect.signature(DHumorModule.__init__).parameters) - {"self"}
+    hp = {k: v for k, v in meta["hparams"].items() if k in accepted}
+    if hp.get("mode") == "finetune":
+        hp["pretrained"] = False  # every encoder weight is in the checkpoint
+    try:
+        module = DHumorModule(**hp)
+    except TypeError as e:
+        raise CheckpointError(f"{path}: hyperparameters do not fit this dhumor version: {e}") from None
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    module.checkpoint_meta = meta
+    return module.to(map_location).eval()

@@ -1,0 +1,351 @@
+"""Readers: D-HUMOR tables, HarMeme jsonl and plain image folders, all into :class:`~dhumor.schema.Meme`.
+
+Every bad row raises a :class:`~dhumor.errors.DataError` naming the file, the row and the reason;
+with ``skip_bad=True`` the row is skipped and the error kept in :attr:`ReadResult.skipped`.
+
+>>> from dhumor.data.readers import read_manifest
+>>> r = read_manifest("../shared/datasets/harmeme-c/val.jsonl")       # doctest: +SKIP
+>>> len(r.memes), r.memes[0].labels                                     # doctest: +SKIP
+(177, {'harmful': 0, 'harmfulness': 0, 'target': -1})
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Literal
+
+from ..errors import DataError
+from ..images import IMAGE_EXTENSIONS, is_image_name
+from ..schema import DHUMOR, HARMEME, MISSING, Meme
+
+Format = Literal["auto", "harmeme", "dhumor", "folder"]
+
+
+@dataclass
+class ReadResult:
+    """Memes read, and the rows skipped (only with ``skip_bad``), each with its reason."""
+
+    memes: list[Meme]
+    skipped: list[DataError] = field(default_factory=list)
+    schema_name: str | None = None  # the label space the file carries (None for a plain folder)
+
+
+class _Collector:
+    """Applies the skip-bad policy to each row's outcome in one place."""
+
+    def __init__(self, skip_bad: bool):
+        self.skip_bad, self.result = skip_bad, ReadResult([])
+
+    def add(self, make: Callable[[], Meme | None]) -> None:
+        try:
+            meme = make()
+        except DataError as e:
+            if not self.skip_bad:
+                raise
+            self.result.skipped.append(e)
+            return
+        if meme is not None:
+            self.result.memes.append(meme)
+
+
+def _check_image(path: Path, file: Path, row: int) -> Path:
+    if not path.exists():
+        raise DataError(file, f"image not found: {path}", row)
+    if path.is_file() and path.stat().st_size == 0:
+        raise DataError(file, f"image is an empty file: {path}", row)
+    return path
+
+
+def _check_unique(memes: list[Meme], file: Path) -> None:
+    seen: dict[str, str] = {}
+    for m in memes:
+        if m.id in seen:
+            raise DataError(file, f"duplicate id {m.id!r} (also at {seen[m.id]})", int(m.source.rsplit(":", 1)[-1]))
+        seen[m.id] = m.source
+
+
+# ---------------------------------------------------------------- HarMeme jsonl
+def read_harmeme_jsonl(path: str | Path, images: str | Path | None = None, skip_bad: bool = False) -> ReadResult:
+    """HarMeme jsonl: ``{"id", "image", "labels": [harmfulness, target?], "text"}``; ``labels`` optional."""
+    path = Path(path)
+    images_dir = Path(images) if images else _default_images_dir(path)
+    harmful, harmfulness, target = (HARMEME.task(n) for n in ("harmful", "harmfulness", "target"))
+    lines = _read_lines(path)
+    col = _Collector(skip_bad)
+
+    def parse(row: int, line: str) -> Meme | None:
+        if not line.strip():
+            return None
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(path, f"invalid JSON: {e.msg}", row) from None
+        if not isinstance(rec, dict):
+            raise DataError(path, "a row must be a JSON object", row)
+        image_name = rec.get("image") or rec.get("img")
+        if not image_name:
+            raise DataError(path, "row has no 'image' field", row)
+        mid = str(rec.get("id") or Path(image_name).stem)
+        labels = {t: MISSING for t in HARMEME.task_names}
+        raw = rec.get("labels")
+        if raw:
+            if isinstance(raw, str):
+                raw = [raw]
+            level = _norm(raw[0])
+            try:
+                labels["harmfulness"] = harmfulness.index(level)
+            except KeyError as e:
+                raise DataError(path, str(e.args[0]), row) from None
+            labels["harmful"] = harmful.index("no" if level == "not harmful" else "yes")
+            if len(raw) > 1 and labels["harmful"] == 1:  # a target only exists for a harmful meme
+                try:
+                    labels["target"] = target.index(_norm(raw[1]))
+                except KeyError as e:
+                    raise DataError(path, str(e.args[0]), row) from None
+        img = _check_image(images_dir / image_name, path, row)
+        text = rec.get("text")
+        return Meme(id=mid, image=img, caption=text if isinstance(text, str) else None,
+                    explanation=rec.get("explanation"), labels=labels, source=f"{path}:{row}")
+
+    for row, line in lines:
+        col.add(lambda row=row, line=line: parse(row, line))
+    _check_unique(col.result.memes, path)
+    col.result.schema_name = HARMEME.name
+    return col.result
+
+
+# ---------------------------------------------------------------- D-HUMOR tables
+_DHUMOR_COLUMNS = {"id": "post id", "text": "Text", "explanation": "Explanation1",
+                   "humor": "Dark", "target": "Target", "intensity": "Intensity"}
+
+_CLASS_ALIASES = {
+    "humor": {"no": "no", "yes": "yes", "not dark": "no", "dark": "yes", "false": "no", "true": "yes",
+              "non dark": "no", "non-dark": "no"},
+    "target": {"gender": "gender/sex", "sex": "gender/sex", "gender/sex": "gender/sex", "gender and sex": "gender/sex",
+               "sexual": "gender/sex", "mental health": "mental health", "mental illness": "mental health",
+               "disability": "disability", "disabilities": "disability", "race": "race/ethnicity",
+               "ethnicity": "race/ethnicity", "race/ethnicity": "race/ethnicity", "racism": "race/ethnicity",
+               "violence": "violence/death", "death": "violence/death", "violence/death": "violence/death",
+               "other": "other", "others": "other"},
+    "intensity": {"mild": "mild", "moderate": "moderate", "severe": "severe"},
+}
+
+
+def read_dhumor_table(path: str | Path, images: str | Path | None = None, skip_bad: bool = False,
+                      label_base: Literal["auto", 0, 1] = "auto") -> ReadResult:
+    """D-HUMOR xlsx/csv: ``post id, Text, Explanation1, Dark, Target, Intensity``; images named by post id.
+
+    Class codes may be 0- or 1-based integers or class names; ``label_base="auto"`` decides per
+    column from the codes of the rows the column applies to (a 0 means 0-based; the class count
+    means 1-based), and refuses to guess when neither appears.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "file not found")
+    if path.stat().st_size == 0:
+        raise DataError(path, "empty file")
+    try:
+        if path.suffix.lower() in (".xlsx", ".xlsm", ".xls"):
+            df = pd.read_excel(path, dtype=object)
+        else:
+            df = pd.read_csv(path, dtype=object, keep_default_na=True)
+    except Exception as e:
+        raise DataError(path, f"cannot read table: {e}") from None
+    if df.empty:
+        raise DataError(path, "empty file: no rows")
+    cols = {c.strip().lower(): c for c in df.columns}
+    missing = [c for c in ("post id",) if c not in cols]
+    if missing:
+        raise DataError(path, f"missing column(s) {missing}; found {list(df.columns)}")
+    get = lambda rec, key: _cell(rec.get(cols.get(_DHUMOR_COLUMNS[key].lower())))  # noqa: E731
+    images_dir = Path(images) if images else _default_images_dir(path)
+    records = df.to_dict("records")
+    row_of = lambda i: i + 2  # noqa: E731 -- spreadsheet row numbers: header is row 1
+
+    # Decide each column's code base from the rows it applies to.
+    humor_raw = [get(r, "humor") for r in records]
+    bases: dict[str, int] = {}
+    for task in ("humor", "target", "intensity"):
+        if label_base != "auto":
+            bases[task] = int(label_base)
+            continue
+        if task == "humor":
+            vals = humor_raw
+        else:
+            vals = [get(r, task) for r, h in zip(records, humor_raw) if _is_positive(h)]
+        bases[task] = _detect_base(vals, DHUMOR.task(task).num_classes, path, _DHUMOR_COLUMNS[task])
+
+    col = _Collector(skip_bad)
+
+    def parse(i: int, rec: dict) -> Meme:
+        row = row_of(i)
+        mid = get(rec, "id")
+        if mid is None:
+            raise DataError(path, "empty 'post id'", row)
+        mid = str(mid).strip()
+        if mid.endswith(".0") and mid[:-2].isdigit():  # Excel turns 12 into 12.0
+            mid = mid[:-2]
+        labels = {t: MISSING for t in DHUMOR.task_names}
+        labels["humor"] = _parse_label(get(rec, "humor"), "humor", bases["humor"], path, row)
+        if labels["humor"] == 1:
+            for task in ("target", "intensity"):
+                labels[task] = _parse_label(get(rec, task), task, bases[task], path, row)
+        img = _check_image(_find_image(images_dir, mid, path, row), path, row)
+        text, expl = get(rec, "text"), get(rec, "explanation")
+        return Meme(id=mid, image=img, caption=None if text is None else str(text),
+                    explanation=None if expl is None else str(expl), labels=labels, source=f"{path}:{row}")
+
+    for i, rec in enumerate(records):
+        col.add(lambda i=i, rec=rec: parse(i, rec))
+    _check_unique(col.result.memes, path)
+    col.result.schema_name = DHUMOR.name
+    return col.result
+
+
+def _cell(v):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    if isinstance(v, str) and not v.strip():
+        return None
+    return v
+
+
+def _as_int(v) -> int | None:
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, str) and re.fullmatch(r"\s*-?\d+(\.0+)?\s*", v):
+        return int(float(v))
+    return None
+
+
+def _is_positive(v) -> bool:
+    n = _as_int(v)
+    if n is not None:
+        return n >= 1  # "yes" is 1 in either base for a binary column
+    return v is not None and _CLASS_ALIASES["humor"].get(_norm(str(v))) == "yes"
+
+
+def _detect_base(values: Iterable, n: int, path: Path, column: str) -> int:
+    codes = {c for c in (_as_int(v) for v in values) if c is not None}
+    if not codes:
+        return 0  # names only (or empty): the base does not matter
+    if 0 in codes:
+        return 0
+    if n in codes:
+        return 1
+    raise DataError(path, f"column {column!r}: codes {sorted(codes)} could be 0- or 1-based; "
+                          f"pass label_base=0 or 1 (--label-base)")
+
+
+def _parse_label(value, task: str, base: int, path: Path, row: int) -> int:
+    t = DHUMOR.task(task)
+    if value is None:
+        raise DataError(path, f"empty {_DHUMOR_COLUMNS[task]!r} label", row)
+    n = _as_int(value)
+    if n is not None:
+        idx = n - base
+        if not 0 <= idx < t.num_classes:
+            raise DataError(path, f"{_DHUMOR_COLUMNS[task]!r} code {n} is out of range for {t.num_classes} "
+                                  f"classes ({base}-based)", row)
+        return idx
+    name = _CLASS_ALIASES[task].get(_norm(str(value)))
+    if name is None:
+        raise DataError(path, f"unknown {_DHUMOR_COLUMNS[task]!r} label {value!r}; expected one of "
+                              f"{list(t.classes)} or a class code", row)
+    return t.index(name)
+
+
+def _find_image(images_dir: Path, mid: str, file: Path, row: int) -> Path:
+    direct = images_dir / mid
+    if is_image_name(mid) and direct.exists():
+        return direct
+    for ext in sorted(IMAGE_EXTENSIONS):
+        for cand in (images_dir / f"{mid}{ext}", images_dir / f"{mid}{ext.upper()}"):
+            if cand.exists():
+                return cand
+    raise DataError(file, f"no image for post id {mid!r} in {images_dir}", row)
+
+
+# ---------------------------------------------------------------- plain folders
+def iter_image_files(root: str | Path) -> Iterator[Path]:
+    """Image files under ``root``, recursively, in a stable order; directory links are not followed
+    (a link loop cannot recurse forever), links to files are yielded and fail at decode if broken."""
+    root = Path(root)
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if is_image_name(name):
+                yield Path(dirpath) / name
+
+
+def read_image_folder(root: str | Path) -> ReadResult:
+    """Every image under ``root`` (recursively), unlabelled; the id is the path relative to root."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(root, "not a directory")
+    memes = [Meme(id=p.relative_to(root).as_posix(), image=p, caption=None, labels={}, source=str(p))
+             for p in iter_image_files(root)]
+    return ReadResult(memes)
+
+
+# ---------------------------------------------------------------- dispatch
+def detect_format(path: str | Path) -> str:
+    path = Path(path)
+    if path.is_dir():
+        return "folder"
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return "harmeme"
+    if suffix in (".csv", ".xlsx", ".xlsm", ".xls", ".tsv"):
+        return "dhumor"
+    raise DataError(path, f"cannot tell the format of {path.name!r}; pass --format harmeme|dhumor|folder")
+
+
+def read_manifest(path: str | Path, format: Format = "auto", images: str | Path | None = None,
+                  skip_bad: bool = False) -> ReadResult:
+    """Read a manifest (HarMeme jsonl, D-HUMOR table) or a folder of images."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "file not found")
+    fmt = detect_format(path) if format == "auto" else format
+    if fmt == "folder":
+        return read_image_folder(path)
+    if fmt == "harmeme":
+        return read_harmeme_jsonl(path, images, skip_bad)
+    if fmt == "dhumor":
+        return read_dhumor_table(path, images, skip_bad)
+    raise ValueError(f"unknown format {format!r}")
+
+
+def _read_lines(path: Path) -> list[tuple[int, str]]:
+    if not path.exists():
+        raise DataError(path, "file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(path, f"not UTF-8 text: {e}") from None
+    lines = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
+    if not lines:
+        raise DataError(path, "empty file: no rows")
+    return lines
+
+
+def _default_images_dir(manifest: Path) -> Path:
+    cand = manifest.parent / "images"
+    return cand if cand.is_dir() else manifest.parent
+
+
+def _norm(s: str) -> str:
+    s = re.sub(r"[_\-]+", " ", str(s).strip().lower())
+    s = re.sub(r"\s*/\s*", "/", s)
+    return re.sub(r"\s+", " ", s)

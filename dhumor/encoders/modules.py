@@ -1,0 +1,160 @@
+"""Encoder modules: each maps its input to token features, a token mask and one pooled vector."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import WeightsNotFoundError
+from . import weights
+from .registry import EncoderEntry, with_dim
+
+
+@dataclass
+class EncoderOutput:
+    tokens: torch.Tensor  # (B, N, D)
+    mask: torch.Tensor  # (B, N) bool, True = real token
+    pooled: torch.Tensor  # (B, D)
+
+
+class EfficientNetLiteEncoder(nn.Module):
+    """EfficientNet-Lite trunk: the final 1280-channel feature map as tokens, its mean as the vector."""
+
+    def __init__(self, entry: EncoderEntry, pretrained: bool = True):
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        variant = entry.source.split(":", 1)[-1]
+        self.entry = entry
+        self.net = EfficientNet.from_name(variant)
+        if pretrained:
+            state = torch.load(weights.efficientnet_lite_weights(variant), map_location="cpu", weights_only=True)
+            self.net.load_state_dict(state)
+        # The classifier is not used for features, but kept: visual cues (top ImageNet labels) use it.
+
+    def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
+        fmap = self.net.extract_features(pixel_values)  # (B, C, h, w)
+        tokens = fmap.flatten(2).transpose(1, 2)
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return EncoderOutput(tokens, mask, tokens.mean(1))
+
+    def classify(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """ImageNet-1k logits (for visual cues given to text-only explanation models)."""
+        return self.net(pixel_values)
+
+
+class ViTEncoder(nn.Module):
+    """Hugging Face ViTModel (the paper's image encoder): patch tokens, CLS as the vector."""
+
+    def __init__(self, entry: EncoderEntry, pretrained: bool = True):
+        super().__init__()
+        from transformers import ViTConfig, ViTModel
+
+        self.entry = entry
+        if pretrained:
+            self.net = _from_pretrained(ViTModel, entry, add_pooling_layer=False, attn_implementation="sdpa")
+        else:
+            self.net = ViTModel(_config(entry), add_pooling_layer=False)
+        self.entry = with_dim(entry, self.net.config.hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
+        h = self.net(pixel_values=pixel_values).last_hidden_state
+        mask = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+        return EncoderOutput(h, mask, h[:, 0])
+
+
+class TextEncoder(nn.Module):
+    """Any Hugging Face text encoder with its tokenizer; mean- or CLS-pooled like its training."""
+
+    def __init__(self, entry: EncoderEntry, pretrained: bool = True):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        self.entry = entry
+        src = _text_source(entry)
+        if pretrained:
+            self.net = _from_pretrained(AutoModel, entry, source=src, attn_implementation="sdpa")
+        else:
+            self.net = AutoModel.from_config(_config(entry, src))
+        self.tokenizer = _from_pretrained(AutoTokenizer, entry, source=src)
+        self.entry = with_dim(entry, self.net.config.hidden_size)
+
+    def tokenize(self, texts: list[str], max_tokens: int | None = None, pad_to: int | None = None) -> dict:
+        return self.tokenizer(texts, padding="max_length" if pad_to else True, truncation=True,
+                              max_length=pad_to or max_tokens or self.entry.max_tokens, return_tensors="pt")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:
+        h = self.net(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.bool()
+        if self.entry.pooling == "cls":
+            pooled = h[:, 0]
+        else:
+            m = mask.unsqueeze(-1).to(h.dtype)
+            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return EncoderOutput(h, mask, pooled)
+
+
+def build_encoder(entry: EncoderEntry, pretrained: bool = True) -> nn.Module:
+    """The module for a registry entry; ``pretrained=False`` builds the architecture with random weights
+    (for speed benchmarks and tests only: it is asked for explicitly, never a silent fallback)."""
+    if entry.family == "efficientnet-lite":
+        return EfficientNetLiteEncoder(entry, pretrained)
+    if entry.family == "vit":
+        return ViTEncoder(entry, pretrained)
+    if entry.family == "hf-text":
+        return TextEncoder(entry, pretrained)
+    raise ValueError(f"unknown encoder family {entry.family!r}")
+
+
+def _text_source(entry: EncoderEntry) -> str:
+    if entry.source == "pkg:all-mpnet-base-v2":
+        return str(weights.mpnet_dir())
+    if entry.source == "pkg:all-minilm-l6-v2":
+        return str(weights.minilm_dir())
+    return entry.source
+
+
+def _config(entry: EncoderEntry, source: str | None = None):
+    """The architecture config: from the source when reachable, else the known default of the entry."""
+    from transformers import AutoConfig, BertConfig, ViTConfig
+
+    src = source or entry.source
+    defaults = {"vit-base-patch16-224": ViTConfig, "bert-base-uncased": BertConfig}
+    if not Path(src).exists() and entry.name in defaults:
+        return defaults[entry.name]()  # ViT-B/16 and BERT-base are these classes' defaults
+    try:
+        return AutoConfig.from_pretrained(src)
+    except Exception as e:
+        raise WeightsNotFoundError(_hub_hint(entry.name, src, e)) from None
+
+
+def _from_pretrained(cls, entry: EncoderEntry, source: str | None = None, **kwargs):
+    src = source or entry.source
+    local = Path(src).exists()
+    try:
+        # Offline machines must fail fast instead of retrying a hub that cannot be reached.
+        try:
+            return cls.from_pretrained(src, local_files_only=local or _hub_offline(), **kwargs)
+        except ValueError as e:
+            if "attn_implementation" not in kwargs or "attention implementation" not in str(e):
+                raise
+            kwargs.pop("attn_implementation")  # e.g. MPNet has no SDPA kernel: use its own attention
+            return cls.from_pretrained(src, local_files_only=local or _hub_offline(), **kwargs)
+    except Exception as e:
+        raise WeightsNotFoundError(_hub_hint(entry.name, src, e)) from None
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def _hub_hint(name: str, src: str, err: Exception) -> str:
+    if Path(src).exists():
+        return f"encoder {name!r}: cannot load weights from {src}: {err}"
+    return (f"encoder {name!r}: pretrained weights {src!r} are not available here ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200]}). On a machine with internet: `hf download {src} --local-dir DIR`, "
+            f"copy DIR here and use the encoder name 'vit:DIR' (image) or 'hf:DIR' (text); or use an offline "
+            f"encoder: efficientnet-lite0, efficientnet-lite2, all-mpnet-base-v2, all-minilm-l6-v2.")

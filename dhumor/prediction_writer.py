@@ -1,0 +1,65 @@
+"""``dhumor predict`` output: one JSONL row per meme, exactly once, also across DDP ranks."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from .decision import describe
+
+
+class JsonlPredictionWriter(BasePredictionWriter):
+    """Each rank appends its rows to its own part file (whole lines, fsynced); at the end rank 0 merges
+    the parts into ``output`` in id order, dropping the duplicates a distributed sampler pads with,
+    and renames it into place: the output is complete or absent, never half-written."""
+
+    def __init__(self, output: str | None = None):
+        super().__init__(write_interval="batch")
+        self.output = output
+
+    def _part(self, rank: int) -> Path:
+        return Path(f"{self.output}.rank{rank}.part")
+
+    def on_predict_start(self, trainer, pl_module):
+        if self.output:
+            Path(self.output).parent.mkdir(parents=True, exist_ok=True)
+            self._part(trainer.global_rank).unlink(missing_ok=True)
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        if not self.output:
+            return
+        schema = pl_module.schema
+        lines = []
+        for i, mid in enumerate(prediction["ids"]):
+            probs = {t: v[i].numpy() for t, v in prediction["probs"].items()}
+            lines.append(json.dumps({"id": mid, **describe(schema, probs)}, ensure_ascii=False) + "\n")
+        with open(self._part(trainer.global_rank), "a", encoding="utf-8") as fh:
+            fh.write("".join(lines))
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def on_predict_end(self, trainer, pl_module):
+        if not self.output:
+            return
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            rows: dict[str, str] = {}
+            for r in range(trainer.world_size):
+                part = self._part(r)
+                if part.exists():
+                    for line in part.read_text(encoding="utf-8").splitlines():
+                        if line.strip():
+                            rows.setdefault(json.loads(line)["id"], line)
+            tmp = Path(f"{self.output}.tmp")
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.writelines(rows[k] + "\n" for k in sorted(rows))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.output)
+            for r in range(trainer.world_size):
+                self._part(r).unlink(missing_ok=True)
+            print(f"dhumor predict: {len(rows)} rows -> {self.output}")
+        trainer.strategy.barrier()
