@@ -153,8 +153,10 @@ class TCRNet(nn.Module):
             stacked = torch.stack([present[s] for s in self.streams], 1)  # (B, S)
             drop = torch.rand(stacked.shape, device=stacked.device) < p
             kept = stacked & ~drop
-            # Never drop every stream of a meme: keep its drops only where something remains.
-            kept = torch.where(kept.any(1, keepdim=True), kept, stacked)
+            # Never drop every stream of a meme: where all would go, one present stream (at random) stays.
+            score = torch.rand(stacked.shape, device=stacked.device).masked_fill(~stacked, -1.0)
+            one = nn.functional.one_hot(score.argmax(1), stacked.shape[1]).bool() & stacked
+            kept = torch.where(kept.any(1, keepdim=True), kept, one)
             present = {s: kept[:, i] for i, s in enumerate(self.streams)}
         return present
 

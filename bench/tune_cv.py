@@ -1,0 +1,141 @@
+"""Choose TCRNet settings by k-fold cross-validation on Harm-C *train* only (val is never read).
+
+Each candidate is a set of DHumorModule overrides; every fold trains through the real
+LightningModule on cached features, with early stopping on an inner split of the fold's
+training part. Prints mean and std over folds of the metrics the README reports.
+
+    python bench/tune_cv.py --folds 5 --candidates bench/candidates.yaml
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import yaml
+from sklearn.model_selection import StratifiedKFold
+from torch.utils.data import DataLoader
+
+from dhumor.cache import StageCache
+from dhumor.data.datamodule import split_train_val
+from dhumor.data.datasets import FeatureDataset, feature_collate
+from dhumor.data.readers import read_manifest
+from dhumor.features import FeatureExtractor
+from dhumor.model.lit import DHumorModule
+from dhumor.model.metrics import compute_metrics
+from dhumor.schema import MISSING, STREAMS
+
+TRAIN = "../shared/datasets/harmeme-c/train.jsonl"
+
+
+def headline(m: dict) -> dict:
+    return {"harmful_acc": m["harmful"]["accuracy"], "harmful_f1": m["harmful"]["macro_f1"],
+            "harmful_auroc": m["harmful"]["auroc"], "harmfulness_f1": m["harmfulness"]["macro_f1"],
+            "target_f1": m["target"]["macro_f1"]}
+
+
+def fit_predict(overrides: dict, train_memes, train_feats, eval_memes, eval_feats, dims, seed: int,
+                max_epochs: int, batch_size: int) -> dict:
+    """Train on one part (early stopping on a seeded inner 10%), return metrics on the other."""
+    L.seed_everything(seed, workers=True, verbose=False)
+    hp = dict(overrides)
+    streams = hp.setdefault("streams", ["image", "caption"])
+    module = DHumorModule(input_dims={s: dims[s] for s in streams}, **hp)
+    schema = module.schema
+    tr, va = split_train_val(train_memes, 0.1, seed, schema.primary)
+    pos = {id(m): i for i, m in enumerate(train_memes)}
+    tr_i, va_i = [pos[id(m)] for m in tr], [pos[id(m)] for m in va]
+    collate = feature_collate(schema, {s: dims[s] for s in streams}, hp.get("inputs") == "tokens")
+    mk = lambda ii, ms, fs, sh: DataLoader(FeatureDataset([ms[i] for i in ii], [fs[i] for i in ii]),  # noqa: E731
+                                           batch_size=batch_size, shuffle=sh, collate_fn=collate)
+
+    class Counts(L.LightningDataModule):
+        def class_counts(self):
+            out = {}
+            for t in schema.tasks:
+                y = np.array([train_memes[i].labels[t.name] for i in tr_i])
+                out[t.name] = np.bincount(y[y >= 0], minlength=t.num_classes).tolist()
+            return out
+
+    dm = Counts()
+    dm.train_dataloader = lambda: mk(tr_i, train_memes, train_feats, True)
+    dm.val_dataloader = lambda: mk(va_i, train_memes, train_feats, False)
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(monitor="val/macro_f1", mode="max", save_top_k=1,
+                                               dirpath=f"/tmp/tune_ckpt/{seed}_{time.time_ns()}")
+    es = L.pytorch.callbacks.EarlyStopping(monitor="val/macro_f1", mode="max", patience=hp.pop("_patience", 10))
+    trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[ckpt, es], deterministic=False)
+    trainer.fit(module, datamodule=dm)
+    best = torch.load(ckpt.best_model_path, weights_only=True)["state_dict"]
+    module.load_state_dict(best, strict=False)
+    module.eval()
+    probs = {t.name: [] for t in schema.tasks}
+    with torch.no_grad():
+        for batch in mk(range(len(eval_memes)), eval_memes, eval_feats, False):
+            for k, v in module(batch).items():
+                probs[k].append(v.softmax(-1).numpy())
+    probs = {k: np.concatenate(v) for k, v in probs.items()}
+    labels = {t.name: np.array([m.labels.get(t.name, MISSING) for m in eval_memes]) for t in schema.tasks}
+    return headline(compute_metrics(schema, probs, labels))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--candidates", required=True, help="YAML: {name: {DHumorModule overrides}}")
+    ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-epochs", type=int, default=40)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--out", default=None, help="append one JSON line per candidate here")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("dhumor").setLevel(logging.ERROR)
+    torch.set_num_threads(2)
+
+    cands = yaml.safe_load(Path(args.candidates).read_text())
+    if args.only:
+        cands = {k: v for k, v in cands.items() if k in args.only}
+    memes = read_manifest(TRAIN).memes
+    encoders = {}
+    for c in cands.values():
+        for s in STREAMS:
+            key = f"{s}_encoder"
+            default = {"image": "efficientnet-lite0"}.get(s, "all-mpnet-base-v2")
+            encoders.setdefault((s, c.get(key, default)), None)
+    feats_by_enc = {}
+    for (s, name) in encoders:
+        fx = FeatureExtractor({s: name}, StageCache(), progress=True)
+        feats_by_enc[(s, name)] = (fx.extract(memes, [s])[0], fx.entry(s).dim)
+    y = np.array([m.labels["harmfulness"] for m in memes])
+    skf = StratifiedKFold(args.folds, shuffle=True, random_state=args.seed)
+    for name, over in cands.items():
+        streams = over.get("streams", ["image", "caption"])
+        enc = {s: over.get(f"{s}_encoder", {"image": "efficientnet-lite0"}.get(s, "all-mpnet-base-v2")) for s in streams}
+        feats = [{s: feats_by_enc[(s, enc[s])][0][i][s] for s in streams} for i in range(len(memes))]
+        dims = {s: feats_by_enc[(s, enc[s])][1] for s in streams}
+        t0 = time.time()
+        rows = []
+        for f, (tr, te) in enumerate(skf.split(np.zeros(len(y)), y)):
+            rows.append(fit_predict(over, [memes[i] for i in tr], [feats[i] for i in tr], [memes[i] for i in te],
+                                    [feats[i] for i in te], dims, args.seed + f, args.max_epochs, args.batch_size))
+        mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+        std = {k: float(np.std([r[k] for r in rows])) for k in rows[0]}
+        res = {"candidate": name, "overrides": over, "folds": args.folds, "mean": mean, "std": std,
+               "seconds": round(time.time() - t0, 1)}
+        print(json.dumps(res), flush=True)
+        if args.out:
+            with open(args.out, "a") as fh:
+                fh.write(json.dumps(res) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Training through the real CLI on a tiny generated fixture, then reload, predict and evaluate."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dhumor.checkpoint import load_module, read_checkpoint
+from dhumor.cli import main
+from dhumor.data.readers import read_manifest
+from dhumor.pipeline import Pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["--model.caption_encoder", "all-minilm-l6-v2", "--model.reasoning_encoder", "all-minilm-l6-v2",
+         "--data.progress", "false", "--trainer.enable_progress_bar", "false"]
+
+
+def _fit(tmp_path, fixture, *extra, config="configs/harmeme.yaml"):
+    return main(["fit", "--config", str(ROOT / config), "--data.train", str(fixture), "--data.test", str(fixture),
+                 "--trainer.default_root_dir", str(tmp_path), *SMALL, *extra])
+
+
+def test_fast_dev_run(tmp_path, harmeme_fixture):
+    assert _fit(tmp_path, harmeme_fixture, "--trainer.fast_dev_run", "true") == 0
+
+
+def test_fast_dev_run_dhumor_with_explanation_column(tmp_path, dhumor_fixture):
+    assert _fit(tmp_path, dhumor_fixture, "--trainer.fast_dev_run", "true", "--model.streams",
+                "[image, caption, reasoning]", "--data.images", str(dhumor_fixture.parent / "images"),
+                config="configs/dhumor.yaml") == 0
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, harmeme_fixture):
+    """A short real run: 6 epochs with early stopping on a held-out quarter of the fixture."""
+    root = tmp_path_factory.mktemp("run")
+    assert _fit(root, harmeme_fixture, "--trainer.max_epochs", "6", "--data.val_fraction", "0.25",
+                "--data.batch_size", "8", "--model.lr", "3e-3") == 0
+    version = sorted((root / "lightning_logs").iterdir())[-1]
+    return version
+
+
+def test_export_has_schema_config_and_safetensors(trained):
+    export = trained / "export"
+    meta = json.loads((export / "dhumor.json").read_text())
+    assert meta["schema"]["name"] == "harmeme" and meta["encoders"]["caption"]["name"] == "all-minilm-l6-v2"
+    assert meta["config"]["model"]["caption_encoder"] == "all-minilm-l6-v2"  # the resolved config travels along
+    assert meta["metrics"]["selection"]["monitor"] == "val/macro_f1"
+    assert (export / "model.safetensors").exists() and not list(export.glob("*.ckpt"))
+
+
+def test_reloaded_checkpoint_gives_the_same_predictions(trained, harmeme_fixture):
+    memes = read_manifest(harmeme_fixture).memes
+    best = next((trained / "checkpoints").glob("best-*.ckpt"))
+    a = Pipeline.from_checkpoint(trained / "export").predict_memes(memes).probs
+    b = Pipeline.from_checkpoint(best).predict_memes(memes).probs  # the Lightning .ckpt, weights_only
+    for task in a:
+        np.testing.assert_allclose(a[task], b[task], rtol=0, atol=1e-6)
+        assert a[task].shape == (32, {"harmful": 2, "harmfulness": 3, "target": 4}[task])
+    # The selected weights are what was exported: same tensors as the best .ckpt.
+    _, exported = read_checkpoint(trained / "export")
+    lightning_state = torch.load(best, weights_only=True)["state_dict"]
+    assert all(torch.equal(exported[k], lightning_state[k]) for k in exported)
+
+
+def test_predict_writes_one_row_per_meme(trained, harmeme_fixture, tmp_path):
+    out = tmp_path / "pred.jsonl"
+    best = next((trained / "checkpoints").glob("best-*.ckpt"))
+    assert main(["predict", "--config", str(trained / "config.yaml"), "--ckpt_path", str(best),
+                 "--data.predict", str(harmeme_fixture), "--prediction_writer.output", str(out),
+                 "--trainer.default_root_dir", str(tmp_path)]) == 0
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == sorted(m.id for m in read_manifest(harmeme_fixture).memes)
+    probs = Pipeline.from_checkpoint(trained / "export").predict_memes(read_manifest(harmeme_fixture).memes).probs
+    by_id = {r["id"]: r for r in rows}
+    first = read_manifest(harmeme_fixture).memes[0].id
+    assert by_id[first]["tasks"]["harmful"]["probs"]["yes"] == pytest.approx(probs["harmful"][0, 1], abs=1e-5)
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_evaluate_json(trained, harmeme_fixture, capsys):
+    assert main(["evaluate", "--checkpoint", str(trained / "export"), "--manifest", str(harmeme_fixture),
+                 "--json", "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"harmful", "harmfulness", "target"}
+    assert {"accuracy", "macro_f1", "weighted_f1", "auroc", "n"} <= set(out["harmful"])
+    assert "auroc" not in out["harmfulness"] and out["harmful"]["n"] == 32
+    assert out["target"]["n"] == sum(1 for m in read_manifest(harmeme_fixture).memes if m.labels["target"] >= 0)
+    # The fixture's captions carry the label: even 6 epochs on 24 memes learn something.
+    assert out["harmful"]["auroc"] > 0.6
+
+
+def test_evaluate_unseen_manifest_and_bad_images(trained, capsys):
+    from dhumor.data.synthetic import write_fixture
+
+    tmp = Path(trained) / "unseen"
+    manifest = write_fixture(tmp, n=12, seed=7)
+    (tmp / "images" / "meme_003.png").write_bytes(b"not an image")
+    assert main(["evaluate", "--checkpoint", str(trained / "export"), "--manifest", str(manifest), "--json",
+                 "--quiet"]) == 1
+    assert "meme_003.png: not a recognised image format" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(trained / "export"), "--manifest", str(manifest), "--json",
+                 "--quiet", "--skip-bad"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["harmful"]["n"] == 11
+    assert '"unusable_images": 1' in captured.err
+
+
+def test_evaluate_refuses_wrong_label_space(trained, dhumor_fixture, capsys):
+    assert main(["evaluate", "--checkpoint", str(trained / "export"), "--manifest", str(dhumor_fixture),
+                 "--quiet"]) == 1
+    assert "carries 'dhumor' labels" in capsys.readouterr().err
+
+
+def test_pickled_code_is_refused(tmp_path, trained):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    bad = tmp_path / "evil.ckpt"
+    with open(bad, "wb") as fh:
+        pickle.dump({"state_dict": {}, "hyper_parameters": {}, "x": Evil()}, fh)
+    from dhumor.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="pickled code is never run"):
+        load_module(bad)
