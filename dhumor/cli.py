@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 
+from .errors import DHumorError
+
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # Settings the data module needs from the model: written once, under model:, in a config.
 LINKED = ("task", "streams", "image_encoder", "caption_encoder", "reasoning_encoder", "mode", "inputs", "max_tokens")
@@ -80,6 +82,34 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--explanation-iteration", type=int, default=-1, help="which loop iteration to use (-1: last)")
     e.add_argument("--json", action="store_true", help="print one JSON object (per task metrics) to stdout")
     _add_common(e)
+
+    s = sub.add_parser("score", help="score a folder of memes or a manifest into JSONL/CSV (resumable)")
+    s.add_argument("input", help="folder (walked recursively) or manifest")
+    s.add_argument("--checkpoint", default=None, help="checkpoint (default: the shipped one)")
+    s.add_argument("--out", required=True, help="results .jsonl or .csv; rerun with the same --out to resume")
+    s.add_argument("--ocr", default="rapidocr", choices=["rapidocr", "easyocr", "none"],
+                   help="OCR engine; 'none' uses the manifest's captions (or no caption for a folder)")
+    s.add_argument("--explain", default="none", help="explanation backend profile (offline, openai, transformers) "
+                                                      "or none; only used when the checkpoint has a reasoning stream")
+    s.add_argument("--iterations", type=int, default=None, help="Role-Reversal loop iterations (explain)")
+    s.add_argument("--workers", type=int, default=2, help="threads for decoding and OCR")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--shard", default=None, help="i/n: score only shard i of n (0-based), for n machines")
+    s.add_argument("--format", default="auto", choices=["auto", "harmeme", "dhumor", "folder"])
+    s.add_argument("--images", default=None, help="images folder of a manifest")
+    s.add_argument("--threshold", type=float, default=None, help="decision threshold on the primary task")
+    s.add_argument("--retry-errors", action="store_true", help="rescore rows that ended in an error")
+    _add_common(s)
+
+    m = sub.add_parser("merge", help="merge shard outputs into one file, refusing duplicates")
+    m.add_argument("inputs", nargs="+")
+    m.add_argument("--out", required=True)
+
+    o = sub.add_parser("ocr", help="print the OCR text of images (or compare with a manifest's captions)")
+    o.add_argument("input", help="image file, folder or manifest")
+    o.add_argument("--engine", default="rapidocr", choices=["rapidocr", "easyocr"])
+    o.add_argument("--limit", type=int, default=None)
+    _add_common(o)
     return p
 
 
@@ -98,7 +128,73 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-COMMANDS = {"evaluate": cmd_evaluate}
+def cmd_score(args) -> int:
+    from .cache import StageCache
+    from .ocr import create_ocr
+    from .pipeline import Pipeline
+    from .results_file import ResultsFile
+    from .scoring import Scorer, collect_items, in_shard, parse_shard
+
+    shard = parse_shard(args.shard)
+    cache = StageCache(args.cache)
+    explainer = None
+    if args.explain != "none":
+        from .explain import create_explainer
+
+        explainer = create_explainer(args.explain, cache=cache, iterations=args.iterations)
+    thresholds = None
+    pipe = Pipeline.from_checkpoint(args.checkpoint, cache=args.cache, device=args.device, ocr=create_ocr(args.ocr, cache),
+                                    explainer=explainer)
+    if args.threshold is not None:
+        pipe.thresholds[pipe.schema.primary] = args.threshold
+    if explainer is not None and "reasoning" not in pipe.streams:
+        print(f"dhumor score: note: {pipe.checkpoint} has no reasoning stream; explanations are written but "
+              f"do not change its predictions", file=sys.stderr)
+    items = [it for it in collect_items(args.input, args.format, args.images) if in_shard(it.id, shard)]
+    results = ResultsFile(args.out, pipe.schema)
+    scorer = Scorer(pipe, results, batch_size=args.batch_size, workers=args.workers,
+                    caption_from_manifest=args.ocr == "none", progress=not args.quiet)
+    summary = scorer.run(items, retry_errors=args.retry_errors)
+    d = summary.to_dict()
+    if summary.already_done == summary.total and not summary.interrupted:
+        print(f"dhumor score: nothing to do: all {summary.total} memes already have a row in {args.out}", file=sys.stderr)
+    print(json.dumps(d), file=sys.stderr)
+    if summary.interrupted:
+        print(f"dhumor score: interrupted; {summary.scored + summary.failed} rows written this run are kept. "
+              f"Run the same command again to continue.", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .merge import merge_results
+
+    n = merge_results(args.inputs, args.out)
+    print(f"dhumor merge: {n} rows -> {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_ocr(args) -> int:
+    from pathlib import Path
+
+    from .cache import StageCache
+    from .ocr import OCR
+    from .scoring import collect_items
+
+    ocr = OCR(args.engine, StageCache(args.cache))
+    path = Path(args.input)
+    items = [path] if path.is_file() and path.suffix.lower() not in (".jsonl", ".csv", ".xlsx", ".json") else \
+        [it.path for it in collect_items(path)]
+    for p in items[: args.limit]:
+        try:
+            text = ocr.read_file(p)
+            print(json.dumps({"path": str(p), "text": text}, ensure_ascii=False))
+        except DHumorError as e:
+            print(json.dumps({"path": str(p), "error": str(e)}, ensure_ascii=False))
+    return 0
+
+
+COMMANDS = {"evaluate": cmd_evaluate, "score": cmd_score, "merge": cmd_merge, "ocr": cmd_ocr}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,11 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    from .errors import DHumorError
-
     try:
         return COMMANDS[args.command](args)
-    except DHumorError as e:
+    except (DHumorError, ValueError) as e:
         print(f"dhumor {args.command}: error: {e}", file=sys.stderr)
         return 1
 

@@ -46,3 +46,25 @@ def copy_fixture(tmp_path):
 
 def needs_harmeme():
     return pytest.mark.skipif(not (HARMEME_DIR / "val.jsonl").exists(), reason="Harm-C not found in ../shared")
+
+
+SMALL = ["--model.caption_encoder", "all-minilm-l6-v2", "--model.reasoning_encoder", "all-minilm-l6-v2",
+         "--data.progress", "false", "--trainer.enable_progress_bar", "false"]
+
+
+def fit_cli(root, fixture, *extra, config="configs/harmeme.yaml") -> int:
+    """``dhumor fit`` on a fixture with the small offline text encoder."""
+    from dhumor.cli import main
+
+    return main(["fit", "--config", str(ROOT / config), "--data.train", str(fixture), "--data.test", str(fixture),
+                 "--trainer.default_root_dir", str(root), *SMALL, *extra])
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, harmeme_fixture) -> Path:
+    """A short real run through the CLI: 6 epochs, early stopping on a held-out quarter of the fixture.
+    Returns the run's version folder (config.yaml, checkpoints/, export/)."""
+    root = tmp_path_factory.mktemp("run")
+    assert fit_cli(root, harmeme_fixture, "--trainer.max_epochs", "6", "--data.val_fraction", "0.25",
+                   "--data.batch_size", "8", "--model.lr", "3e-3") == 0
+    return sorted((root / "lightning_logs").iterdir())[-1]

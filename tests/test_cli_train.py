@@ -13,14 +13,7 @@ from dhumor.cli import main
 from dhumor.data.readers import read_manifest
 from dhumor.pipeline import Pipeline
 
-ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["--model.caption_encoder", "all-minilm-l6-v2", "--model.reasoning_encoder", "all-minilm-l6-v2",
-         "--data.progress", "false", "--trainer.enable_progress_bar", "false"]
-
-
-def _fit(tmp_path, fixture, *extra, config="configs/harmeme.yaml"):
-    return main(["fit", "--config", str(ROOT / config), "--data.train", str(fixture), "--data.test", str(fixture),
-                 "--trainer.default_root_dir", str(tmp_path), *SMALL, *extra])
+from conftest import fit_cli as _fit
 
 
 def test_fast_dev_run(tmp_path, harmeme_fixture):
@@ -31,16 +24,6 @@ def test_fast_dev_run_dhumor_with_explanation_column(tmp_path, dhumor_fixture):
     assert _fit(tmp_path, dhumor_fixture, "--trainer.fast_dev_run", "true", "--model.streams",
                 "[image, caption, reasoning]", "--data.images", str(dhumor_fixture.parent / "images"),
                 config="configs/dhumor.yaml") == 0
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, harmeme_fixture):
-    """A short real run: 6 epochs with early stopping on a held-out quarter of the fixture."""
-    root = tmp_path_factory.mktemp("run")
-    assert _fit(root, harmeme_fixture, "--trainer.max_epochs", "6", "--data.val_fraction", "0.25",
-                "--data.batch_size", "8", "--model.lr", "3e-3") == 0
-    version = sorted((root / "lightning_logs").iterdir())[-1]
-    return version
 
 
 def test_export_has_schema_config_and_safetensors(trained):

