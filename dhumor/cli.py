@@ -105,6 +105,31 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("inputs", nargs="+")
     m.add_argument("--out", required=True)
 
+    x = sub.add_parser("explain", help="explain memes with a (vision-)language model and the Role-Reversal loop")
+    x.add_argument("input", help="folder (walked recursively) or manifest")
+    x.add_argument("--out", required=True, help="explanations .jsonl; rerun with the same --out to resume")
+    x.add_argument("--backend", default="offline", choices=["offline", "openai", "transformers"])
+    x.add_argument("--model", default=None, help="openai: served model name; transformers: hub id or directory; "
+                                                  "offline: another GGUF file")
+    x.add_argument("--base-url", default=None, help="openai: e.g. http://localhost:8000/v1 (or DHUMOR_OPENAI_BASE_URL)")
+    x.add_argument("--no-images", action="store_true", help="openai: send visual cues instead of the image")
+    x.add_argument("--iterations", type=int, default=3, help="Role-Reversal iterations (1 = explain only)")
+    x.add_argument("--threshold", type=float, default=0.9, help="stop early when a revision is this similar (0-1)")
+    x.add_argument("--prompt-version", default="v1")
+    x.add_argument("--max-tokens", type=int, default=400)
+    x.add_argument("--ocr", default="auto", choices=["auto", "rapidocr", "easyocr", "none"],
+                   help="auto: the manifest's captions when it has them, else rapidocr")
+    x.add_argument("--batch-size", type=int, default=8, help="memes per generation batch")
+    x.add_argument("--concurrency", type=int, default=4, help="openai: requests in flight")
+    x.add_argument("--shard", default=None, help="i/n: only shard i of n")
+    x.add_argument("--order", default="input", choices=["input", "shuffle"],
+                   help="shuffle: a seeded random order, so that a partial run is a random sample")
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--limit", type=int, default=None, help="only the first N items (after ordering)")
+    x.add_argument("--format", default="auto", choices=["auto", "harmeme", "dhumor", "folder"])
+    x.add_argument("--images", default=None)
+    _add_common(x)
+
     o = sub.add_parser("ocr", help="print the OCR text of images (or compare with a manifest's captions)")
     o.add_argument("input", help="image file, folder or manifest")
     o.add_argument("--engine", default="rapidocr", choices=["rapidocr", "easyocr"])
@@ -166,6 +191,41 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    from pathlib import Path
+
+    from .cache import StageCache
+    from .explain import create_explainer
+    from .explain.run import order_items, run_explain
+    from .ocr import create_ocr
+    from .scoring import collect_items, in_shard, parse_shard
+
+    cache = StageCache(args.cache)
+    shard = parse_shard(args.shard)
+    items = [it for it in collect_items(args.input, args.format, args.images) if in_shard(it.id, shard)]
+    items = order_items(items, args.order, args.seed)[: args.limit]
+    engine = args.ocr
+    if engine == "auto":
+        engine = "none" if not Path(args.input).is_dir() else "rapidocr"
+    ocr = create_ocr(engine, cache)
+    if args.ocr in ("rapidocr", "easyocr"):  # asked for OCR explicitly: it wins over a manifest's text
+        for it in items:
+            it.caption = None
+    if engine == "none":
+        for it in items:
+            it.caption = it.caption or ""
+    explainer = create_explainer(args.backend, cache=cache, iterations=args.iterations,
+                                 similarity_threshold=args.threshold, batch_size=args.batch_size,
+                                 prompt_version=args.prompt_version, max_tokens=args.max_tokens, model=args.model,
+                                 base_url=args.base_url, concurrency=args.concurrency, send_images=not args.no_images)
+    summary = run_explain(explainer, items, args.out, ocr=ocr, batch_size=args.batch_size, progress=not args.quiet)
+    if summary.already_done == summary.total and not summary.interrupted:
+        print(f"dhumor explain: nothing to do: all {summary.total} memes already have a row in {args.out}",
+              file=sys.stderr)
+    print(json.dumps(summary.to_dict()), file=sys.stderr)
+    return 130 if summary.interrupted else 0
+
+
 def cmd_merge(args) -> int:
     from .merge import merge_results
 
@@ -194,7 +254,7 @@ def cmd_ocr(args) -> int:
     return 0
 
 
-COMMANDS = {"evaluate": cmd_evaluate, "score": cmd_score, "merge": cmd_merge, "ocr": cmd_ocr}
+COMMANDS = {"evaluate": cmd_evaluate, "score": cmd_score, "explain": cmd_explain, "merge": cmd_merge, "ocr": cmd_ocr}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,14 +44,15 @@ def _flat(row: dict, schema: TaskSchema) -> dict:
 class ResultsFile:
     """Append-only JSONL or CSV of scoring rows, keyed by ``id``."""
 
-    def __init__(self, path: str | Path, schema: TaskSchema):
+    def __init__(self, path: str | Path, schema: TaskSchema | None):
+        """``schema`` names the CSV columns; JSONL rows are free-form (``schema`` may be None)."""
         self.path = Path(path)
         self.schema = schema
         suffix = self.path.suffix.lower()
-        if suffix not in (".jsonl", ".csv"):
-            raise ValueError(f"{self.path}: output must end in .jsonl or .csv")
+        if suffix not in (".jsonl", ".csv") or (suffix == ".csv" and schema is None):
+            raise ValueError(f"{self.path}: output must end in .jsonl" + (" or .csv" if schema else ""))
         self.csv = suffix == ".csv"
-        self.columns = csv_columns(schema)
+        self.columns = csv_columns(schema) if schema else []
 
     # ------------------------------------------------------------ reading / repair
     def repair(self) -> int:

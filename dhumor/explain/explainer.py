@@ -1,0 +1,136 @@
+"""Explanations through the stage cache: one :class:`Explainer` serves ``dhumor explain``, scoring,
+evaluation and the demo.
+
+The cache key of a meme's explanation is its image digest and caption, with the loop's settings
+(backend and model, prompt version and digest, iterations, threshold, decoding) as fingerprint.
+Backend failures (a server that was down) are not cached, so a rerun retries them; answers the
+model could not get right are cached as failures with their raw text.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..cache import StageCache
+from ..errors import DataError
+from ..schema import Meme
+from .backends.base import Backend
+from .loop import LoopInput, LoopResult, RoleReversalLoop
+
+log = logging.getLogger("dhumor")
+STAGE, CUES_STAGE = "explain", "visual_cues"
+
+
+class VisualCues:
+    """Top ImageNet labels from EfficientNet-Lite: what a text-only model is told the image shows."""
+
+    def __init__(self, encoder: str = "efficientnet-lite0", top_k: int = 5, cache: StageCache | None = None):
+        self.encoder_name, self.top_k, self.cache = encoder, top_k, cache
+        self._model = None
+
+    @property
+    def settings(self) -> dict:
+        return {"v": 1, "encoder": self.encoder_name, "top_k": self.top_k}
+
+    def __call__(self, images: Sequence[Image.Image], digests: Sequence[str]) -> list[list[str]]:
+        keys = [StageCache.key(d, self.settings) for d in digests]
+        hits = self.cache.get_many(CUES_STAGE, keys) if self.cache else {}
+        out: list = [StageCache.unpack_json(hits[k]) if k in hits else None for k in keys]
+        todo = [i for i, o in enumerate(out) if o is None]
+        if todo:
+            from torchvision.models import ResNet50_Weights  # the ImageNet-1k class names (no weights loaded)
+
+            from ..data.transforms import eval_transform
+            from ..encoders.modules import build_encoder
+            from ..encoders.registry import get_entry
+
+            entry = get_entry(self.encoder_name)
+            if self._model is None:
+                self._model = build_encoder(entry).eval()
+            names = ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
+            tf = eval_transform(entry)
+            with torch.inference_mode():
+                logits = self._model.classify(torch.stack([tf(images[i]) for i in todo]))
+            top = logits.softmax(-1).topk(self.top_k, -1).indices.tolist()
+            for i, idx in zip(todo, top):
+                out[i] = [names[j] for j in idx]
+            if self.cache:
+                self.cache.put_many(CUES_STAGE, [(keys[i], StageCache.pack_json(out[i])) for i in todo])
+        return out
+
+
+class Explainer:
+    def __init__(self, backend: Backend, cache: StageCache | None = None, iterations: int = 3,
+                 similarity_threshold: float = 0.9, batch_size: int = 8, progress: bool = False, **loop_kwargs):
+        self.backend = backend
+        self.loop = RoleReversalLoop(backend, iterations=iterations, similarity_threshold=similarity_threshold,
+                                     **loop_kwargs)
+        self.cache, self.batch_size, self.progress = cache, max(1, batch_size), progress
+        self.cues = VisualCues(cache=cache) if not backend.supports_images else None
+        self.stats = {"computed": 0, "cached": 0, "failed": 0}
+
+    @property
+    def settings(self) -> dict:
+        s = self.loop.settings()
+        if self.cues is not None:
+            s["cues"] = self.cues.settings
+        return s
+
+    def key(self, digest: str, caption: str) -> str:
+        content = hashlib.sha256(f"{digest}\0{caption or ''}".encode()).hexdigest()
+        return StageCache.key(content, self.settings)
+
+    def cached(self, digest: str, caption: str) -> LoopResult | None:
+        if not self.cache:
+            return None
+        hit = self.cache.get(STAGE, self.key(digest, caption))
+        return LoopResult.from_dict(StageCache.unpack_json(hit)) if hit is not None else None
+
+    def explain_many(self, images: Sequence[Image.Image], digests: Sequence[str], captions: Sequence[str],
+                     desc: str = "explaining") -> list[LoopResult]:
+        """Loop results for many memes; cached ones are not recomputed."""
+        out: list[LoopResult | None] = [self.cached(d, c) for d, c in zip(digests, captions)]
+        self.stats["cached"] += sum(o is not None for o in out)
+        todo = [i for i, o in enumerate(out) if o is None]
+        bar = tqdm(total=len(todo), desc=desc, unit="meme", disable=not self.progress or not todo)
+        for b in range(0, len(todo), self.batch_size):
+            idx = todo[b:b + self.batch_size]
+            cues = self.cues([images[i] for i in idx], [digests[i] for i in idx]) if self.cues else [None] * len(idx)
+            res = self.loop.run_many([LoopInput(images[i], captions[i] or "", c) for i, c in zip(idx, cues)])
+            fresh = []
+            for i, r in zip(idx, res):
+                out[i] = r
+                backend_failed = any((it.error or "").startswith("backend error") for it in r.iterations)
+                if not backend_failed and self.cache:
+                    fresh.append((self.key(digests[i], captions[i]), StageCache.pack_json(r.to_dict())))
+                self.stats["computed"] += 1
+                self.stats["failed"] += not r.ok
+            if self.cache:
+                self.cache.put_many(STAGE, fresh)
+            bar.update(len(idx))
+        bar.close()
+        return out  # type: ignore[return-value]
+
+    def explain(self, image: Image.Image, digest: str, caption: str) -> LoopResult:
+        return self.explain_many([image], [digest], [caption])[0]
+
+    def attach(self, memes: Sequence[Meme]) -> None:
+        """Set ``meme.explanation`` for memes (images read from disk; unreadable ones stay without)."""
+        from ..images import load_image_with_digest
+
+        loaded = []
+        for m in memes:
+            try:
+                img, d = load_image_with_digest(m.image)
+                loaded.append((m, img, d))
+            except DataError as e:
+                log.warning("no explanation for %s: %s", m.id, e)
+        res = self.explain_many([x[1] for x in loaded], [x[2] for x in loaded], [x[0].caption or "" for x in loaded])
+        for (m, _, _), r in zip(loaded, res):
+            m.explanation = r.text if r.ok else None

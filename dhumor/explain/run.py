@@ -1,0 +1,104 @@
+"""``dhumor explain``: explanations for a folder or manifest into a resumable JSONL.
+
+Each row keeps the whole Role-Reversal audit trail. Results also go through the stage cache, so a
+rerun after a kill continues where it stopped, and training or scoring with the same settings
+reuses them.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from ..errors import DataError
+from ..images import load_image_with_digest
+from ..results_file import ResultsFile
+from ..scoring import Item
+from .explainer import Explainer
+
+
+@dataclass
+class ExplainSummary:
+    total: int = 0
+    already_done: int = 0
+    explained: int = 0
+    cached: int = 0
+    failed: int = 0
+    unreadable: int = 0
+    interrupted: bool = False
+    seconds: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    generation_seconds: float = 0.0
+    stop_reasons: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = dict(vars(self))
+        gs = self.generation_seconds
+        d["memes_per_minute"] = round(60 * self.explained / self.seconds, 2) if self.seconds and self.explained else None
+        d["tokens_per_second"] = round(self.completion_tokens / gs, 1) if gs else None
+        return d
+
+
+def order_items(items: list[Item], order: str, seed: int) -> list[Item]:
+    """``input`` keeps the listing order; ``shuffle`` makes any finished prefix a random sample."""
+    if order == "shuffle":
+        items = list(items)
+        random.Random(seed).shuffle(items)
+    return items
+
+
+def run_explain(explainer: Explainer, items: Sequence[Item], out: str, ocr=None, batch_size: int = 8,
+                progress: bool = True) -> ExplainSummary:
+    results = ResultsFile(out, None)
+    results.repair()
+    done = results.done_ids()
+    todo = [it for it in items if it.id not in done]
+    s = ExplainSummary(total=len(items), already_done=len(items) - len(todo))
+    t0 = time.perf_counter()
+    fp = explainer.settings
+    bar = tqdm(total=len(todo), desc="explaining", unit="meme", disable=not progress or not todo)
+    try:
+        for b in range(0, len(todo), batch_size):
+            batch = todo[b:b + batch_size]
+            rows, ok = [], []
+            for it in batch:
+                try:
+                    if it.error:
+                        raise DataError(it.path, it.error)
+                    img, sha = load_image_with_digest(it.path)
+                except DataError as e:
+                    rows.append({"id": it.id, "path": str(it.path), "sha256": None, "caption": it.caption,
+                                 "status": "failed", "error": e.reason, "text": None, "iterations": []})
+                    s.unreadable += 1
+                    continue
+                caption = it.caption if it.caption is not None else (ocr.read(img, sha) if ocr else "")
+                ok.append((it, img, sha, caption))
+            before = explainer.stats["cached"]
+            res = explainer.explain_many([x[1] for x in ok], [x[2] for x in ok], [x[3] for x in ok])
+            s.cached += explainer.stats["cached"] - before
+            for (it, _, sha, caption), r in zip(ok, res):
+                d = r.to_dict()
+                rows.append({"id": it.id, "path": str(it.path), "sha256": sha, "caption": caption, **d,
+                             "prompt_version": fp["prompts"], "backend": fp["backend"]})
+                s.explained += r.ok
+                s.failed += not r.ok
+                key = r.stop_reason.split(" (")[0].split(";")[0]
+                s.stop_reasons[key] = s.stop_reasons.get(key, 0) + 1
+                for i in r.iterations:
+                    s.prompt_tokens += i.prompt_tokens
+                    s.completion_tokens += i.completion_tokens
+                    s.generation_seconds += i.seconds
+            order = {it.id: n for n, it in enumerate(batch)}
+            results.append(sorted(rows, key=lambda r: order[r["id"]]))
+            bar.update(len(batch))
+    except KeyboardInterrupt:
+        s.interrupted = True
+    finally:
+        bar.close()
+    s.seconds = round(time.perf_counter() - t0, 2)
+    s.generation_seconds = round(s.generation_seconds, 2)
+    return s
