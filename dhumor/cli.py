@@ -130,6 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--images", default=None)
     _add_common(x)
 
+    d = sub.add_parser("demo", help="the Gradio moderation demo")
+    d.add_argument("--checkpoint", default=None, help="checkpoint (default: the shipped one)")
+    d.add_argument("--host", default="127.0.0.1")
+    d.add_argument("--port", type=int, default=7860)
+    d.add_argument("--ocr", default="rapidocr", choices=["rapidocr", "easyocr", "none"])
+    d.add_argument("--explain", default="none", choices=["none", "offline", "openai", "transformers"],
+                   help="explanation backend shown on the page (and fed to a reasoning stream)")
+    d.add_argument("--model", default=None, help="explanation model (openai: served name; transformers: id or dir)")
+    d.add_argument("--base-url", default=None, help="openai-compatible server URL")
+    d.add_argument("--iterations", type=int, default=3)
+    d.add_argument("--review-log", default=None, help="SQLite review log (default $DHUMOR_REVIEW_LOG or "
+                                                      "~/.local/share/dhumor/reviews.sqlite)")
+    d.add_argument("--max-file-mb", type=float, default=10.0, help="upload size limit")
+    _add_common(d)
+
     o = sub.add_parser("ocr", help="print the OCR text of images (or compare with a manifest's captions)")
     o.add_argument("input", help="image file, folder or manifest")
     o.add_argument("--engine", default="rapidocr", choices=["rapidocr", "easyocr"])
@@ -226,6 +241,26 @@ def cmd_explain(args) -> int:
     return 130 if summary.interrupted else 0
 
 
+def cmd_demo(args) -> int:
+    from .cache import StageCache
+    from .demo import launch
+    from .ocr import create_ocr
+    from .pipeline import Pipeline
+    from .review import ReviewLog
+
+    cache = StageCache(args.cache)
+    explainer = None
+    if args.explain != "none":
+        from .explain import create_explainer
+
+        explainer = create_explainer(args.explain, cache=cache, iterations=args.iterations, model=args.model,
+                                     base_url=args.base_url)
+    pipe = Pipeline.from_checkpoint(args.checkpoint, cache=args.cache, device=args.device,
+                                    ocr=create_ocr(args.ocr, cache), explainer=explainer)
+    launch(pipe, ReviewLog(args.review_log), host=args.host, port=args.port, max_file_mb=args.max_file_mb)
+    return 0
+
+
 def cmd_merge(args) -> int:
     from .merge import merge_results
 
@@ -254,7 +289,8 @@ def cmd_ocr(args) -> int:
     return 0
 
 
-COMMANDS = {"evaluate": cmd_evaluate, "score": cmd_score, "explain": cmd_explain, "merge": cmd_merge, "ocr": cmd_ocr}
+COMMANDS = {"evaluate": cmd_evaluate, "score": cmd_score, "explain": cmd_explain, "demo": cmd_demo,
+            "merge": cmd_merge, "ocr": cmd_ocr}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,18 +111,22 @@ class Pipeline:
         """Labels, probabilities and the decision for one meme (see :func:`dhumor.decision.describe`)."""
         return describe(self.schema, probs, {**self.thresholds, **(thresholds or {})})
 
-    def score_file(self, path: str | Path, caption: str | None = None, explanation: str | None = None) -> dict:
-        """Score one image file end to end (OCR and explanation when configured). Raises DataError on a bad file."""
+    def score_file(self, path: str | Path, caption: str | None = None, explanation: str | None = None,
+                   force_explain: bool = False) -> dict:
+        """Score one image file end to end (OCR and explanation when configured). Raises DataError on a bad file.
+        ``force_explain`` runs the explainer even when the checkpoint has no reasoning stream (for review)."""
         from .images import load_image_with_digest
 
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         img, digest = load_image_with_digest(path)
         timings["decode"] = time.perf_counter() - t0
-        return self.score_image(img, digest, caption=caption, explanation=explanation, timings=timings, name=str(path))
+        return self.score_image(img, digest, caption=caption, explanation=explanation, timings=timings, name=str(path),
+                                force_explain=force_explain)
 
     def score_image(self, img, digest: str, caption: str | None = None, explanation: str | None = None,
-                    timings: dict | None = None, name: str = "<image>", thresholds: dict | None = None) -> dict:
+                    timings: dict | None = None, name: str = "<image>", thresholds: dict | None = None,
+                    force_explain: bool = False) -> dict:
         """Score a decoded image whose file digest is known."""
         timings = dict(timings or {})
         t = time.perf_counter()
@@ -130,7 +134,7 @@ class Pipeline:
             caption = self.ocr.read(img, digest)
             timings["ocr"] = time.perf_counter() - t
         trail = None
-        if explanation is None and self.explainer is not None and "reasoning" in self.streams:
+        if explanation is None and self.explainer is not None and ("reasoning" in self.streams or force_explain):
             t = time.perf_counter()
             res = self.explainer.explain(img, digest, caption or "")
             timings["explain"] = time.perf_counter() - t

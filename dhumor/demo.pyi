@@ -1,0 +1,218 @@
+"""The moderation demo: upload a meme, see its caption, explanation, class probabilities and the
+decision against a threshold; confirm or override it into the review log.
+
+Labels come from the checkpoint's task schema, so a D-HUMOR checkpoint shows humor / target /
+intensity and the HarMeme default shows harmful / harmfulness / target. Started by
+``dhumor demo`` or ``python app/app.py``.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import DataError
+from .pipeline import Pipeline
+from .review import VERDICTS, ReviewLog
+
+log = logging.getLogger("dhumor")
+DEFAULT_PRESETS = {"high recall": 0.3, "balanced": 0.5, "high precision": 0.7}
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+NO_EXPLAINER = ("*No explanation backend is configured.* The decision uses the image and caption only. "
+                "Start the demo with `--explain offline` (SmolLM2-135M, text only, a weak stand-in) or "
+                "`--explain openai --model NAME --base-url URL` to use a real vision-language model.")
+
+
+def presets_for(pipe: Pipeline) -> dict[str, float]:
+    """Threshold presets stored in the checkpoint (chosen on its validation split), else defaults."""
+    meta = getattr(pipe.module, "checkpoint_meta", {}) or {}
+    return {**DEFAULT_PRESETS, **(meta.get("thresholds") or {})}
+
+
+def explanation_markdown(result: dict, has_explainer: bool, used_by_model: bool) -> str:
+    trail = result.get("explanation_trail")
+    if not has_explainer:
+        return NO_EXPLAINER
+    if not trail:
+        return "*No explanation was produced for this meme.*"
+    from .explain.schema import FIELDS, LABELS
+
+    parts = []
+    if trail.get("status") != "ok":
+        parts.append(f"**The explanation failed:** {trail.get('error') or 'unknown error'}")
+    else:
+        note = "" if used_by_model else " (shown for review; this checkpoint has no reasoning stream)"
+        parts.append(f"**Explanation**{note} — {trail.get('stop_reason', '')}")
+        parts += [f"- **{LABELS[f]}:** {trail['final'].get(f, '')}" for f in FIELDS if trail["final"].get(f)]
+    if trail.get("visual_cues"):
+        parts.append(f"\n*The text model was told the image shows:* {', '.join(trail['visual_cues'])}")
+    for it in trail.get("iterations", []):
+        kind = "explanation" if it["kind"] == "explain" else "role reversal: the author critiques and revises"
+        sim = f", similarity to previous {it['similarity']:.2f}" if it.get("similarity") is not None else ""
+        body = []
+        if it.get("critique"):
+            body.append(f"**Critique:**\n\n{it['critique']}")
+        if it.get("text"):
+            body.append(f"**{'Revised' if it['kind'] != 'explain' else 'Explanation'}:**\n\n{it['text']}")
+        if it.get("error"):
+            body.append(f"**Error:** {it['error']}")
+        parts.append(f"\n<details><summary>Iteration {it['iteration']} — {kind}{sim}</summary>\n\n"
+                     + "\n\n".join(body) + "\n\n</details>")
+    return "\n".join(parts)
+
+
+def decision_markdown(pipe: Pipeline, result: dict, threshold: float) -> tuple[str, dict]:
+    """The decision for ``threshold`` from the stored probabilities (no model call)."""
+    prim = pipe.schema.primary
+    p = result["tasks"][prim]["probs"][pipe.schema.task(prim).classes[1]]
+    flagged = p >= threshold
+    verb = "FLAG" if flagged else "do not flag"
+    return (f"## Decision: {verb}\n{prim} probability **{p:.2f}** {'≥' if flagged else '<'} threshold "
+            f"**{threshold:.2f}**"), {"flagged": bool(flagged), "threshold": threshold, "probability": p}
+
+
+def _safe_image_class():
+    import gradio as gr
+from gradio.events import Dependency
+
+    class SafeImage(gr.Image):
+        """gr.Image that hands undecodable uploads to the pipeline (which says why) instead of failing
+        in Gradio's own preprocessing with a blank error."""
+
+        def get_block_name(self):
+            return "image"  # the same front-end component
+
+        def preprocess(self, payload):
+            try:
+                return super().preprocess(payload)
+            except Exception:
+                return getattr(payload, "path", None)
+
+    return SafeImage
+
+
+def build_demo(pipe: Pipeline, review_log: ReviewLog, max_file_mb: float = 10.0,
+               examples_dir: Path | None = EXAMPLES_DIR):
+    import gradio as gr
+
+    schema = pipe.schema
+    presets = presets_for(pipe)
+    has_explainer = pipe.explainer is not None
+    used_by_model = "reasoning" in pipe.streams
+
+    def _empty_outputs(status: str):
+        return ["", "", *[None for _ in schema.tasks], "", None, status]
+
+    def analyze(image_path, caption, threshold, use_caption: bool):
+        if not image_path:
+            return _empty_outputs("Upload, paste or pick a meme.")
+        path = Path(image_path)
+        size = path.stat().st_size if path.exists() else 0
+        if size > max_file_mb * 1024 * 1024:
+            return _empty_outputs(f"**{path.name}** is {size / 2**20:.1f} MB; the limit is {max_file_mb:g} MB.")
+        t0 = time.perf_counter()
+        try:
+            result = pipe.score_file(path, caption=caption if use_caption else None, force_explain=has_explainer)
+        except DataError as e:
+            return _empty_outputs(f"**Cannot use this file:** {e.reason}")
+        except Exception as e:  # never a stack trace on the page; the log has it
+            log.exception("scoring failed for %s", path)
+            return _empty_outputs(f"**Something went wrong while scoring this meme** ({type(e).__name__}).")
+        result["filename"] = path.name
+        result["latency"] = round(time.perf_counter() - t0, 3)
+        labels = []
+        for t in schema.tasks:
+            r = result["tasks"][t.name]
+            if r["label"] is None:  # a gated task whose gate is negative: show the scores, claim no class
+                gate = f"{t.gate} = {result['tasks'][t.gate]['label']}"
+                value = {"label": f"not applicable ({gate})",
+                         "confidences": [{"label": c, "confidence": p} for c, p in r["probs"].items()]}
+            else:
+                value = r["probs"]
+            labels.append(gr.update(value=value, label=t.name))
+        dec_md, _ = decision_markdown(pipe, result, threshold)
+        status = f"Scored in {result['latency']:.2f} s."
+        return [result.get("caption") or "", explanation_markdown(result, has_explainer, used_by_model), *labels,
+                dec_md, result, status]
+
+    def redecide(result, threshold):
+        if not result:
+            return ""
+        return decision_markdown(pipe, result, threshold)[0]
+
+    def record(result, threshold, verdict, note, moderator):
+        if not result:
+            return "Score a meme first.", gr.update()
+        _, dec = decision_markdown(pipe, result, threshold)
+        out = {k: result.get(k) for k in ("tasks", "caption", "explanation", "timings")}
+        rid = review_log.record(sha256=result["sha256"], filename=result.get("filename"), model_output=out,
+                                model_flagged=dec["flagged"], verdict=verdict, note=note, moderator=moderator,
+                                checkpoint=pipe.checkpoint, threshold=threshold)
+        return f"Recorded review #{rid}: {verdict}.", table()
+
+    def table():
+        rows = review_log.rows(limit=20)
+        return [[r["id"], r["created"], r["filename"], r["sha256"][:12], bool(r["model_flagged"]), r["verdict"],
+                 bool(r["final_flagged"]), r["note"]] for r in rows]
+
+    def export():
+        out = Path(tempfile.mkdtemp(prefix="dhumor-reviews-")) / "reviews.csv"
+        return review_log.export_csv(out)
+
+    with gr.Blocks(title="dhumor — dark humor moderation") as demo:
+        ckpt = Path(pipe.checkpoint)
+        ckpt_name = "/".join(ckpt.parts[-2:]) if ckpt.name == "export" else ckpt.name
+        gr.Markdown(f"# dhumor moderation demo\nCheckpoint: `{ckpt_name}` · tasks: "
+                    f"{', '.join(t.name for t in schema.tasks)} · decision on **{schema.primary}**")
+        result_state = gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = _safe_image_class()(type="filepath", sources=["upload", "clipboard"], label="Meme", elem_id="meme-input",
+                                 height=360)
+                if examples_dir and Path(examples_dir).is_dir():
+                    gr.Examples([[str(p)] for p in sorted(Path(examples_dir).glob("*.jpg"))], inputs=[image],
+                                label="Examples")
+                caption = gr.Textbox(label="Caption (OCR; edit and press Enter to re-score)", lines=3,
+                                     elem_id="caption")
+                status = gr.Markdown(elem_id="status")
+            with gr.Column(scale=1):
+                decision = gr.Markdown(elem_id="decision")
+                preset = gr.Radio(list(presets), value="balanced", label="Threshold preset", elem_id="preset")
+                threshold = gr.Slider(0.0, 1.0, value=presets["balanced"], step=0.01, label="Threshold",
+                                      elem_id="threshold")
+                labels = [gr.Label(label=t.name, num_top_classes=t.num_classes, elem_id=f"label-{t.name}")
+                          for t in schema.tasks]
+        explanation = gr.Markdown(elem_id="explanation")
+        with gr.Accordion("Review", open=True):
+            with gr.Row():
+                verdict = gr.Radio(list(VERDICTS), value="confirm", label="Verdict", elem_id="verdict")
+                moderator = gr.Textbox(label="Moderator", elem_id="moderator")
+            note = gr.Textbox(label="Note", elem_id="note")
+            with gr.Row():
+                record_btn = gr.Button("Record verdict", variant="primary", elem_id="record")
+                export_btn = gr.Button("Export CSV", elem_id="export")
+            review_status = gr.Markdown(elem_id="review-status")
+            reviews = gr.Dataframe(value=table(), headers=["id", "time", "file", "sha256", "model flagged", "verdict",
+                                                           "final flagged", "note"], interactive=False,
+                                   elem_id="reviews")
+            export_file = gr.File(label="reviews.csv", elem_id="export-file")
+
+        outputs = [caption, explanation, *labels, decision, result_state, status]
+        image.change(lambda img, t: analyze(img, None, t, False), [image, threshold], outputs, api_name="analyze")
+        caption.submit(lambda img, c, t: analyze(img, c, t, True), [image, caption, threshold], outputs,
+                       api_name="rescore")
+        preset.change(lambda p: presets[p], preset, threshold)
+        threshold.change(redecide, [result_state, threshold], decision)
+        record_btn.click(record, [result_state, threshold, verdict, note, moderator], [review_status, reviews])
+        export_btn.click(export, None, export_file)
+    demo.queue(default_concurrency_limit=1, max_size=64)  # one model, many users: requests wait their turn
+    return demo
+
+
+def launch(pipe: Pipeline, review_log: ReviewLog, host: str = "127.0.0.1", port: int = 7860,
+           max_file_mb: float = 10.0, block: bool = True):
+    demo = build_demo(pipe, review_log, max_file_mb=max_file_mb)
+    demo.launch(server_name=host, server_port=port, max_file_size=f"{max_file_mb:g}mb", prevent_thread_lock=not block,
+                show_error=False, allowed_paths=[str(EXAMPLES_DIR)])
+    return demo
