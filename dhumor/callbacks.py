@@ -21,7 +21,10 @@ class ExportBestCheckpoint(L.Callback):
         self.dirname = dirname
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or trainer.fast_dev_run:
+        if trainer.fast_dev_run:
+            return
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
+        if not trainer.is_global_zero:
             return
         ckpt_cb = trainer.checkpoint_callback
         best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb else ""
@@ -32,7 +35,6 @@ class ExportBestCheckpoint(L.Callback):
                          "checkpoint": Path(best).name}
         else:
             state, selection = pl_module.state_dict(), {"monitor": None, "checkpoint": "last"}
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         config = None
         cfg_file = log_dir / "config.yaml"
         if cfg_file.exists():

@@ -30,7 +30,7 @@ def _setup_logging() -> None:
         log.propagate = False
 
 
-def run_lightning(argv: list[str] | None):
+def run_lightning(argv: list[str] | None, run: bool = True):
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
 
@@ -52,7 +52,7 @@ def run_lightning(argv: list[str] | None):
             for k in LINKED:
                 parser.link_arguments(f"model.{k}", f"data.{k}")
 
-    return DHumorCLI(DHumorModule, MemeDataModule, args=argv, seed_everything_default=0,
+    return DHumorCLI(DHumorModule, MemeDataModule, args=argv, seed_everything_default=0, run=run,
                      trainer_defaults={"callbacks": [ExportBestCheckpoint()]},
                      save_config_kwargs={"overwrite": True})
 

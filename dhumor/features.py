@@ -222,7 +222,7 @@ class FeatureExtractor:
         bar = tqdm(total=len(todo), desc=desc or f"{stream} features", unit="text",
                    disable=not self.progress or not todo)
         max_tokens = settings["max_tokens"]
-        enc = self.module(stream)
+        enc = self.module(stream) if todo else None  # all cached: no model is loaded at all
         for b in range(0, len(todo), self.batch_size):
             batch = todo[b:b + self.batch_size]
             feats = self._encode_texts(enc, [norm[i] for i in batch], max_tokens)

@@ -74,13 +74,22 @@ class TextEncoder(nn.Module):
         from transformers import AutoModel, AutoTokenizer
 
         self.entry = entry
-        src = _text_source(entry)
         if pretrained:
+            src = _text_source(entry)
             self.net = _from_pretrained(AutoModel, entry, source=src, attn_implementation="sdpa")
         else:
-            self.net = AutoModel.from_config(_config(entry, src))
-        self.tokenizer = _from_pretrained(AutoTokenizer, entry, source=src)
+            self.net = _random_text_model(entry)
+        self._tokenizer = None
         self.entry = with_dim(entry, self.net.config.hidden_size)
+
+    @property
+    def tokenizer(self):
+        # Loaded on first use: a randomly initialised encoder in a benchmark never needs one.
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = _from_pretrained(AutoTokenizer, self.entry, source=_text_source(self.entry))
+        return self._tokenizer
 
     def tokenize(self, texts: list[str], max_tokens: int | None = None, pad_to: int | None = None) -> dict:
         return self.tokenizer(texts, padding="max_length" if pad_to else True, truncation=True,
@@ -107,6 +116,15 @@ def build_encoder(entry: EncoderEntry, pretrained: bool = True) -> nn.Module:
     if entry.family == "hf-text":
         return TextEncoder(entry, pretrained)
     raise ValueError(f"unknown encoder family {entry.family!r}")
+
+
+def _random_text_model(entry: EncoderEntry):
+    from transformers import AutoModel, MPNetConfig, MPNetModel
+
+    if entry.name == "all-mpnet-base-v2":  # MPNet-base: its config is the class default, no files needed
+        return MPNetModel(MPNetConfig(vocab_size=30527), add_pooling_layer=False)
+    src = entry.source if Path(entry.source).exists() else None
+    return AutoModel.from_config(_config(entry, _text_source(entry) if src is None else src))
 
 
 def _text_source(entry: EncoderEntry) -> str:

@@ -209,7 +209,8 @@ class DHumorModule(L.LightningModule):
             for k in ("accuracy", "macro_f1", "weighted_f1", "auroc"):
                 if m.get(k) is not None:
                     flat[f"{stage}/{task}/{k}"] = m[k]
-        self.log_dict(flat, prog_bar=False)
+        # CatMetric already gathered every rank's rows: the values are identical on all ranks.
+        self.log_dict(flat, prog_bar=False, sync_dist=False, rank_zero_only=False)
         self.log(f"{stage}/macro_f1", mean_macro_f1(metrics), prog_bar=True)
 
     def on_validation_epoch_end(self):
