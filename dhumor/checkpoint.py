@@ -74,6 +74,11 @@ def write_checkpoint(state_dict: dict[str, torch.Tensor], meta: dict, out_dir: s
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
         save_file(tensors, tmp / WEIGHTS, metadata={"format": FORMAT})
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700: a checkpoint is meant to be shared
+        for f in (WEIGHTS, META):
+            os.chmod(tmp / f, 0o666 & ~umask)
         old = None
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old")

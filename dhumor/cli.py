@@ -188,8 +188,8 @@ def cmd_score(args) -> int:
     if args.threshold is not None:
         pipe.thresholds[pipe.schema.primary] = args.threshold
     if explainer is not None and "reasoning" not in pipe.streams:
-        print(f"dhumor score: note: {pipe.checkpoint} has no reasoning stream; explanations are written but "
-              f"do not change its predictions", file=sys.stderr)
+        print(f"dhumor score: note: {pipe.checkpoint} has no reasoning stream; explanations are written to the "
+              f"rows but do not change its predictions", file=sys.stderr)
     items = [it for it in collect_items(args.input, args.format, args.images) if in_shard(it.id, shard)]
     results = ResultsFile(args.out, pipe.schema)
     scorer = Scorer(pipe, results, batch_size=args.batch_size, workers=args.workers,

@@ -132,7 +132,7 @@ class Scorer:
             else:
                 ok.append(j)
         explanations: dict[int, tuple] = {}
-        if pipe.explainer is not None and "reasoning" in pipe.streams:
+        if pipe.explainer is not None:  # written to the row always; fed to the model if it has a reasoning stream
             for j in ok:
                 item, img, sha, cap, timings, _ = prepared[j]
                 t = time.perf_counter()

@@ -55,7 +55,7 @@ def test_finetune_offline_encoders_top_layers(tmp_path, harmeme_fixture):
                    "--data.num_workers", "0", config="configs/finetune-offline.yaml") == 0
 
 
-@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+@pytest.mark.parametrize("config", sorted(str(p.relative_to(ROOT / "configs")) for p in (ROOT / "configs").rglob("*.yaml")))
 def test_every_config_instantiates(config):
     from lightning.pytorch.cli import LightningCLI
 

@@ -32,13 +32,14 @@ from ..schema import TaskSchema
 
 @dataclass
 class TCRNetConfig:
-    d_model: int = 256  # shared width every stream is projected to
+    # Defaults chosen by 5-fold CV on Harm-C train (bench/tune_cv.py, bench/candidates.yaml).
+    d_model: int = 128  # shared width every stream is projected to
     heads: int = 4  # attention heads in each cross-attention block
-    dropout: float = 0.3
+    dropout: float = 0.5
     fusion: Literal["pairwise", "joint"] = "pairwise"  # joint = the reference code's variant
     inputs: Literal["pooled", "tokens"] = "pooled"  # encoder vectors, or their token sequences
     tokens_per_stream: int = 4  # "pooled": each vector becomes this many learned tokens to attend over
-    hidden: int = 256  # width of each task head's hidden layer
+    hidden: int = 128  # width of each task head's hidden layer
     modality_dropout: float = 0.1  # training only: chance to drop each present stream of a meme
     input_dropout: float = 0.1  # dropout on the raw encoder features
 

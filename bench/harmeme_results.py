@@ -1,0 +1,151 @@
+"""The README's Harm-C val table: each variant trained through `dhumor fit` with several seeds,
+selected on a seeded 10% of train, then evaluated once on Harm-C val (never used for any choice).
+
+    python bench/harmeme_results.py --seeds 0 1 2 --out outputs/results/harmeme_val.json
+
+Also reproduces the floor (class-balanced logistic regression on frozen all-mpnet-base-v2 caption
+features) and times feature extraction on a cold cache.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = ROOT.parent / "shared" / "datasets" / "harmeme-c" / "train.jsonl"
+VAL = ROOT.parent / "shared" / "datasets" / "harmeme-c" / "val.jsonl"
+VARIANTS = {
+    "caption only": ["configs/ablations/caption-only.yaml"],
+    "image only": ["configs/ablations/image-only.yaml"],
+    "TCRNet caption+image": [],
+}
+
+
+def headline(m: dict) -> dict:
+    return {"harmful_acc": m["harmful"]["accuracy"], "harmful_macro_f1": m["harmful"]["macro_f1"],
+            "harmful_auroc": m["harmful"]["auroc"], "harmfulness_macro_f1": m["harmfulness"]["macro_f1"],
+            "target_macro_f1": m["target"]["macro_f1"]}
+
+
+def run_variant(name: str, extra: list[str], seed: int, root: Path, extra_args: list[str]) -> dict:
+    from dhumor.cli import main
+    from dhumor.evaluation import evaluate
+    from dhumor.pipeline import Pipeline
+
+    run_dir = root / f"{name.replace(' ', '_').replace('+', '_')}-seed{seed}"
+    args = ["fit", "--config", str(ROOT / "configs" / "harmeme.yaml")]
+    for c in extra:
+        args += ["--config", str(ROOT / c)]
+    args += ["--seed_everything", str(seed), "--trainer.default_root_dir", str(run_dir),
+             "--trainer.enable_progress_bar", "false", "--data.progress", "false", *extra_args]
+    t0 = time.perf_counter()
+    assert main(args) == 0
+    fit_seconds = time.perf_counter() - t0
+    export = next(run_dir.rglob("export"))
+    metrics, _ = evaluate(Pipeline.from_checkpoint(export), VAL)
+    meta = json.loads((export / "dhumor.json").read_text())
+    return {"variant": name, "seed": seed, "fit_seconds": round(fit_seconds, 1), "export": str(export),
+            "selection": meta["metrics"]["selection"], **headline(metrics), "metrics": metrics}
+
+
+def logistic_floor() -> dict:
+    """Class-balanced logistic regression on frozen all-mpnet-base-v2 caption features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+
+    from dhumor.cache import StageCache
+    from dhumor.data.readers import read_manifest
+    from dhumor.features import FeatureExtractor
+
+    fx = FeatureExtractor({"caption": "all-mpnet-base-v2"}, StageCache(), progress=False)
+    out = {}
+    data = {}
+    for split, path in (("train", TRAIN), ("val", VAL)):
+        memes = read_manifest(path).memes
+        feats = fx.text_features("caption", [m.caption for m in memes])
+        x = np.stack([f.pooled.astype(np.float32) if f is not None else np.zeros(768, np.float32) for f in feats])
+        data[split] = (x, memes)
+    (xt, mt), (xv, mv) = data["train"], data["val"]
+    for task in ("harmful", "harmfulness"):
+        yt = np.array([m.labels[task] for m in mt])
+        yv = np.array([m.labels[task] for m in mv])
+        clf = LogisticRegression(class_weight="balanced", max_iter=2000, C=1.0).fit(xt, yt)
+        pred, prob = clf.predict(xv), clf.predict_proba(xv)
+        out[f"{task}_acc"] = accuracy_score(yv, pred)
+        out[f"{task}_macro_f1"] = f1_score(yv, pred, average="macro")
+        if task == "harmful":
+            out["harmful_auroc"] = roc_auc_score(yv, prob[:, 1])
+    return {"variant": "floor: logistic regression, mpnet caption", **{k: round(v, 4) for k, v in out.items()}}
+
+
+def time_features(n: int = 200) -> dict:
+    """Cold-cache feature extraction, seconds per meme, for the default encoders (models loaded first)."""
+    from dhumor.cache import StageCache
+    from dhumor.data.readers import read_manifest
+    from dhumor.features import FeatureExtractor
+
+    memes = read_manifest(TRAIN).memes[:n]
+    with tempfile.TemporaryDirectory() as tmp:
+        fx = FeatureExtractor({"image": "efficientnet-lite0", "caption": "all-mpnet-base-v2"},
+                              StageCache(Path(tmp) / "c.sqlite"), progress=False)
+        fx.module("image"), fx.module("caption")
+        t = time.perf_counter()
+        fx.extract(memes, ["image"])
+        t_img = time.perf_counter() - t
+        t = time.perf_counter()
+        fx.extract(memes, ["caption"])
+        t_cap = time.perf_counter() - t
+    return {"memes": n, "image_seconds_per_meme": round(t_img / n, 4), "caption_seconds_per_meme": round(t_cap / n, 4),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--root", default=str(ROOT / "runs" / "results"))
+    ap.add_argument("--out", default=str(ROOT / "outputs" / "results" / "harmeme_val.json"))
+    ap.add_argument("--skip-floor", action="store_true")
+    ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("extra", nargs="*", help="extra `dhumor fit` arguments for every run")
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    rows = []
+    for v in args.variants:
+        for s in args.seeds:
+            r = run_variant(v, VARIANTS[v], s, Path(args.root), args.extra)
+            rows.append(r)
+            print(json.dumps({k: v for k, v in r.items() if k != "metrics"}), flush=True)
+    summary = []
+    for v in args.variants:
+        rs = [r for r in rows if r["variant"] == v]
+        keys = [k for k in rs[0] if k.startswith(("harmful", "harmfulness", "target"))]
+        summary.append({"variant": v, "seeds": [r["seed"] for r in rs],
+                        **{k: [round(float(np.mean([r[k] for r in rs])), 4), round(float(np.std([r[k] for r in rs])), 4)]
+                           for k in keys},
+                        "fit_seconds_mean": round(float(np.mean([r["fit_seconds"] for r in rs])), 1)})
+        print(json.dumps(summary[-1]), flush=True)
+    result = {"runs": rows, "summary": summary}
+    if not args.skip_floor:
+        result["floor"] = logistic_floor()
+        print(json.dumps(result["floor"]), flush=True)
+    if not args.skip_timing:
+        result["feature_timing"] = time_features()
+        print(json.dumps(result["feature_timing"]), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""OCR quality against a manifest's own captions: character and word error rates, seconds per image.
+
+Text is normalised before comparison: lower case, every run of whitespace (newlines included)
+becomes one space. Error rates are corpus-level (total edits / total reference length), computed
+with jiwer; an image with an empty reference caption is left out.
+
+    python bench/ocr_quality.py --manifest ../shared/datasets/harmeme-c/val.jsonl --engines rapidocr easyocr
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import time
+
+import jiwer
+
+from dhumor.data.readers import read_manifest
+from dhumor.images import load_image
+from dhumor.ocr import OCR
+
+
+def normalise(s: str) -> str:
+    return re.sub(r"\s+", " ", (s or "").lower()).strip()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--manifest", required=True)
+    ap.add_argument("--engines", nargs="+", default=["rapidocr", "easyocr"])
+    ap.add_argument("--limit", type=int, default=None)
+    args = ap.parse_args(argv)
+    memes = [m for m in read_manifest(args.manifest).memes if normalise(m.caption)][: args.limit]
+    images = [load_image(m.image) for m in memes]
+    refs = [normalise(m.caption) for m in memes]
+    for engine in args.engines:
+        ocr = OCR(engine, cache=None)  # no cache: every image is really read
+        ocr.read(images[0])  # load the models outside the timing
+        t0 = time.perf_counter()
+        hyps = [normalise(ocr.read(img)) for img in images]
+        sec = (time.perf_counter() - t0) / len(images)
+        out = {"engine": engine, "images": len(images), "cer": round(jiwer.cer(refs, hyps), 4),
+               "wer": round(jiwer.wer(refs, hyps), 4), "seconds_per_image": round(sec, 3),
+               "empty_outputs": sum(not h for h in hyps), "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores"}
+        print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
