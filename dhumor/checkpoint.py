@@ -79,6 +79,10 @@ def write_checkpoint(state_dict: dict[str, torch.Tensor], meta: dict, out_dir: s
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700: a checkpoint is meant to be shared
         for f in (WEIGHTS, META):
             os.chmod(tmp / f, 0o666 & ~umask)
+        if out_dir.is_dir():  # keep what else lives beside the weights (a model card, notes)
+            for extra in out_dir.iterdir():
+                if extra.is_file() and extra.name not in (WEIGHTS, META):
+                    shutil.copy2(extra, tmp / extra.name)
         old = None
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old")

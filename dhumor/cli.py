@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: the manifest's captions when it has them, else rapidocr")
     x.add_argument("--batch-size", type=int, default=8, help="memes per generation batch")
     x.add_argument("--concurrency", type=int, default=4, help="openai: requests in flight")
+    x.add_argument("--threads", type=int, default=None, help="offline: CPU threads for llama.cpp (default: all)")
     x.add_argument("--shard", default=None, help="i/n: only shard i of n")
     x.add_argument("--order", default="input", choices=["input", "shuffle"],
                    help="shuffle: a seeded random order, so that a partial run is a random sample")
@@ -232,7 +233,8 @@ def cmd_explain(args) -> int:
     explainer = create_explainer(args.backend, cache=cache, iterations=args.iterations,
                                  similarity_threshold=args.threshold, batch_size=args.batch_size,
                                  prompt_version=args.prompt_version, max_tokens=args.max_tokens, model=args.model,
-                                 base_url=args.base_url, concurrency=args.concurrency, send_images=not args.no_images)
+                                 base_url=args.base_url, concurrency=args.concurrency, send_images=not args.no_images,
+                                 threads=args.threads)
     summary = run_explain(explainer, items, args.out, ocr=ocr, batch_size=args.batch_size, progress=not args.quiet)
     if summary.already_done == summary.total and not summary.interrupted:
         print(f"dhumor explain: nothing to do: all {summary.total} memes already have a row in {args.out}",

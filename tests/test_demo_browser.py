@@ -51,8 +51,10 @@ def _start_app(ckpt, review_log, port, *extra):
 def app(trained, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("demo")
     port = _port()
-    proc = _start_app(trained / "export", tmp / "reviews.sqlite", port, "--max-file-mb", "0.2")
-    yield {"url": f"http://127.0.0.1:{port}/", "log": tmp / "reviews.sqlite", "proc": proc, "ckpt": trained / "export",
+    # DHUMOR_DEMO_CHECKPOINT=checkpoints/harmeme-tcrnet shows the shipped model (used for the README screenshot).
+    ckpt = os.environ.get("DHUMOR_DEMO_CHECKPOINT", trained / "export")
+    proc = _start_app(ckpt, tmp / "reviews.sqlite", port, "--max-file-mb", "0.2")
+    yield {"url": f"http://127.0.0.1:{port}/", "log": tmp / "reviews.sqlite", "proc": proc, "ckpt": ckpt,
            "tmp": tmp}
     proc.terminate()
     proc.wait(30)
@@ -104,7 +106,11 @@ def test_upload_decide_review_in_a_real_browser(app, browser, tmp_path):
     _upload(d, app["url"], meme)
     decision = _wait(lambda: "Decision" in d.find_element(By.ID, "decision").text and
                      d.find_element(By.ID, "decision").text, what="decision")
-    assert "harmful probability" in decision and "threshold 0.50" in decision
+    import json
+
+    meta = json.loads((Path(app["ckpt"]) / "dhumor.json").read_text())
+    balanced = (meta.get("thresholds") or {}).get("balanced", 0.5)  # the checkpoint's preset, else 0.5
+    assert "harmful probability" in decision and f"threshold {balanced:.2f}" in decision
     caption = d.find_element(By.CSS_SELECTOR, "#caption textarea").get_attribute("value")
     assert "VET" in caption.upper()  # rapidocr read the rendered caption
     harmful = d.find_element(By.ID, "label-harmful").text

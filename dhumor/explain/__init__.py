@@ -18,13 +18,17 @@ __all__ = ["BACKENDS", "Explainer", "Explanation", "LoopResult", "ParseError", "
 
 
 def create_backend(name: str, model: str | None = None, base_url: str | None = None, api_key: str | None = None,
-                   concurrency: int = 4, send_images: bool = True, batch_size: int = 4, timeout: float = 120.0):
+                   concurrency: int = 4, send_images: bool = True, batch_size: int = 4, timeout: float = 120.0,
+                   threads: int | None = None):
     """A backend by name: ``offline`` (SmolLM2, this machine), ``openai`` (any compatible server),
     ``transformers`` (a local VLM, ``model`` = hub id or directory)."""
     if name == "offline":
         from .backends.offline import offline_backend
 
-        return offline_backend(**({"model_path": model} if model else {}))
+        kw = {"model_path": model} if model else {}
+        if threads:
+            kw["n_threads"] = threads
+        return offline_backend(**kw)
     if name == "openai":
         from .backends.openai_compat import OpenAIBackend
 

@@ -41,6 +41,7 @@ class LlamaCppBackend(Backend):
         self._lock = threading.Lock()  # one llama context: one generation at a time
 
     def fingerprint(self) -> dict:
+        # Thread count is left out on purpose: it changes speed, not what is generated.
         return {"backend": self.name, "model": os.path.basename(self.model_path), "size": os.path.getsize(self.model_path),
                 "seed": self.seed, "repeat_penalty": self.repeat_penalty, "max_field_chars": self.max_field_chars}
 
@@ -109,10 +110,10 @@ class TransformersGGUFBackend(Backend):
         return out
 
 
-def offline_backend(**kwargs) -> Backend:
+def offline_backend(model_path: str | None = None, n_threads: int | None = None) -> Backend:
     """llama.cpp when ``llama-cpp-python`` is installed, else transformers from the same GGUF."""
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
-        return TransformersGGUFBackend()
-    return LlamaCppBackend(**kwargs)
+        return TransformersGGUFBackend(model_path)
+    return LlamaCppBackend(model_path, n_threads=n_threads)
