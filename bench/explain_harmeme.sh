@@ -12,7 +12,7 @@ mkdir -p "$OUT"
 for split in val train; do
   for i in 0 1; do
     "$DHUMOR" explain "$DATA/$split.jsonl" --out "$OUT/$split.shard$i.jsonl" --shard "$i/2" --threads 1 \
-      --order shuffle --seed 0 --quiet 2> "$OUT/$split.shard$i.log" &
+      --order shuffle --seed 0 --batch-size 2 --quiet 2> "$OUT/$split.shard$i.log" &
   done
   wait
 done

@@ -26,10 +26,8 @@ from .schema import FIELDS, Explanation, ParseError, parse_critique, parse_expla
 
 _STR = {"type": "string"}
 EXPLANATION_SCHEMA = {"type": "object", "properties": {f: _STR for f in FIELDS}, "required": list(FIELDS)}
-# Critique notes are short by design: the revised explanation carries the substance.
 CRITIQUE_SCHEMA = {"type": "object", "required": ["critique", "revised"],
-                   "properties": {"critique": {"type": "object", "properties": {f: {"type": "string", "maxLength": 100}
-                                                                             for f in FIELDS},
+                   "properties": {"critique": {"type": "object", "properties": {f: _STR for f in FIELDS},
                                                "required": list(FIELDS)},
                                   "revised": EXPLANATION_SCHEMA}}
 
