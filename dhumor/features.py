@@ -132,19 +132,8 @@ class FeatureExtractor:
 
     def image_features_from_bytes(self, items: Sequence[tuple[bytes, str]]) -> list[StreamFeature | DataError]:
         """Features for (image bytes, name) pairs; the name is only used in error messages."""
-        settings = self._settings("image")
-        keys = [StageCache.key(sha256_bytes(b), settings) for b, _ in items]
-        hits = self.cache.get_many(STAGE, keys) if self.cache else {}
-        out: list = [None] * len(items)
-        todo = []
-        for i, k in enumerate(keys):
-            if k in hits:
-                out[i] = StreamFeature.unpack(hits[k])
-                self.stats.cached += 1
-            else:
-                todo.append(i)
-        if not todo:
-            return out
+        keys = self._image_keys([sha256_bytes(b) for b, _ in items])
+        out, todo = self._lookup(keys)
         tf = eval_transform(self.entry("image"))
 
         def prep(i):
@@ -156,42 +145,44 @@ class FeatureExtractor:
 
         with ThreadPoolExecutor(max(1, self.workers)) as pool:
             prepped = list(pool.map(prep, todo))
-        good = [(i, x) for i, x in zip(todo, prepped) if not isinstance(x, DataError)]
         for i, x in zip(todo, prepped):
             if isinstance(x, DataError):
                 out[i] = x
                 self.stats.failed += 1
-        fresh = []
-        for b in range(0, len(good), self.batch_size):
-            batch = good[b:b + self.batch_size]
-            feats = self._encode_images(torch.stack([x for _, x in batch]))
-            for (i, _), f in zip(batch, feats):
-                out[i] = f
-                fresh.append((keys[i], f.pack()))
-        if self.cache:
-            self.cache.put_many(STAGE, fresh)
-        self.stats.computed += len(good)
+        self._encode_and_store(keys, out, [(i, x) for i, x in zip(todo, prepped) if not isinstance(x, DataError)])
         return out
 
     def image_features_from_pil(self, images: Sequence[Image.Image], digests: Sequence[str]) -> list[StreamFeature]:
         """Features for already-decoded images whose file digests are known (the demo, the scorer)."""
-        settings = self._settings("image")
-        keys = [StageCache.key(d, settings) for d in digests]
-        hits = self.cache.get_many(STAGE, keys) if self.cache else {}
+        keys = self._image_keys(digests)
+        out, todo = self._lookup(keys)
         tf = eval_transform(self.entry("image"))
-        out: list = [StreamFeature.unpack(hits[k]) if k in hits else None for k in keys]
+        self._encode_and_store(keys, out, [(i, tf(images[i])) for i in todo])
+        return out
+
+    def _image_keys(self, digests: Sequence[str]) -> list[str]:
+        settings = self._settings("image")
+        return [StageCache.key(d, settings) for d in digests]
+
+    def _lookup(self, keys: Sequence[str]) -> tuple[list, list[int]]:
+        """Cached features in place, ``None`` elsewhere; and the positions still to compute."""
+        hits = self.cache.get_many(STAGE, keys) if self.cache else {}
+        out = [StreamFeature.unpack(hits[k]) if k in hits else None for k in keys]
         todo = [i for i, o in enumerate(out) if o is None]
-        self.stats.cached += len(images) - len(todo)
+        self.stats.cached += len(keys) - len(todo)
+        return out, todo
+
+    def _encode_and_store(self, keys: Sequence[str], out: list, pixels: list[tuple[int, torch.Tensor]]) -> None:
+        """Encode (position, pixels) pairs in batches, fill ``out`` and store the results in the cache."""
         fresh = []
-        for b in range(0, len(todo), self.batch_size):
-            batch = todo[b:b + self.batch_size]
-            for i, f in zip(batch, self._encode_images(torch.stack([tf(images[i]) for i in batch]))):
+        for b in range(0, len(pixels), self.batch_size):
+            batch = pixels[b:b + self.batch_size]
+            for (i, _), f in zip(batch, self._encode_images(torch.stack([x for _, x in batch]))):
                 out[i] = f
                 fresh.append((keys[i], f.pack()))
         if self.cache:
             self.cache.put_many(STAGE, fresh)
-        self.stats.computed += len(todo)
-        return out
+        self.stats.computed += len(pixels)
 
     @torch.inference_mode()
     def _encode_images(self, pixels: torch.Tensor) -> list[StreamFeature]:
