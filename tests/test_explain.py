@@ -294,3 +294,15 @@ def test_offline_explain_command_end_to_end_and_resume(tmp_path, capsys):
     assert main(["explain", str(src), "--out", str(out), "--iterations", "2", "--max-tokens", "250", "--quiet"]) == 0
     assert "nothing to do" in capsys.readouterr().err
     assert len(out.read_text().splitlines()) == 2
+
+
+def test_offline_fallback_through_transformers_gguf():
+    """Without llama-cpp-python the offline default runs SmolLM2 through transformers from the same GGUF
+    (converted once, then cached)."""
+    from dhumor.explain.backends.base import GenerationRequest
+    from dhumor.explain.backends.offline import TransformersGGUFBackend
+
+    b = TransformersGGUFBackend()
+    g = b.generate([GenerationRequest("You explain memes.", "Say hello.", max_tokens=8, temperature=0.0)])[0]
+    assert g.error is None and g.completion_tokens > 0 and g.text.strip()
+    assert TransformersGGUFBackend().fingerprint() == b.fingerprint()  # the second load uses the cached conversion

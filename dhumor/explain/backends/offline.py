@@ -84,6 +84,11 @@ class TransformersGGUFBackend(Backend):
             model = AutoModelForCausalLM.from_pretrained(str(os.path.dirname(gguf)), gguf_file=os.path.basename(gguf))
             tok = AutoTokenizer.from_pretrained(str(os.path.dirname(gguf)), gguf_file=os.path.basename(gguf))
             tmp = converted.with_name(converted.name + ".tmp")
+            # Loading from GGUF dequantises to float32 but keeps a "gguf quantized" mark that blocks
+            # saving; the weights are plain tensors by now, so drop the mark.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             os.replace(tmp, converted)
