@@ -89,8 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="results .jsonl or .csv; rerun with the same --out to resume")
     s.add_argument("--ocr", default="rapidocr", choices=["rapidocr", "easyocr", "none"],
                    help="OCR engine; 'none' uses the manifest's captions (or no caption for a folder)")
-    s.add_argument("--explain", default="none", help="explanation backend profile (offline, openai, transformers) "
-                                                      "or none; only used when the checkpoint has a reasoning stream")
+    s.add_argument("--explain", default="none", choices=["none", "offline", "openai", "transformers"],
+                   help="explanation backend: explanations go into every row, and into the model when the "
+                        "checkpoint has a reasoning stream")
+    s.add_argument("--explain-model", default=None, help="openai: served model name; transformers: hub id or dir")
+    s.add_argument("--base-url", default=None, help="openai-compatible server URL (or DHUMOR_OPENAI_BASE_URL)")
     s.add_argument("--iterations", type=int, default=None, help="Role-Reversal loop iterations (explain)")
     s.add_argument("--workers", type=int, default=2, help="threads for decoding and OCR")
     s.add_argument("--batch-size", type=int, default=16)
@@ -182,8 +185,8 @@ def cmd_score(args) -> int:
     if args.explain != "none":
         from .explain import create_explainer
 
-        explainer = create_explainer(args.explain, cache=cache, iterations=args.iterations)
-    thresholds = None
+        explainer = create_explainer(args.explain, cache=cache, iterations=args.iterations, model=args.explain_model,
+                                     base_url=args.base_url)
     pipe = Pipeline.from_checkpoint(args.checkpoint, cache=args.cache, device=args.device, ocr=create_ocr(args.ocr, cache),
                                     explainer=explainer)
     if args.threshold is not None:

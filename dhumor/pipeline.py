@@ -78,6 +78,9 @@ class Pipeline:
 
             modules = {names[s]: module.encoders[_key(names[s])] for s in module.stream_names}
             salt = _dir_digest(path)
+        preset = (getattr(module, "checkpoint_meta", {}).get("thresholds") or {}).get("balanced")
+        if preset is not None:  # the checkpoint's own balanced threshold, unless the caller says otherwise
+            thresholds = {module.schema.primary: preset, **(thresholds or {})}
         extractor = FeatureExtractor(names, StageCache(cache), device=str(dev), progress=progress, modules=modules,
                                      salt=salt, batch_size=batch_size,
                                      max_tokens={s: hp.get("max_tokens", 128) for s in ("caption", "reasoning")})
