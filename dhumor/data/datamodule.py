@@ -216,8 +216,9 @@ class MemeDataModule(L.LightningDataModule):
     def _collate(self):
         if self.hparams.mode == "cached":
             return feature_collate(self.schema, self.extractor().dims(self.streams), self.hparams.inputs == "tokens")
-        from transformers import AutoTokenizer  # noqa: F401 -- tokenizers come from the encoders' own sources
-        from ..encoders.modules import _text_source
+        from transformers import AutoTokenizer
+
+        from ..encoders.modules import _text_source  # each text encoder's own tokenizer files
         from ..encoders.registry import get_entry
 
         toks = {}

@@ -235,7 +235,8 @@ class DHumorModule(L.LightningModule):
             groups.append({"params": enc, "weight_decay": hp.weight_decay, "lr": hp.encoder_lr})
         fused = self.device.type == "cuda"  # one fused kernel per step instead of one per tensor
         opt = torch.optim.AdamW(groups, lr=hp.lr, fused=fused)
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self.trainer else 1
+        trainer = self._trainer  # the public property raises when no Trainer is attached
+        total = max(1, int(trainer.estimated_stepping_batches)) if trainer is not None else 1
         warm = int(total * hp.warmup_ratio)
 
         def schedule(step):
