@@ -17,8 +17,7 @@ cells = [
     nbf.v4.new_code_cell(
         "from pathlib import Path\n"
         "import numpy as np\n"
-        "import matplotlib\n"
-        "matplotlib.use('Agg')\n"
+        "%matplotlib inline\n"
         "import matplotlib.pyplot as plt\n"
         "from dhumor.pipeline import Pipeline\n"
         "from dhumor.data.readers import read_manifest\n"
