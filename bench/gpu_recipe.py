@@ -166,6 +166,43 @@ def measure(name, fn, batches, bs, n, warm, dev, flop_batch=None) -> dict:
     return row
 
 
+# Operator-name fragments -> where the time goes (first match wins).
+PROFILE_GROUPS = [("attention (SDPA / flash)", ("attention", "flash", "efficient", "sdpa")),
+                  ("matmul (GEMM)", ("mm", "matmul", "linear", "gemm", "cutlass", "sm90", "ampere")),
+                  ("optimizer", ("adam", "foreach", "_fused")),
+                  ("normalisation", ("norm",)),
+                  ("convolution (patch embed)", ("conv",)),
+                  ("copies / casts", ("copy", "to_copy", "cast", "contiguous", "cat", "memcpy")),
+                  ("elementwise / activations", ("gelu", "add", "mul", "div", "dropout", "softmax", "tanh",
+                                                 "elementwise", "triton", "vectorized", "where", "exp"))]
+
+
+def profile_steps(fn, batches, dev, n: int = 3, top: int = 12) -> dict:
+    """Self time per operator over ``n`` steps (device time on a GPU), grouped as PROFILE_GROUPS."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    fn(batches[0])
+    sync(dev)
+    with profile(activities=acts) as prof:
+        for i in range(n):
+            fn(batches[i % len(batches)])
+        sync(dev)
+    attr = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    events = [(e.key, getattr(e, attr, 0) or 0) for e in prof.key_averages()]
+    events = [(k, t) for k, t in events if t > 0 and not k.startswith(("ProfilerStep", "cudaDeviceSynchronize"))]
+    total = sum(t for _, t in events) or 1
+    groups: dict[str, float] = {}
+    for key, t in events:
+        low = key.lower()
+        g = next((name for name, frags in PROFILE_GROUPS if any(f in low for f in frags)), "other")
+        groups[g] = groups.get(g, 0.0) + t
+    return {"clock": "device" if dev.type == "cuda" else "cpu", "ms_per_step": round(total / n / 1e3, 2),
+            "share": {g: round(t / total, 3) for g, t in sorted(groups.items(), key=lambda x: -x[1])},
+            "top_ops": [{"op": k[:80], "share": round(t / total, 3)}
+                        for k, t in sorted(events, key=lambda x: -x[1])[:top]]}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny configs (CPU smoke run; what CI runs)")
@@ -175,6 +212,8 @@ def main(argv=None):
     ap.add_argument("--train-batch", type=int, default=None)
     ap.add_argument("--infer-batch", type=int, default=None)
     ap.add_argument("--out", default=None, help="also write all rows as JSON here")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile dhumor's training step (len128): where the time goes, by operator group")
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     gpu = dev.type == "cuda"
@@ -244,6 +283,11 @@ def main(argv=None):
         ib = [as_dhumor_batch(make_batch(inf_bs, dev, image_size, seq, dynamic, rng)) for _ in range(4)]
         with torch.no_grad():
             results[f"score_{tag}"] = measure(f"dhumor_score_bf16_{tag}", dh_score, ib, inf_bs, steps, warm + 3, dev)
+        if args.profile and not dynamic:
+            module.train()
+            prof = profile_steps(dh_train, batches, dev)
+            print(json.dumps({"profile": "dhumor_train_bf16_len128", **prof}), flush=True)
+            rows.append({"case": "profile_dhumor_train_len128", **prof})
     rows += list(results.values())
 
     ref_tr, ref_sc = rows[0]["samples_per_s"], rows[1]["samples_per_s"]

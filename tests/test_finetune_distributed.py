@@ -77,12 +77,14 @@ def test_every_config_instantiates(config):
 def test_gpu_recipe_benchmark_runs_on_cpu(tmp_path):
     out = tmp_path / "r.json"
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_recipe.py"), "--tiny", "--steps", "1", "--warmup",
-                        "0", "--out", str(out)], capture_output=True, text=True, timeout=600)
+                        "0", "--out", str(out), "--profile"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
-    cases = [row["case"] for row in res["rows"]]
-    assert cases[:2] == ["reference_train_fp32", "reference_score_fp32"] and len(cases) == 6
-    assert res["summary"]["train_ratio_len128"] > 0 and all(r["samples_per_s"] > 0 for r in res["rows"])
+    timed = [row for row in res["rows"] if "samples_per_s" in row]
+    assert [row["case"] for row in timed[:2]] == ["reference_train_fp32", "reference_score_fp32"] and len(timed) == 6
+    assert res["summary"]["train_ratio_len128"] > 0 and all(r["samples_per_s"] > 0 for r in timed)
+    prof = next(row for row in res["rows"] if row["case"] == "profile_dhumor_train_len128")
+    assert abs(sum(prof["share"].values()) - 1) < 0.01 and prof["share"].get("matmul (GEMM)", 0) > 0
 
 
 def _cli(*args, cwd=ROOT, timeout=900):
