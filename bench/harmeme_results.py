@@ -31,26 +31,49 @@ VARIANTS = {
 
 
 def headline(m: dict) -> dict:
+    """The numbers the README's tables report, from `dhumor evaluate`'s metrics."""
     return {"harmful_acc": m["harmful"]["accuracy"], "harmful_macro_f1": m["harmful"]["macro_f1"],
             "harmful_auroc": m["harmful"]["auroc"], "harmfulness_macro_f1": m["harmfulness"]["macro_f1"],
-            "target_macro_f1": m["target"]["macro_f1"]}
+            "target_macro_f1": m["target"].get("macro_f1")}
 
 
-def run_variant(name: str, extra: list[str], seed: int, root: Path, extra_args: list[str]) -> dict:
+def quiet() -> None:
+    """Only warnings and errors from Lightning: the scripts print one JSON line per run."""
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def fit(configs: list[str], seed: int, run_dir: Path, extra_args: list[str]) -> tuple[Path, float]:
+    """`dhumor fit` with configs/harmeme.yaml plus ``configs`` (repository-relative); the exported
+    checkpoint and the wall seconds the fit took."""
     from dhumor.cli import main
-    from dhumor.evaluation import evaluate
-    from dhumor.pipeline import Pipeline
 
-    run_dir = root / f"{name.replace(' ', '_').replace('+', '_')}-seed{seed}"
     args = ["fit", "--config", str(ROOT / "configs" / "harmeme.yaml")]
-    for c in extra:
+    for c in configs:
         args += ["--config", str(ROOT / c)]
     args += ["--seed_everything", str(seed), "--trainer.default_root_dir", str(run_dir),
              "--trainer.enable_progress_bar", "false", "--data.progress", "false", *extra_args]
     t0 = time.perf_counter()
     assert main(args) == 0
-    fit_seconds = time.perf_counter() - t0
-    export = next(run_dir.rglob("export"))
+    return next(run_dir.rglob("export")), time.perf_counter() - t0
+
+
+def mean_std(rows: list[dict], keys: list[str]) -> dict:
+    """``{key: [mean, std]}`` over the runs (None values, e.g. a task without labels, left out)."""
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in rows if r[k] is not None]
+        out[k] = [round(float(np.mean(vals)), 4), round(float(np.std(vals)), 4)]
+    return out
+
+
+def run_variant(name: str, extra: list[str], seed: int, root: Path, extra_args: list[str]) -> dict:
+    from dhumor.evaluation import evaluate
+    from dhumor.pipeline import Pipeline
+
+    run_dir = root / f"{name.replace(' ', '_').replace('+', '_')}-seed{seed}"
+    export, fit_seconds = fit(extra, seed, run_dir, extra_args)
     metrics, _ = evaluate(Pipeline.from_checkpoint(export), VAL)
     meta = json.loads((export / "dhumor.json").read_text())
     return {"variant": name, "seed": seed, "fit_seconds": round(fit_seconds, 1), "export": str(export),
@@ -118,9 +141,7 @@ def main(argv=None):
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("extra", nargs="*", help="extra `dhumor fit` arguments for every run")
     args = ap.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet()
     rows = []
     for v in args.variants:
         for s in args.seeds:
@@ -131,9 +152,7 @@ def main(argv=None):
     for v in args.variants:
         rs = [r for r in rows if r["variant"] == v]
         keys = [k for k in rs[0] if k.startswith(("harmful", "harmfulness", "target"))]
-        summary.append({"variant": v, "seeds": [r["seed"] for r in rs],
-                        **{k: [round(float(np.mean([r[k] for r in rs])), 4), round(float(np.std([r[k] for r in rs])), 4)]
-                           for k in keys},
+        summary.append({"variant": v, "seeds": [r["seed"] for r in rs], **mean_std(rs, keys),
                         "fit_seconds_mean": round(float(np.mean([r["fit_seconds"] for r in rs])), 1)})
         print(json.dumps(summary[-1]), flush=True)
     result = {"runs": rows, "summary": summary}
