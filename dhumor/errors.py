@@ -25,3 +25,15 @@ class WeightsNotFoundError(DHumorError):
 
 class CheckpointError(DHumorError):
     """A checkpoint that cannot be loaded (missing, wrong format, pickled code)."""
+
+
+# Exit codes of the `dhumor` command (documented in the README):
+EXIT_OK = 0  # every input processed
+EXIT_INTERNAL = 1  # an unexpected error (a bug): the traceback is shown
+EXIT_USAGE = 2  # a configuration or usage error, found before any model loads; one line names the fix
+EXIT_ROWS_FAILED = 3  # the batch finished, every row was written, but some rows are errors
+EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM: rows written so far are kept; rerun to continue
+
+
+class ConfigError(DHumorError):
+    """A configuration problem found before work starts; the message names the fix (exit code 2)."""
