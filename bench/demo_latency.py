@@ -3,7 +3,7 @@
 Starts `dhumor demo` (cold stage cache), drives Debian's headless Chromium with Selenium, uploads
 each meme in a freshly loaded page and waits for the decision to appear.
 
-    python bench/demo_latency.py --images ../shared/datasets/harmeme-c/images --n 20
+    python bench/demo_latency.py --n 20                   # memes: --images, default <data root>/images
     python bench/demo_latency.py --images ... --n 20 --explain offline
 """
 from __future__ import annotations
@@ -21,13 +21,15 @@ from pathlib import Path
 
 import numpy as np
 import requests
+from dhumor.paths import data_root
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--images", required=True)
+    ap.add_argument("--images", default=str(data_root() / "images"),
+                    help="a folder of memes (default: the data root's images/)")
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--explain", default="none")
     ap.add_argument("--checkpoint", default=None)

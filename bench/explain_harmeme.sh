@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/explanations}
-DATA=${DATA:-../shared/datasets/harmeme-c}
+DATA=${DHUMOR_DATA:-data/harmeme-c}
 DHUMOR=${DHUMOR:-.venv/bin/dhumor}
 mkdir -p "$OUT"
 for split in val train; do

@@ -4,7 +4,7 @@ Text is normalised before comparison: lower case, every run of whitespace (newli
 becomes one space. Error rates are corpus-level (total edits / total reference length), computed
 with jiwer; an image with an empty reference caption is left out.
 
-    python bench/ocr_quality.py --manifest ../shared/datasets/harmeme-c/val.jsonl --engines rapidocr easyocr
+    python bench/ocr_quality.py --engines rapidocr easyocr   # --manifest, default <data root>/val.jsonl
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import jiwer
 from dhumor.data.readers import read_manifest
 from dhumor.images import load_image
 from dhumor.ocr import OCR
+from dhumor.paths import data_root
 
 
 def normalise(s: str) -> str:
@@ -27,7 +28,8 @@ def normalise(s: str) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--manifest", required=True)
+    ap.add_argument("--manifest", default=str(data_root() / "val.jsonl"),
+                    help="a manifest with captions (default: the data root's val.jsonl)")
     ap.add_argument("--engines", nargs="+", default=["rapidocr", "easyocr"])
     ap.add_argument("--limit", type=int, default=None)
     args = ap.parse_args(argv)

@@ -3,7 +3,7 @@ pipeline without explanations, and with the offline explanation default.
 
 Every stage runs cold (a fresh, empty stage cache), so nothing is served from earlier runs.
 
-    python bench/score.py --images ../shared/datasets/harmeme-c/images --n 100 --explain-n 10
+    python bench/score.py --n 100 --explain-n 10          # memes: --images, default <data root>/images
 """
 from __future__ import annotations
 
@@ -22,11 +22,13 @@ from dhumor.ocr import OCR
 from dhumor.pipeline import Pipeline
 from dhumor.results_file import ResultsFile
 from dhumor.scoring import Scorer, collect_items
+from dhumor.paths import data_root
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--images", required=True, help="a folder of memes")
+    ap.add_argument("--images", default=str(data_root() / "images"),
+                    help="a folder of memes (default: the data root's images/, $DHUMOR_DATA or data/harmeme-c)")
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--explain-n", type=int, default=10, help="memes for the run with explanations (slow)")
     ap.add_argument("--checkpoint", default=None)

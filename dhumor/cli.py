@@ -12,7 +12,8 @@ import logging
 import os
 import sys
 
-from .errors import DHumorError
+from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE, ConfigError,
+                     DataError, DHumorError)
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # Settings the data module needs from the model: written once, under model:, in a config.
@@ -57,69 +58,113 @@ def run_lightning(argv: list[str] | None, run: bool = True):
                      save_config_kwargs={"overwrite": True})
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default, except where there is none to show."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cache", default=None, help="stage-cache SQLite file (default $DHUMOR_CACHE or ~/.cache/dhumor)")
+    p.add_argument("--cache", default=None, help="stage-cache SQLite file (default: $DHUMOR_CACHE, else "
+                                                  "~/.cache/dhumor/cache.sqlite)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also: DHUMOR_DEBUG=1)")
+
+
+def _add_explainer(p: argparse.ArgumentParser, default: str = "none") -> None:
+    """The explanation options, named the same in every subcommand."""
+    p.add_argument("--explain", default=default, choices=["none", "offline", "openai", "transformers"],
+                   help="explanation backend (Role-Reversal loop); 'offline' is SmolLM2-135M on llama.cpp, a weak "
+                        "text-only stand-in for a VLM")
+    p.add_argument("--explain-model", default=None,
+                   help="explanation model: openai: the served model name; transformers: a hub id or directory; "
+                        "offline: another GGUF file")
+    p.add_argument("--base-url", default=None, help="openai-compatible server, e.g. http://localhost:8000/v1 "
+                                                    "(default: $DHUMOR_OPENAI_BASE_URL)")
+    p.add_argument("--iterations", type=int, default=3, help="Role-Reversal loop iterations (1 = explain only)")
+    p.add_argument("--similarity-threshold", type=float, default=0.9,
+                   help="stop the loop early when a revision is at least this similar to the previous one (0-1)")
+
+
+def _add_decision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory or .ckpt (default: $DHUMOR_CHECKPOINT, "
+                                                       "else the one shipped with dhumor)")
+    p.add_argument("--decision-threshold", type=float, default=None,
+                   help="threshold on the primary task's probability (default: the checkpoint's balanced preset)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="dhumor",
+        prog="dhumor", formatter_class=_HelpFormatter,
         description="Dark-humor understanding for memes. Training: dhumor fit|validate|test|predict --config FILE "
-                    "(LightningCLI; `dhumor fit --help`).")
+                    "(LightningCLI; `dhumor fit --help`).",
+        epilog="Exit codes: 0 every input processed; 1 internal error; 2 configuration or usage error (one line "
+               "names the fix); 3 the batch finished but some rows are errors; 130 interrupted (rerun to continue).")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name in LIGHTNING_COMMANDS:
         sub.add_parser(name, help=f"LightningCLI {name} (see `dhumor {name} --help`)", add_help=False)
 
-    e = sub.add_parser("evaluate", help="metrics of a checkpoint on a labelled manifest")
-    e.add_argument("--checkpoint", default=None, help="checkpoint directory or .ckpt (default: the shipped one)")
-    e.add_argument("--manifest", required=True, help="HarMeme jsonl or D-HUMOR csv/xlsx")
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+
+    dt = add("data", "get a dataset into the layout dhumor reads")
+    dsub = dt.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+    h = dsub.add_parser("harmeme", formatter_class=_HelpFormatter,
+                        help="HarMeme Harm-C from a clone of https://github.com/di-dimitrov/mmf",
+                        description="Validate and convert Harm-C (train, val, test) from a clone of the public "
+                                    "di-dimitrov/mmf repository: git clone --depth 1 https://github.com/di-dimitrov/mmf")
+    h.add_argument("src", help="the mmf clone (or its data/datasets/memes/defaults folder)")
+    h.add_argument("out", nargs="?", default=None, help="output folder (default: $DHUMOR_DATA, else data/harmeme-c)")
+    h.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+    e = add("evaluate", "metrics of a checkpoint on a labelled manifest")
+    _add_decision(e)
+    e.add_argument("--manifest", required=True, help="HarMeme jsonl or D-HUMOR csv/xlsx (relative paths: under the "
+                                                     "data root, $DHUMOR_DATA or data/harmeme-c, when found there)")
     e.add_argument("--images", default=None, help="folder of the manifest's images (default: images/ beside it)")
     e.add_argument("--format", default="auto", choices=["auto", "harmeme", "dhumor"])
+    e.add_argument("--ocr", default="none", choices=["none", "rapidocr", "easyocr"],
+                   help="'none' uses the manifest's captions; an engine reads them from the images instead")
     e.add_argument("--skip-bad", action="store_true", help="skip bad rows and unusable images instead of failing")
     e.add_argument("--explanations", default=None, help="explanations JSONL from `dhumor explain` (reasoning stream)")
     e.add_argument("--explanation-iteration", type=int, default=-1, help="which loop iteration to use (-1: last)")
+    e.add_argument("--predictions", default=None, help="also write every meme's result row to this .jsonl")
+    e.add_argument("--batch-size", type=int, default=64, help="memes per model batch")
     e.add_argument("--json", action="store_true", help="print one JSON object (per task metrics) to stdout")
     _add_common(e)
 
-    s = sub.add_parser("score", help="score a folder of memes or a manifest into JSONL/CSV (resumable)")
-    s.add_argument("input", help="folder (walked recursively) or manifest")
-    s.add_argument("--checkpoint", default=None, help="checkpoint (default: the shipped one)")
+    s = add("score", "score memes (an image, a folder or a manifest) into JSONL/CSV; resumable")
+    s.add_argument("input", help="image file, folder (walked recursively) or manifest")
+    _add_decision(s)
     s.add_argument("--out", required=True, help="results .jsonl or .csv; rerun with the same --out to resume")
     s.add_argument("--ocr", default="rapidocr", choices=["rapidocr", "easyocr", "none"],
-                   help="OCR engine; 'none' uses the manifest's captions (or no caption for a folder)")
-    s.add_argument("--explain", default="none", choices=["none", "offline", "openai", "transformers"],
-                   help="explanation backend: explanations go into every row, and into the model when the "
-                        "checkpoint has a reasoning stream")
-    s.add_argument("--explain-model", default=None, help="openai: served model name; transformers: hub id or dir")
-    s.add_argument("--base-url", default=None, help="openai-compatible server URL (or DHUMOR_OPENAI_BASE_URL)")
-    s.add_argument("--iterations", type=int, default=None, help="Role-Reversal loop iterations (explain)")
+                   help="OCR engine; 'none' uses the manifest's captions (or no caption for images)")
+    _add_explainer(s)
     s.add_argument("--workers", type=int, default=2, help="threads for decoding and OCR")
-    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--batch-size", type=int, default=16, help="memes per model batch (and per write)")
     s.add_argument("--shard", default=None, help="i/n: score only shard i of n (0-based), for n machines")
     s.add_argument("--format", default="auto", choices=["auto", "harmeme", "dhumor", "folder"])
-    s.add_argument("--images", default=None, help="images folder of a manifest")
-    s.add_argument("--threshold", type=float, default=None, help="decision threshold on the primary task")
-    s.add_argument("--retry-errors", action="store_true", help="rescore rows that ended in an error")
+    s.add_argument("--images", default=None, help="images folder of a manifest (default: images/ beside it)")
+    s.add_argument("--retry-errors", action="store_true",
+                   help="also rescore rows whose file was unusable (transient failures are always retried)")
     _add_common(s)
 
-    m = sub.add_parser("merge", help="merge shard outputs into one file, refusing duplicates")
+    m = add("merge", "merge shard outputs into one file, refusing duplicates")
     m.add_argument("inputs", nargs="+")
     m.add_argument("--out", required=True)
+    m.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
-    x = sub.add_parser("explain", help="explain memes with a (vision-)language model and the Role-Reversal loop")
-    x.add_argument("input", help="folder (walked recursively) or manifest")
+    x = add("explain", "explain memes with a (vision-)language model and the Role-Reversal loop")
+    x.add_argument("input", help="image file, folder (walked recursively) or manifest")
     x.add_argument("--out", required=True, help="explanations .jsonl; rerun with the same --out to resume")
-    x.add_argument("--backend", default="offline", choices=["offline", "openai", "transformers"])
-    x.add_argument("--model", default=None, help="openai: served model name; transformers: hub id or directory; "
-                                                  "offline: another GGUF file")
-    x.add_argument("--base-url", default=None, help="openai: e.g. http://localhost:8000/v1 (or DHUMOR_OPENAI_BASE_URL)")
+    _add_explainer(x, default="offline")
     x.add_argument("--no-images", action="store_true", help="openai: send visual cues instead of the image")
-    x.add_argument("--iterations", type=int, default=3, help="Role-Reversal iterations (1 = explain only)")
-    x.add_argument("--threshold", type=float, default=0.9, help="stop early when a revision is this similar (0-1)")
     x.add_argument("--prompt-version", default="v1")
-    x.add_argument("--max-tokens", type=int, default=400)
+    x.add_argument("--max-tokens", type=int, default=400, help="completion tokens per generation")
     x.add_argument("--ocr", default="auto", choices=["auto", "rapidocr", "easyocr", "none"],
                    help="auto: the manifest's captions when it has them, else rapidocr")
     x.add_argument("--batch-size", type=int, default=8, help="memes per generation batch")
@@ -131,101 +176,134 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--seed", type=int, default=0)
     x.add_argument("--limit", type=int, default=None, help="only the first N items (after ordering)")
     x.add_argument("--format", default="auto", choices=["auto", "harmeme", "dhumor", "folder"])
-    x.add_argument("--images", default=None)
+    x.add_argument("--images", default=None, help="images folder of a manifest (default: images/ beside it)")
     _add_common(x)
 
-    d = sub.add_parser("demo", help="the Gradio moderation demo")
-    d.add_argument("--checkpoint", default=None, help="checkpoint (default: the shipped one)")
+    d = add("demo", "the Gradio moderation demo")
+    _add_decision(d)
     d.add_argument("--host", default="127.0.0.1")
     d.add_argument("--port", type=int, default=7860)
     d.add_argument("--ocr", default="rapidocr", choices=["rapidocr", "easyocr", "none"])
-    d.add_argument("--explain", default="none", choices=["none", "offline", "openai", "transformers"],
-                   help="explanation backend shown on the page (and fed to a reasoning stream)")
-    d.add_argument("--model", default=None, help="explanation model (openai: served name; transformers: id or dir)")
-    d.add_argument("--base-url", default=None, help="openai-compatible server URL")
-    d.add_argument("--iterations", type=int, default=3)
-    d.add_argument("--review-log", default=None, help="SQLite review log (default $DHUMOR_REVIEW_LOG or "
+    _add_explainer(d)
+    d.add_argument("--review-log", default=None, help="SQLite review log (default: $DHUMOR_REVIEW_LOG, else "
                                                       "~/.local/share/dhumor/reviews.sqlite)")
     d.add_argument("--max-file-mb", type=float, default=10.0, help="upload size limit")
     _add_common(d)
 
-    o = sub.add_parser("ocr", help="print the OCR text of images (or compare with a manifest's captions)")
+    o = add("ocr", "print the OCR text of memes (an image, a folder or a manifest)")
     o.add_argument("input", help="image file, folder or manifest")
-    o.add_argument("--engine", default="rapidocr", choices=["rapidocr", "easyocr"])
+    o.add_argument("--ocr", default="rapidocr", choices=["rapidocr", "easyocr"], help="OCR engine")
     o.add_argument("--limit", type=int, default=None)
     _add_common(o)
     return p
 
 
-def cmd_evaluate(args) -> int:
-    from .evaluation import evaluate, format_metrics
-    from .pipeline import Pipeline
+def _explainer_from_args(args, cache, **extra):
+    from .explain import create_explainer
 
-    pipe = Pipeline.from_checkpoint(args.checkpoint, cache=args.cache, device=args.device, progress=not args.quiet)
-    metrics, summary = evaluate(pipe, args.manifest, args.images, args.format, args.skip_bad, args.explanations,
-                                args.explanation_iteration)
+    return create_explainer(args.explain, cache=cache, iterations=args.iterations,
+                            similarity_threshold=args.similarity_threshold, model=args.explain_model,
+                            base_url=args.base_url, **extra)
+
+
+def cmd_data(args) -> int:
+    from .data.convert import convert_harmeme
+    from .paths import data_root
+
+    out = data_root(args.out)
+    counts = convert_harmeme(args.src, out)
+    for split, c in counts.items():
+        levels = ", ".join(f"{k} {v}" for k, v in sorted(c["harmfulness"].items()))
+        print(f"{split:5s} {c['memes']:5d} memes ({levels})", file=sys.stderr)
+    print(f"dhumor data: Harm-C written to {out}; use it with `export DHUMOR_DATA={out}` (or --data.root {out})",
+          file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_evaluate(args) -> int:
+    from .cache import StageCache
+    from .evaluation import evaluate, format_metrics
+    from .ocr import create_ocr
+    from .paths import resolve_data_path
+    from .pipeline import Pipeline
+    from .preflight import check_checkpoint, check_input, check_ocr
+
+    manifest = check_input(resolve_data_path(args.manifest))
+    check_ocr(args.ocr)
+    ckpt, _ = check_checkpoint(args.checkpoint)
+    cache = StageCache(args.cache)
+    pipe = Pipeline.from_checkpoint(ckpt, cache=cache, device=args.device, progress=not args.quiet,
+                                    ocr=create_ocr(args.ocr, cache), threshold=args.decision_threshold)
+    metrics, summary = evaluate(pipe, manifest, args.images, args.format, args.skip_bad, args.explanations,
+                                args.explanation_iteration, predictions=args.predictions, batch_size=args.batch_size)
     print(json.dumps(summary), file=sys.stderr)
-    if args.json:
-        print(json.dumps(metrics))
-    else:
-        print(format_metrics(metrics))
-    return 0
+    print(json.dumps(metrics) if args.json else format_metrics(metrics))
+    return EXIT_OK
 
 
 def cmd_score(args) -> int:
     from .cache import StageCache
+    from .items import collect_items, in_shard, parse_shard
     from .ocr import create_ocr
     from .pipeline import Pipeline
+    from .preflight import check_checkpoint, check_explainer, check_input, check_ocr
     from .results_file import ResultsFile
-    from .scoring import Scorer, collect_items, in_shard, parse_shard
+    from .schema import TaskSchema
+    from .scoring import Scorer
 
+    # Everything a user can get wrong is checked before a model loads.
     shard = parse_shard(args.shard)
-    cache = StageCache(args.cache)
-    explainer = None
-    if args.explain != "none":
-        from .explain import create_explainer
+    source = check_input(args.input)
+    check_ocr(args.ocr)
+    check_explainer(args.explain, args.explain_model, args.base_url)
+    ckpt, meta = check_checkpoint(args.checkpoint)
+    results = ResultsFile(args.out, TaskSchema.from_dict(meta["schema"]))
+    items = [it for it in collect_items(source, args.format, args.images) if in_shard(it.id, shard)]
 
-        explainer = create_explainer(args.explain, cache=cache, iterations=args.iterations, model=args.explain_model,
-                                     base_url=args.base_url)
-    pipe = Pipeline.from_checkpoint(args.checkpoint, cache=args.cache, device=args.device, ocr=create_ocr(args.ocr, cache),
-                                    explainer=explainer)
-    if args.threshold is not None:
-        pipe.thresholds[pipe.schema.primary] = args.threshold
+    cache = StageCache(args.cache)
+    explainer = _explainer_from_args(args, cache) if args.explain != "none" else None
+    pipe = Pipeline.from_checkpoint(ckpt, cache=cache, device=args.device, ocr=create_ocr(args.ocr, cache),
+                                    explainer=explainer, threshold=args.decision_threshold, progress=False)
     if explainer is not None and "reasoning" not in pipe.streams:
         print(f"dhumor score: note: {pipe.checkpoint} has no reasoning stream; explanations are written to the "
               f"rows but do not change its predictions", file=sys.stderr)
-    items = [it for it in collect_items(args.input, args.format, args.images) if in_shard(it.id, shard)]
-    results = ResultsFile(args.out, pipe.schema)
-    scorer = Scorer(pipe, results, batch_size=args.batch_size, workers=args.workers,
-                    caption_from_manifest=args.ocr == "none", progress=not args.quiet)
+    scorer = Scorer(pipe, results, batch_size=args.batch_size, workers=args.workers, progress=not args.quiet)
     summary = scorer.run(items, retry_errors=args.retry_errors)
-    d = summary.to_dict()
     if summary.already_done == summary.total and not summary.interrupted:
         print(f"dhumor score: nothing to do: all {summary.total} memes already have a row in {args.out}", file=sys.stderr)
-    print(json.dumps(d), file=sys.stderr)
+    print(json.dumps(summary.to_dict()), file=sys.stderr)
     if summary.interrupted:
         print(f"dhumor score: interrupted; {summary.scored + summary.failed} rows written this run are kept. "
               f"Run the same command again to continue.", file=sys.stderr)
-        return 130
-    return 0
+    elif summary.failed_in_output:
+        print(f"dhumor score: {summary.failed_in_output} of {summary.total} rows in {args.out} are errors "
+              f"(see their 'error' / 'explanation_error' fields); exit code {EXIT_ROWS_FAILED}", file=sys.stderr)
+    return summary.exit_code
 
 
 def cmd_explain(args) -> int:
     from pathlib import Path
 
     from .cache import StageCache
-    from .explain import create_explainer
     from .explain.run import order_items, run_explain
+    from .items import collect_items, in_shard, parse_shard
     from .ocr import create_ocr
-    from .scoring import collect_items, in_shard, parse_shard
+    from .preflight import check_explainer, check_input, check_ocr
 
-    cache = StageCache(args.cache)
+    if args.explain == "none":
+        raise ConfigError("dhumor explain needs an explanation backend: --explain offline|openai|transformers")
     shard = parse_shard(args.shard)
-    items = [it for it in collect_items(args.input, args.format, args.images) if in_shard(it.id, shard)]
-    items = order_items(items, args.order, args.seed)[: args.limit]
+    source = check_input(args.input)
+    check_explainer(args.explain, args.explain_model, args.base_url)
     engine = args.ocr
     if engine == "auto":
-        engine = "none" if not Path(args.input).is_dir() else "rapidocr"
+        engine = "none" if source.suffix.lower() in (".jsonl", ".json", ".csv", ".xlsx") else "rapidocr"
+    check_ocr(engine)
+    if not str(args.out).endswith(".jsonl"):
+        raise ConfigError(f"--out {args.out}: explanations are written as JSONL; name the file *.jsonl")
+    cache = StageCache(args.cache)
+    items = [it for it in collect_items(source, args.format, args.images) if in_shard(it.id, shard)]
+    items = order_items(items, args.order, args.seed)[: args.limit]
     ocr = create_ocr(engine, cache)
     if args.ocr in ("rapidocr", "easyocr"):  # asked for OCR explicitly: it wins over a manifest's text
         for it in items:
@@ -233,17 +311,17 @@ def cmd_explain(args) -> int:
     if engine == "none":
         for it in items:
             it.caption = it.caption or ""
-    explainer = create_explainer(args.backend, cache=cache, iterations=args.iterations,
-                                 similarity_threshold=args.threshold, batch_size=args.batch_size,
-                                 prompt_version=args.prompt_version, max_tokens=args.max_tokens, model=args.model,
-                                 base_url=args.base_url, concurrency=args.concurrency, send_images=not args.no_images,
-                                 threads=args.threads)
+    explainer = _explainer_from_args(args, cache, batch_size=args.batch_size, prompt_version=args.prompt_version,
+                                     max_tokens=args.max_tokens, concurrency=args.concurrency,
+                                     send_images=not args.no_images, threads=args.threads)
     summary = run_explain(explainer, items, args.out, ocr=ocr, batch_size=args.batch_size, progress=not args.quiet)
     if summary.already_done == summary.total and not summary.interrupted:
         print(f"dhumor explain: nothing to do: all {summary.total} memes already have a row in {args.out}",
               file=sys.stderr)
     print(json.dumps(summary.to_dict()), file=sys.stderr)
-    return 130 if summary.interrupted else 0
+    if summary.interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_ROWS_FAILED if (summary.failed or summary.unreadable) else EXIT_OK
 
 
 def cmd_demo(args) -> int:
@@ -251,19 +329,19 @@ def cmd_demo(args) -> int:
     from .demo import launch
     from .ocr import create_ocr
     from .pipeline import Pipeline
+    from .preflight import check_checkpoint, check_explainer, check_ocr
     from .review import ReviewLog
 
+    check_ocr(args.ocr)
+    check_explainer(args.explain, args.explain_model, args.base_url)
+    ckpt, _ = check_checkpoint(args.checkpoint)
+    review_log = ReviewLog(args.review_log)
     cache = StageCache(args.cache)
-    explainer = None
-    if args.explain != "none":
-        from .explain import create_explainer
-
-        explainer = create_explainer(args.explain, cache=cache, iterations=args.iterations, model=args.model,
-                                     base_url=args.base_url)
-    pipe = Pipeline.from_checkpoint(args.checkpoint, cache=args.cache, device=args.device,
-                                    ocr=create_ocr(args.ocr, cache), explainer=explainer)
-    launch(pipe, ReviewLog(args.review_log), host=args.host, port=args.port, max_file_mb=args.max_file_mb)
-    return 0
+    explainer = _explainer_from_args(args, cache) if args.explain != "none" else None
+    pipe = Pipeline.from_checkpoint(ckpt, cache=cache, device=args.device, ocr=create_ocr(args.ocr, cache),
+                                    explainer=explainer, threshold=args.decision_threshold)
+    launch(pipe, review_log, host=args.host, port=args.port, max_file_mb=args.max_file_mb)
+    return EXIT_OK
 
 
 def cmd_merge(args) -> int:
@@ -271,50 +349,81 @@ def cmd_merge(args) -> int:
 
     n = merge_results(args.inputs, args.out)
     print(f"dhumor merge: {n} rows -> {args.out}", file=sys.stderr)
-    return 0
+    return EXIT_OK
 
 
 def cmd_ocr(args) -> int:
-    from pathlib import Path
-
     from .cache import StageCache
+    from .items import collect_items
     from .ocr import OCR
-    from .scoring import collect_items
+    from .preflight import check_input, check_ocr
 
-    ocr = OCR(args.engine, StageCache(args.cache))
-    path = Path(args.input)
-    items = [path] if path.is_file() and path.suffix.lower() not in (".jsonl", ".csv", ".xlsx", ".json") else \
-        [it.path for it in collect_items(path)]
-    for p in items[: args.limit]:
+    source = check_input(args.input)
+    check_ocr(args.ocr)
+    ocr = OCR(args.ocr, StageCache(args.cache))
+    failed = 0
+    for it in collect_items(source)[: args.limit]:
         try:
-            text = ocr.read_file(p)
-            print(json.dumps({"path": str(p), "text": text}, ensure_ascii=False))
+            if it.error:
+                raise DataError(it.path, it.error)
+            text = ocr.read_file(it.path)
+            print(json.dumps({"id": it.id, "path": str(it.path), "text": text}, ensure_ascii=False))
         except DHumorError as e:
-            print(json.dumps({"path": str(p), "error": str(e)}, ensure_ascii=False))
-    return 0
+            failed += 1
+            print(json.dumps({"id": it.id, "path": str(it.path), "error": str(e)}, ensure_ascii=False))
+    return EXIT_ROWS_FAILED if failed else EXIT_OK
 
 
-COMMANDS = {"evaluate": cmd_evaluate, "score": cmd_score, "explain": cmd_explain, "demo": cmd_demo,
-            "merge": cmd_merge, "ocr": cmd_ocr}
+COMMANDS = {"data": cmd_data, "evaluate": cmd_evaluate, "score": cmd_score, "explain": cmd_explain,
+            "demo": cmd_demo, "merge": cmd_merge, "ocr": cmd_ocr}
+
+
+def _debug_wanted(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("DHUMOR_DEBUG", "") not in ("", "0")
+
+
+def _report(command: str, e: BaseException, debug: bool) -> int:
+    """One line for an error a user can fix (exit 2); a short note for a bug (exit 1)."""
+    if debug:
+        import traceback
+
+        traceback.print_exception(e)
+    if isinstance(e, (DHumorError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError)):
+        msg = str(e).strip().splitlines()
+        print(f"dhumor {command}: error: {msg[0] if len(msg) == 1 else ' / '.join(msg[:6])}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"dhumor {command}: internal error: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''} "
+          f"(rerun with --debug for the traceback, and please report it)", file=sys.stderr)
+    return EXIT_INTERNAL
 
 
 def main(argv: list[str] | None = None) -> int:
-    explicit = argv is not None
+    """The ``dhumor`` command; returns its exit code (see the parser's epilog)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging()
+    debug = _debug_wanted(argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
-        run_lightning(argv if explicit else None)
-        return 0
+        argv = [a for a in argv if a != "--debug"]
+        try:
+            run_lightning(argv)
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
+        except Exception as e:
+            return _report(argv[0], e, debug)
+        return EXIT_OK
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
-        return 2
+        return EXIT_USAGE
+    if getattr(args, "quiet", False):
+        os.environ["TQDM_DISABLE"] = "1"  # every progress bar, the libraries' included
     try:
         return COMMANDS[args.command](args)
-    except (DHumorError, ValueError) as e:
-        print(f"dhumor {args.command}: error: {e}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        return _report(args.command, e, debug)
 
 
 if __name__ == "__main__":

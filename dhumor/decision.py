@@ -1,28 +1,93 @@
-"""From class probabilities to labels and a moderation decision, honouring gated tasks."""
+"""From class probabilities to labels and a moderation decision: one place, used by every command.
+
+A :class:`Decider` is resolved once from a checkpoint's metadata: its calibration (a temperature
+per task, fitted on the split the checkpoint was selected on) and its threshold presets for the
+primary task (chosen on that split after calibration). ``score``, ``predict``, ``evaluate``, the
+demo and the notebook all decide through it, so the same meme gets the same decision everywhere.
+
+>>> from dhumor.schema import get_schema
+>>> d = Decider(get_schema("harmeme"), presets={"balanced": 0.4})
+>>> d.threshold
+0.4
+"""
 from __future__ import annotations
+
+import logging
+from typing import Mapping
 
 import numpy as np
 
 from .schema import TaskSchema
 
+log = logging.getLogger("dhumor")
+DEFAULT_THRESHOLD = 0.5
+DEFAULT_PRESET = "balanced"
 
-def describe(schema: TaskSchema, probs: dict[str, np.ndarray], thresholds: dict[str, float] | None = None) -> dict:
-    """One meme's per-task label and class probabilities, and the decision on the primary task.
 
-    A binary task with a threshold is positive when P(positive) >= threshold (default 0.5 for the
-    primary task); other tasks take the most probable class. A gated task (the target of a harmful
-    meme) gets no label when its gate is negative.
-    """
-    th = {schema.primary: 0.5, **(thresholds or {})}
-    tasks: dict[str, dict] = {}
-    for t in schema.tasks:
-        p = np.asarray(probs[t.name], dtype=float)
-        idx = int(p[1] >= th[t.name]) if t.binary and t.name in th else int(p.argmax())
-        tasks[t.name] = {"label": t.classes[idx], "probs": {c: round(float(v), 6) for c, v in zip(t.classes, p)}}
-    for t in schema.tasks:
-        if t.gate and tasks[t.gate]["label"] != schema.task(t.gate).classes[1]:
-            tasks[t.name]["label"] = None
-    p_pos = float(np.asarray(probs[schema.primary])[1])
-    decision = {"task": schema.primary, "flagged": bool(p_pos >= th[schema.primary]),
-                "threshold": th[schema.primary], "probability": round(p_pos, 6)}
-    return {"tasks": tasks, "decision": decision}
+class Decider:
+    """Calibrates probabilities and turns them into labels and a decision on the primary task."""
+
+    def __init__(self, schema: TaskSchema, presets: Mapping[str, float] | None = None,
+                 temperatures: Mapping[str, float] | None = None, threshold: float | None = None):
+        """``presets``: named thresholds of the primary task; ``temperatures``: per task, divides the
+        logits before the softmax; ``threshold`` overrides the balanced preset."""
+        self.schema = schema
+        self.presets = dict(presets) if presets else {DEFAULT_PRESET: DEFAULT_THRESHOLD}
+        self.presets_from_checkpoint = bool(presets)
+        self.temperatures = {k: float(v) for k, v in (temperatures or {}).items() if float(v) != 1.0}
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"the decision threshold must lie in [0, 1], got {threshold}")
+        self.threshold = float(threshold if threshold is not None
+                               else self.presets.get(DEFAULT_PRESET, DEFAULT_THRESHOLD))
+
+    @classmethod
+    def from_meta(cls, schema: TaskSchema, meta: Mapping | None, threshold: float | None = None) -> "Decider":
+        """From a checkpoint's ``dhumor.json`` (``thresholds`` and ``calibration`` keys, both optional)."""
+        meta = meta or {}
+        cal = meta.get("calibration") or {}
+        temps = {t: v["temperature"] for t, v in cal.items() if isinstance(v, Mapping) and "temperature" in v}
+        return cls(schema, meta.get("thresholds"), temps, threshold)
+
+    @classmethod
+    def from_module(cls, module, threshold: float | None = None) -> "Decider":
+        """From a loaded module (its ``checkpoint_meta`` when it came from a checkpoint)."""
+        return cls.from_meta(module.schema, getattr(module, "checkpoint_meta", None), threshold)
+
+    # ------------------------------------------------------------ probabilities
+    def calibrate(self, probs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Temperature-scaled probabilities: softmax(log p / T) equals softmax(logits / T)."""
+        out = {}
+        for task, p in probs.items():
+            p = np.asarray(p, dtype=np.float64)
+            t = self.temperatures.get(task)
+            if t:
+                z = np.log(np.clip(p, 1e-12, 1.0)) / t
+                z -= z.max(axis=-1, keepdims=True)
+                p = np.exp(z)
+                p /= p.sum(axis=-1, keepdims=True)
+            out[task] = p
+        return out
+
+    # ------------------------------------------------------------ decisions
+    def describe(self, probs: Mapping[str, np.ndarray], threshold: float | None = None) -> dict:
+        """One meme's per-task label and (already calibrated) class probabilities, and the decision.
+
+        The primary task is positive when P(positive) >= threshold; other tasks take their most
+        probable class. A gated task (the target of a harmful meme) gets no label when its gate,
+        decided at the same threshold, is negative: gating follows the threshold in use.
+        """
+        th = self.threshold if threshold is None else float(threshold)
+        schema = self.schema
+        tasks: dict[str, dict] = {}
+        for t in schema.tasks:
+            p = np.asarray(probs[t.name], dtype=float)
+            idx = int(p[1] >= th) if t.name == schema.primary else int(p.argmax())
+            tasks[t.name] = {"label": t.classes[idx], "probs": {c: round(float(v), 6) for c, v in zip(t.classes, p)}}
+        for t in schema.tasks:
+            if t.gate and tasks[t.gate]["label"] != schema.task(t.gate).classes[1]:
+                tasks[t.name]["label"] = None
+        p_pos = float(np.asarray(probs[schema.primary])[1])
+        decision = {"task": schema.primary, "flagged": bool(p_pos >= th), "threshold": th,
+                    "probability": round(p_pos, 6)}
+        return {"tasks": tasks, "decision": decision}
+

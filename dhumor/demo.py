@@ -12,22 +12,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from .errors import DataError
 from .pipeline import Pipeline
+from .resources import EXAMPLES_DIR
 from .review import VERDICTS, ReviewLog
 
 log = logging.getLogger("dhumor")
-DEFAULT_PRESETS = {"high recall": 0.3, "balanced": 0.5, "high precision": 0.7}
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 NO_EXPLAINER = ("*No explanation backend is configured.* The decision uses the image and caption only. "
                 "Start the demo with `--explain offline` (SmolLM2-135M, text only, a weak stand-in) or "
                 "`--explain openai --model NAME --base-url URL` to use a real vision-language model.")
-
-
-def presets_for(pipe: Pipeline) -> dict[str, float]:
-    """Threshold presets stored in the checkpoint (chosen on its validation split), else defaults."""
-    meta = getattr(pipe.module, "checkpoint_meta", {}) or {}
-    return {**DEFAULT_PRESETS, **(meta.get("thresholds") or {})}
 
 
 def explanation_markdown(result: dict, has_explainer: bool, used_by_model: bool) -> str:
@@ -62,14 +57,32 @@ def explanation_markdown(result: dict, has_explainer: bool, used_by_model: bool)
     return "\n".join(parts)
 
 
-def decision_markdown(pipe: Pipeline, result: dict, threshold: float) -> tuple[str, dict]:
-    """The decision for ``threshold`` from the stored probabilities (no model call)."""
-    prim = pipe.schema.primary
-    p = result["tasks"][prim]["probs"][pipe.schema.task(prim).classes[1]]
-    flagged = p >= threshold
+def redecide(pipe: Pipeline, result: dict, threshold: float) -> dict:
+    """``result`` decided again at ``threshold`` from its stored probabilities (no model call): the
+    decision and the gating of the other tasks both follow the threshold the moderator sets."""
+    probs = {t.name: np.array([result["tasks"][t.name]["probs"][c] for c in t.classes]) for t in pipe.schema.tasks}
+    return {**result, **pipe.decider.describe(probs, threshold)}
+
+
+def decision_markdown(pipe: Pipeline, result: dict) -> str:
+    dec = result["decision"]
+    flagged, p, th = dec["flagged"], dec["probability"], dec["threshold"]
     verb = "FLAG" if flagged else "do not flag"
-    return (f"## Decision: {verb}\n{prim} probability **{p:.2f}** {'≥' if flagged else '<'} threshold "
-            f"**{threshold:.2f}**"), {"flagged": bool(flagged), "threshold": threshold, "probability": p}
+    return (f"## Decision: {verb}\n{pipe.schema.primary} probability **{p:.2f}** {'≥' if flagged else '<'} "
+            f"threshold **{th:.2f}**")
+
+
+def label_updates(pipe: Pipeline, result: dict) -> list:
+    import gradio as gr
+
+    out = []
+    for t in pipe.schema.tasks:
+        r = result["tasks"][t.name]
+        title = t.name
+        if r["label"] is None:  # a gated task whose gate is negative: scores shown, no class claimed
+            title = f"{t.name}: not applicable ({t.gate} = {result['tasks'][t.gate]['label']}); scores only"
+        out.append(gr.update(value=r["probs"], label=title))
+    return out
 
 
 def _safe_image_class():
@@ -96,7 +109,7 @@ def build_demo(pipe: Pipeline, review_log: ReviewLog, max_file_mb: float = 10.0,
     import gradio as gr
 
     schema = pipe.schema
-    presets = presets_for(pipe)
+    presets = pipe.presets
     has_explainer = pipe.explainer is not None
     used_by_model = "reasoning" in pipe.streams
 
@@ -112,7 +125,7 @@ def build_demo(pipe: Pipeline, review_log: ReviewLog, max_file_mb: float = 10.0,
             return _empty_outputs(f"**{path.name}** is {size / 2**20:.1f} MB; the limit is {max_file_mb:g} MB.")
         t0 = time.perf_counter()
         try:
-            result = pipe.score_file(path, caption=caption if use_caption else None, force_explain=has_explainer)
+            result = pipe.score_file(path, caption=caption if use_caption else None, threshold=threshold)
         except DataError as e:
             return _empty_outputs(f"**Cannot use this file:** {e.reason}")
         except Exception as e:  # never a stack trace on the page; the log has it
@@ -120,27 +133,23 @@ def build_demo(pipe: Pipeline, review_log: ReviewLog, max_file_mb: float = 10.0,
             return _empty_outputs(f"**Something went wrong while scoring this meme** ({type(e).__name__}).")
         result["filename"] = path.name
         result["latency"] = round(time.perf_counter() - t0, 3)
-        labels = []
-        for t in schema.tasks:
-            r = result["tasks"][t.name]
-            title = t.name
-            if r["label"] is None:  # a gated task whose gate is negative: scores shown, no class claimed
-                title = f"{t.name}: not applicable ({t.gate} = {result['tasks'][t.gate]['label']}); scores only"
-            labels.append(gr.update(value=r["probs"], label=title))
-        dec_md, _ = decision_markdown(pipe, result, threshold)
+        if result.get("error"):
+            return _empty_outputs(f"**This meme could not be scored:** {result['error']}")
         status = f"Scored in {result['latency']:.2f} s."
-        return [result.get("caption") or "", explanation_markdown(result, has_explainer, used_by_model), *labels,
-                dec_md, result, status]
+        return [result.get("caption") or "", explanation_markdown(result, has_explainer, used_by_model),
+                *label_updates(pipe, result), decision_markdown(pipe, result), result, status]
 
-    def redecide(result, threshold):
+    def on_threshold(result, threshold):
         if not result:
-            return ""
-        return decision_markdown(pipe, result, threshold)[0]
+            return ["", *[gr.update() for _ in schema.tasks], result]
+        result = redecide(pipe, result, threshold)
+        return [decision_markdown(pipe, result), *label_updates(pipe, result), result]
 
     def record(result, threshold, verdict, note, moderator):
         if not result:
             return "Score a meme first.", gr.update()
-        _, dec = decision_markdown(pipe, result, threshold)
+        result = redecide(pipe, result, threshold)
+        dec = result["decision"]
         out = {k: result.get(k) for k in ("tasks", "caption", "explanation", "timings")}
         rid = review_log.record(sha256=result["sha256"], filename=result.get("filename"), model_output=out,
                                 model_flagged=dec["flagged"], verdict=verdict, note=note, moderator=moderator,
@@ -175,7 +184,7 @@ def build_demo(pipe: Pipeline, review_log: ReviewLog, max_file_mb: float = 10.0,
             with gr.Column(scale=1):
                 decision = gr.Markdown(elem_id="decision")
                 preset = gr.Radio(list(presets), value="balanced", label="Threshold preset", elem_id="preset")
-                threshold = gr.Slider(0.0, 1.0, value=presets["balanced"], step=0.01, label="Threshold",
+                threshold = gr.Slider(0.0, 1.0, value=pipe.decider.threshold, step=0.01, label="Threshold",
                                       elem_id="threshold")
                 labels = [gr.Label(label=t.name, num_top_classes=t.num_classes, elem_id=f"label-{t.name}")
                           for t in schema.tasks]
@@ -199,7 +208,7 @@ def build_demo(pipe: Pipeline, review_log: ReviewLog, max_file_mb: float = 10.0,
         caption.submit(lambda img, c, t: analyze(img, c, t, True), [image, caption, threshold], outputs,
                        api_name="rescore")
         preset.change(lambda p: presets[p], preset, threshold)
-        threshold.change(redecide, [result_state, threshold], decision)
+        threshold.change(on_threshold, [result_state, threshold], [decision, *labels, result_state])
         record_btn.click(record, [result_state, threshold, verdict, note, moderator], [review_status, reviews],
                          api_name="record")
         export_btn.click(export, None, export_file)

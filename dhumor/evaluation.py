@@ -1,7 +1,9 @@
-"""Evaluate a checkpoint on any labelled manifest (features computed on the fly and cached)."""
+"""Evaluate a checkpoint on any labelled manifest, through the same pipeline that scores memes."""
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,7 @@ import numpy as np
 from .data.explanations import attach_explanations
 from .data.readers import read_manifest
 from .errors import DataError
+from .items import Item
 from .model.metrics import compute_metrics
 from .pipeline import Pipeline
 from .schema import MISSING
@@ -17,9 +20,14 @@ log = logging.getLogger("dhumor")
 
 
 def evaluate(pipeline: Pipeline, manifest: str | Path, images: str | Path | None = None, format: str = "auto",
-             skip_bad: bool = False, explanations: str | Path | None = None,
-             explanation_iteration: int = -1) -> tuple[dict, dict]:
-    """``(metrics per task, summary)`` of ``pipeline`` on a labelled manifest."""
+             skip_bad: bool = False, explanations: str | Path | None = None, explanation_iteration: int = -1,
+             predictions: str | Path | None = None, batch_size: int = 64) -> tuple[dict, dict]:
+    """``(metrics per task, summary)`` of ``pipeline`` on a labelled manifest.
+
+    Captions come from the manifest unless the pipeline has OCR; explanations from ``explanations``
+    (a ``dhumor explain`` JSONL) or the pipeline's explainer. ``predictions`` also writes each meme's
+    result row (the rows ``dhumor score`` writes) to a JSONL file, atomically.
+    """
     res = read_manifest(manifest, format, images, skip_bad)
     if res.schema_name is None:
         raise DataError(manifest, "an image folder has no labels to evaluate against; pass a labelled manifest")
@@ -29,19 +37,50 @@ def evaluate(pipeline: Pipeline, manifest: str | Path, images: str | Path | None
     memes = res.memes
     if explanations:
         attach_explanations(memes, explanations, explanation_iteration)
-    elif "reasoning" in pipeline.streams and pipeline.explainer is not None:
-        pipeline.explainer.attach(memes)
-    pred = pipeline.predict_memes(memes)
-    if pred.errors and not skip_bad:
-        first = next(iter(pred.errors.values()))
-        raise DataError(first.file, f"{first.reason} ({len(pred.errors)} unusable image(s); pass --skip-bad to skip)")
-    kept = [memes[i] for i in pred.kept]
-    labels = {t.name: np.array([m.labels.get(t.name, MISSING) for m in kept]) for t in pipeline.schema.tasks}
-    metrics = compute_metrics(pipeline.schema, pred.probs, labels)
+    use_ocr = pipeline.ocr is not None
+    items = [Item(m.id, m.image, None if use_ocr else (m.caption or ""), m.explanation, labels=dict(m.labels))
+             for m in memes]
+    rows = [r for batch in pipeline.run(items, batch_size=batch_size) for r in batch]
+    bad = [r for r in rows if r["error"]]
+    if bad and not skip_bad:
+        raise DataError(bad[0]["path"], f"{bad[0]['error']} ({len(bad)} unusable image(s); pass --skip-bad to skip)")
+    kept = [(it, r) for it, r in zip(items, rows) if not r["error"]]
+    schema = pipeline.schema
+    probs = {t.name: np.array([[r["tasks"][t.name]["probs"][c] for c in t.classes] for _, r in kept]).reshape(-1, t.num_classes)
+             for t in schema.tasks}
+    labels = {t.name: np.array([it.labels.get(t.name, MISSING) for it, _ in kept]) for t in schema.tasks}
+    metrics = compute_metrics(schema, probs, labels)
+    _add_decision_metrics(metrics, schema.primary, kept, labels[schema.primary], pipeline.decider.threshold)
+    if predictions:
+        _write_rows(predictions, rows)
     summary = {"manifest": str(manifest), "memes": len(memes) + len(res.skipped), "scored": len(kept),
-               "skipped_rows": len(res.skipped), "unusable_images": len(pred.errors),
-               "features": vars(pipeline.extractor.stats)}
+               "skipped_rows": len(res.skipped), "unusable_images": len(bad),
+               "threshold": pipeline.decider.threshold, "features": vars(pipeline.extractor.stats)}
     return metrics, summary
+
+
+def _add_decision_metrics(metrics: dict, primary: str, kept: list, y: np.ndarray, threshold: float) -> None:
+    """The primary task's metrics at the decision threshold in use (the others are threshold-free: argmax)."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    mask = y >= 0
+    if primary not in metrics or not mask.any():
+        return
+    flagged = np.array([int(r["decision"]["flagged"]) for _, r in kept])
+    metrics[primary]["at_threshold"] = {
+        "threshold": threshold, "accuracy": float(accuracy_score(y[mask], flagged[mask])),
+        "macro_f1": float(f1_score(y[mask], flagged[mask], average="macro", zero_division=0))}
+
+
+def _write_rows(path: str | Path, rows: list[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def format_metrics(metrics: dict) -> str:

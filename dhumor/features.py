@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,8 +27,21 @@ from .errors import DataError
 from .images import decode_image, read_image_bytes, sha256_bytes
 from .schema import Meme
 
-FEATURE_VERSION = 1  # bump when the way features are computed changes
 STAGE = "features"
+
+
+@functools.lru_cache(maxsize=None)
+def code_digest() -> str:
+    """A digest of the code that turns an input into features (image preprocessing, the encoders'
+    forward and pooling), part of every feature key: editing that code recomputes features instead
+    of serving stale ones, with no version number to remember to bump."""
+    import inspect
+
+    from .data import transforms
+    from .encoders import modules
+
+    src = inspect.getsource(transforms) + inspect.getsource(modules)
+    return hashlib.sha256(src.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -102,7 +116,7 @@ class FeatureExtractor:
 
     def _settings(self, stream: str) -> dict:
         e = self.entry(stream)
-        s = {"v": FEATURE_VERSION, "encoder": e.fingerprint()}
+        s = {"code": code_digest(), "encoder": e.fingerprint()}
         if self.salt:
             s["salt"] = self.salt
         if e.modality == "text":

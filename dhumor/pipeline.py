@@ -1,41 +1,63 @@
-"""image → decision: the one inference path shared by ``evaluate``, ``score`` and the demo.
+"""meme → decision: the one inference path of ``score``, ``evaluate``, ``predict``'s writer, the demo
+and the notebook, in the shape of a transformers pipeline.
+
+- :meth:`Pipeline.preprocess`: decode the file (and its sha256), read the caption (OCR) when none
+  is given; then :meth:`Pipeline.explain` runs the explainer over a batch when one is configured.
+- :meth:`Pipeline.forward`: stream features through the stage cache and the model, batched, then
+  the checkpoint's calibration.
+- :meth:`Pipeline.postprocess`: labels, gating and the decision (:class:`~dhumor.decision.Decider`).
+
+Every stage's failure becomes that meme's ``error`` (or ``explanation_error``); the batch goes on.
 
 >>> from dhumor.pipeline import Pipeline
 >>> pipe = Pipeline.from_checkpoint()                          # doctest: +SKIP
->>> r = pipe.score_file("examples/chelsea.png")                 # doctest: +SKIP
->>> r["tasks"]["harmful"]["label"], r["decision"]               # doctest: +SKIP
-('no', {'task': 'harmful', 'flagged': False, 'threshold': 0.5, 'probability': 0.21})
+>>> r = pipe.score_file("examples/chelsea.jpg")                 # doctest: +SKIP
+>>> r["tasks"]["harmful"]["label"], r["decision"]["flagged"]    # doctest: +SKIP
+('no', False)
 """
 from __future__ import annotations
 
 import hashlib
-import os
+import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .cache import StageCache
 from .checkpoint import load_module
-from .decision import describe
 from .data.datasets import feature_collate
-from .errors import CheckpointError, DataError
-from .features import FeatureExtractor, StreamFeature
+from .decision import Decider
+from .errors import DataError
+from .features import FeatureExtractor, StreamFeature, resolve_device
+from .images import load_image_with_digest
+from .items import Item
+from .resources import default_checkpoint
 from .schema import Meme, TaskSchema
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "harmeme-tcrnet"
+log = logging.getLogger("dhumor")
 
 
-def default_checkpoint() -> Path:
-    """``$DHUMOR_CHECKPOINT``, else the shipped ``checkpoints/harmeme-tcrnet``."""
-    p = Path(os.environ.get("DHUMOR_CHECKPOINT", DEFAULT_CHECKPOINT))
-    if not p.exists():
-        raise CheckpointError(f"{p}: the default checkpoint is missing; pass --checkpoint, or set DHUMOR_CHECKPOINT "
-                              f"(the shipped one lives in the repository's checkpoints/ folder)")
-    return p
+@dataclass
+class Prepared:
+    """One meme between the stages: decoded image, caption, explanation, timings, or the error that stopped it."""
+
+    item: Item
+    image: Image.Image | None = None
+    sha256: str | None = None
+    caption: str | None = None
+    caption_source: str | None = None
+    explanation: str | None = None
+    trail: dict | None = None
+    explanation_error: str | None = None
+    error: str | None = None
+    error_kind: str | None = None  # "input" (the file itself; a rerun gives the same) or "transient"
+    timings: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -47,26 +69,31 @@ class Predictions:
     errors: dict[int, DataError] = field(default_factory=dict)
 
 
-class Pipeline:
-    """Checkpoint + frozen encoders (+ optional OCR and explainer) → per-task probabilities and a decision."""
+def _describe_exception(e: BaseException) -> str:
+    return str(e) if isinstance(e, DataError) else f"{type(e).__name__}: {e}"
 
-    def __init__(self, module, extractor: FeatureExtractor, ocr=None, explainer=None,
-                 thresholds: dict[str, float] | None = None, checkpoint: str | None = None):
+
+class Pipeline:
+    """Checkpoint + frozen encoders (+ optional OCR and explainer) → calibrated probabilities and a decision."""
+
+    def __init__(self, module, extractor: FeatureExtractor, ocr=None, explainer=None, decider: Decider | None = None,
+                 checkpoint: str | None = None):
         self.module, self.extractor = module.eval(), extractor
         self.ocr, self.explainer = ocr, explainer
         self.schema: TaskSchema = module.schema
         self.streams: list[str] = module.stream_names
-        self.thresholds = {self.schema.primary: 0.5, **(thresholds or {})}
+        self.decider = decider or Decider.from_module(module)
         self.checkpoint = checkpoint
+        self.meta: dict = getattr(module, "checkpoint_meta", None) or {}
+        self._check_reasoning_source()
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | Path | None = None, cache: str | Path | None = None,
+    def from_checkpoint(cls, checkpoint: str | Path | None = None, cache: str | Path | StageCache | None = None,
                         device: str = "auto", progress: bool = False, ocr=None, explainer=None,
-                        thresholds: dict[str, float] | None = None, batch_size: int = 32) -> "Pipeline":
-        """Load a checkpoint (default: the shipped one) with its encoders and the stage cache."""
+                        threshold: float | None = None, batch_size: int = 32) -> "Pipeline":
+        """Load a checkpoint (default: the shipped one) with its encoders, the stage cache and its decider.
+        ``threshold`` overrides the checkpoint's balanced preset for the primary task."""
         path = Path(checkpoint) if checkpoint else default_checkpoint()
-        from .features import resolve_device
-
         dev = resolve_device(device)
         module = load_module(path, map_location=dev)
         hp = module.hparams
@@ -74,22 +101,128 @@ class Pipeline:
         modules, salt = None, ""
         if hp.get("mode") == "finetune":
             # Fine-tuned encoders live in the checkpoint; their features must not mix with pretrained ones.
-            from .model.lit import _key
-
-            modules = {names[s]: module.encoders[_key(names[s])] for s in module.stream_names}
-            salt = _dir_digest(path)
-        preset = (getattr(module, "checkpoint_meta", {}).get("thresholds") or {}).get("balanced")
-        if preset is not None:  # the checkpoint's own balanced threshold, unless the caller says otherwise
-            thresholds = {module.schema.primary: preset, **(thresholds or {})}
-        extractor = FeatureExtractor(names, StageCache(cache), device=str(dev), progress=progress, modules=modules,
+            modules = {names[s]: module.encoder_for(names[s]) for s in module.stream_names}
+            salt = _weights_digest(path)
+        store = cache if isinstance(cache, StageCache) else StageCache(cache)
+        extractor = FeatureExtractor(names, store, device=str(dev), progress=progress, modules=modules,
                                      salt=salt, batch_size=batch_size,
                                      max_tokens={s: hp.get("max_tokens", 128) for s in ("caption", "reasoning")})
-        return cls(module, extractor, ocr=ocr, explainer=explainer, thresholds=thresholds, checkpoint=str(path))
+        decider = Decider.from_module(module, threshold)
+        return cls(module, extractor, ocr=ocr, explainer=explainer, decider=decider, checkpoint=str(path))
 
-    # ------------------------------------------------------------ batch inference
+    # ------------------------------------------------------------ settings
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """The threshold in use per binary decision task (the primary task)."""
+        return {self.schema.primary: self.decider.threshold}
+
+    @property
+    def presets(self) -> dict[str, float]:
+        return self.decider.presets
+
+    def reasoning_source(self) -> dict:
+        """Where this pipeline's reasoning-stream text comes from."""
+        if self.explainer is None:
+            return {"kind": "none"}
+        s = self.explainer.settings
+        return {"kind": "explanations", "backend": s.get("backend"), "model": s.get("model"),
+                "prompt_version": s.get("prompts")}
+
+    def _check_reasoning_source(self) -> None:
+        if "reasoning" not in self.streams:
+            return
+        trained = self.meta.get("reasoning_source") or {}
+        used = self.reasoning_source()
+        if not trained:
+            if used["kind"] == "none":
+                log.warning("%s has a reasoning stream but no explainer is configured: the stream is absent for "
+                            "every meme (pass --explain BACKEND to feed it)", self.checkpoint)
+            return
+        same_kind = trained.get("kind") == used["kind"] or (trained.get("kind") == "column" and used["kind"] != "none")
+        differs = [k for k in ("backend", "model", "prompt_version")
+                   if trained.get(k) is not None and used.get(k) is not None and trained.get(k) != used.get(k)]
+        if not same_kind or differs or (trained.get("kind") == "column" and used["kind"] == "explanations"):
+            log.warning("the reasoning stream of %s was trained on %s; this run feeds it %s: expect different "
+                        "predictions", self.checkpoint, _source_text(trained), _source_text(used))
+
+    # ------------------------------------------------------------ stages
+    def preprocess(self, item: Item, image: Image.Image | None = None, sha256: str | None = None) -> Prepared:
+        """Decode the image (unless given) and read its caption (unless given). Thread-safe."""
+        p = Prepared(item)
+        if item.error:
+            p.error, p.error_kind = item.error, "input"
+            return p
+        t = time.perf_counter()
+        if image is None:
+            try:
+                image, sha256 = load_image_with_digest(item.path)
+            except DataError as e:
+                p.error, p.error_kind, p.timings["decode"] = e.reason, "input", time.perf_counter() - t
+                return p
+            except Exception as e:  # a file system surprise: this meme fails, the batch goes on
+                p.error, p.error_kind = f"cannot read file: {_describe_exception(e)}", "input"
+                return p
+            p.timings["decode"] = time.perf_counter() - t
+        p.image, p.sha256 = image, sha256
+        if item.caption is not None:
+            p.caption, p.caption_source = item.caption, "given"
+        elif self.ocr is not None:
+            t = time.perf_counter()
+            try:
+                p.caption, p.caption_source = self.ocr.read(image, sha256), self.ocr.engine
+            except Exception as e:  # an engine failure on one image must not stop the batch
+                p.error, p.error_kind = f"OCR failed: {_describe_exception(e)}", "transient"
+                return p
+            p.timings["ocr"] = time.perf_counter() - t
+        p.explanation = item.explanation
+        return p
+
+    def explain(self, prepared: Sequence[Prepared]) -> None:
+        """Explain, in one batch, the memes that have no explanation yet (when an explainer is configured).
+
+        A failed explanation is the row's ``explanation_error``; when the model reads the reasoning
+        stream it is also the row's ``error`` (the model cannot decide without it)."""
+        todo = [p for p in prepared if p.error is None and p.explanation is None]
+        if self.explainer is None or not todo:
+            return
+        t = time.perf_counter()
+        try:
+            results = self.explainer.explain_many([p.image for p in todo], [p.sha256 for p in todo],
+                                                  [p.caption or "" for p in todo])
+        except Exception as e:  # the backend itself broke: every meme of the batch records why
+            log.warning("explainer failed on a batch of %d: %s", len(todo), _describe_exception(e))
+            results = [e] * len(todo)
+        per = (time.perf_counter() - t) / len(todo)
+        for p, r in zip(todo, results):
+            p.timings["explain"] = per
+            if isinstance(r, BaseException):
+                p.explanation_error = f"explanation failed: {_describe_exception(r)}"
+            else:
+                p.trail = r.to_dict()
+                if r.ok:
+                    p.explanation = r.text
+                else:
+                    p.explanation_error = f"explanation failed: {r.to_dict().get('error') or r.stop_reason}"
+            if p.explanation_error and "reasoning" in self.streams:
+                p.error, p.error_kind = p.explanation_error, "transient"
+
+    def features(self, prepared: Sequence[Prepared]) -> list[dict[str, StreamFeature | None]]:
+        """Per-meme stream features (through the stage cache)."""
+        feats: list[dict] = [{} for _ in prepared]
+        if "image" in self.streams:
+            for f, v in zip(feats, self.extractor.image_features_from_pil([p.image for p in prepared],
+                                                                           [p.sha256 for p in prepared])):
+                f["image"] = v
+        for stream, attr in (("caption", "caption"), ("reasoning", "explanation")):
+            if stream in self.streams:
+                for f, v in zip(feats, self.extractor.text_features(stream, [getattr(p, attr) for p in prepared])):
+                    f[stream] = v
+        return feats
+
     @torch.inference_mode()
-    def predict_features(self, feats: Sequence[dict[str, StreamFeature | None]], batch_size: int = 256) -> dict[str, np.ndarray]:
-        """Class probabilities per task for precomputed stream features."""
+    def forward_features(self, feats: Sequence[dict[str, StreamFeature | None]],
+                         batch_size: int = 256) -> dict[str, np.ndarray]:
+        """Calibrated class probabilities per task for precomputed stream features."""
         collate = feature_collate(self.schema, {s: self.module.hparams["input_dims"][s] for s in self.streams},
                                   self.module.hparams.get("inputs") == "tokens")
         out: dict[str, list[np.ndarray]] = {t.name: [] for t in self.schema.tasks}
@@ -100,68 +233,103 @@ class Pipeline:
             batch["streams"] = {s: {k: v.to(dev) for k, v in d.items()} for s, d in batch["streams"].items()}
             for task, logits in self.module(batch).items():
                 out[task].append(logits.float().softmax(-1).cpu().numpy())
-        return {t: np.concatenate(v) if v else np.zeros((0, self.schema.task(t).num_classes)) for t, v in out.items()}
+        probs = {t: np.concatenate(v) if v else np.zeros((0, self.schema.task(t).num_classes)) for t, v in out.items()}
+        return self.decider.calibrate(probs)
 
-    def predict_memes(self, memes: Sequence[Meme]) -> Predictions:
-        """Probabilities for memes as read from a manifest or folder (features through the cache)."""
-        feats, errors = self.extractor.extract(memes, self.streams)
-        kept = [i for i in range(len(memes)) if i not in errors]
-        probs = self.predict_features([feats[i] for i in kept])
+    def forward(self, prepared: Sequence[Prepared]) -> dict[str, np.ndarray]:
+        """Calibrated probabilities for memes that passed preprocessing (features, then the model)."""
+        t = time.perf_counter()
+        feats = self.features(prepared)
+        t_feat = (time.perf_counter() - t) / max(1, len(prepared))
+        t = time.perf_counter()
+        probs = self.forward_features(feats)
+        t_model = (time.perf_counter() - t) / max(1, len(prepared))
+        for p in prepared:  # batch time shared out per meme
+            p.timings.update(features=t_feat, model=t_model)
+        return probs
+
+    def postprocess(self, p: Prepared, probs: dict[str, np.ndarray] | None, threshold: float | None = None) -> dict:
+        """The result row of one meme: identity, caption, labels and decision (or the error), explanation, timings."""
+        row = {"id": p.item.id, "path": str(p.item.path), "sha256": p.sha256, "caption": p.caption,
+               "caption_source": p.caption_source, "tasks": None, "decision": None,
+               "explanation": p.explanation, "explanation_trail": p.trail, "explanation_error": p.explanation_error,
+               "error": p.error, "error_kind": p.error_kind}
+        if probs is not None and p.error is None:
+            row.update(self.decider.describe(probs, threshold))
+        row["timings"] = {k: round(v, 4) for k, v in p.timings.items()}
+        return row
+
+    # ------------------------------------------------------------ batches
+    def process(self, prepared: Sequence[Prepared], threshold: float | None = None) -> list[dict]:
+        """Explain, forward and postprocess a batch of preprocessed memes; rows in input order."""
+        self.explain(prepared)
+        ok = [p for p in prepared if p.error is None]
+        probs: dict[int, dict[str, np.ndarray]] = {}
+        if ok:
+            try:
+                batch = self.forward(ok)
+                for k, p in enumerate(ok):
+                    probs[id(p)] = {t: v[k] for t, v in batch.items()}
+            except Exception as e:  # find the meme that broke the batch; the others still get a row
+                log.warning("a batch of %d failed in the model (%s); scoring its memes one by one",
+                            len(ok), _describe_exception(e))
+                for p in ok:
+                    try:
+                        probs[id(p)] = {t: v[0] for t, v in self.forward([p]).items()}
+                    except Exception as e1:
+                        p.error, p.error_kind = f"model failed: {_describe_exception(e1)}", "transient"
+        return [self.postprocess(p, probs.get(id(p)), threshold) for p in prepared]
+
+    def run(self, items: Iterable[Item], batch_size: int = 16, workers: int = 2,
+            threshold: float | None = None) -> Iterator[list[dict]]:
+        """Rows for ``items``, one list per batch (decoding and OCR on ``workers`` threads)."""
+        items = list(items)
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for b in range(0, len(items), max(1, batch_size)):
+                prepared = list(pool.map(self.preprocess, items[b:b + batch_size]))
+                yield self.process(prepared, threshold)
+
+    def predict_memes(self, memes: Sequence[Meme], batch_size: int = 64) -> "Predictions":
+        """Calibrated probabilities for memes read from a manifest or folder (their captions and
+        explanations as given; OCR only for memes without a caption, when configured)."""
+        items = [Item(m.id, m.image, m.caption if m.caption is not None or self.ocr is not None else "",
+                      m.explanation, labels=dict(m.labels)) for m in memes]
+        rows = [r for batch in self.run(items, batch_size=batch_size) for r in batch]
+        kept = [i for i, r in enumerate(rows) if not r["error"]]
+        errors = {i: DataError(r["path"], r["error"]) for i, r in enumerate(rows) if r["error"]}
+        probs = {t.name: np.array([[rows[i]["tasks"][t.name]["probs"][c] for c in t.classes] for i in kept],
+                                  dtype=np.float64).reshape(-1, t.num_classes) for t in self.schema.tasks}
         return Predictions(probs, kept, errors)
 
-    # ------------------------------------------------------------ decisions
-    def describe(self, probs: dict[str, np.ndarray], thresholds: dict[str, float] | None = None) -> dict:
-        """Labels, probabilities and the decision for one meme (see :func:`dhumor.decision.describe`)."""
-        return describe(self.schema, probs, {**self.thresholds, **(thresholds or {})})
-
+    # ------------------------------------------------------------ one meme
     def score_file(self, path: str | Path, caption: str | None = None, explanation: str | None = None,
-                   force_explain: bool = False) -> dict:
-        """Score one image file end to end (OCR and explanation when configured). Raises DataError on a bad file.
-        ``force_explain`` runs the explainer even when the checkpoint has no reasoning stream (for review)."""
-        from .images import load_image_with_digest
+                   threshold: float | None = None) -> dict:
+        """Score one image file end to end; raises :class:`DataError` when the file cannot be used."""
+        path = Path(path)
+        return self._one(self.preprocess(Item(path.name, path, caption, explanation)), path, threshold)
 
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        img, digest = load_image_with_digest(path)
-        timings["decode"] = time.perf_counter() - t0
-        return self.score_image(img, digest, caption=caption, explanation=explanation, timings=timings, name=str(path),
-                                force_explain=force_explain)
-
-    def score_image(self, img, digest: str, caption: str | None = None, explanation: str | None = None,
-                    timings: dict | None = None, name: str = "<image>", thresholds: dict | None = None,
-                    force_explain: bool = False) -> dict:
+    def score_image(self, img: Image.Image, sha256: str, caption: str | None = None, explanation: str | None = None,
+                    name: str = "<image>", threshold: float | None = None) -> dict:
         """Score a decoded image whose file digest is known."""
-        timings = dict(timings or {})
-        t = time.perf_counter()
-        if caption is None and self.ocr is not None:
-            caption = self.ocr.read(img, digest)
-            timings["ocr"] = time.perf_counter() - t
-        trail = None
-        if explanation is None and self.explainer is not None and ("reasoning" in self.streams or force_explain):
-            t = time.perf_counter()
-            res = self.explainer.explain(img, digest, caption or "")
-            timings["explain"] = time.perf_counter() - t
-            trail = res.to_dict() if res is not None else None
-            explanation = res.text if res is not None and res.ok else None
-        t = time.perf_counter()
-        feats: dict[str, StreamFeature | None] = {}
-        if "image" in self.streams:
-            feats["image"] = self.extractor.image_features_from_pil([img], [digest])[0]
-        if "caption" in self.streams:
-            feats["caption"] = self.extractor.text_features("caption", [caption])[0]
-        if "reasoning" in self.streams:
-            feats["reasoning"] = self.extractor.text_features("reasoning", [explanation])[0]
-        timings["features"] = time.perf_counter() - t
-        t = time.perf_counter()
-        probs = self.predict_features([feats])
-        timings["model"] = time.perf_counter() - t
-        out = self.describe({k: v[0] for k, v in probs.items()}, thresholds)
-        out.update(sha256=digest, caption=caption, explanation=explanation, explanation_trail=trail,
-                   timings={k: round(v, 4) for k, v in timings.items()})
-        return out
+        item = Item(name, Path(name), caption, explanation)
+        return self._one(self.preprocess(item, img, sha256), Path(name), threshold)
+
+    def _one(self, p: Prepared, path: Path, threshold: float | None) -> dict:
+        if p.error and p.error_kind == "input":
+            raise DataError(path, p.error)
+        return self.process([p], threshold)[0]
 
 
-def _dir_digest(path: Path) -> str:
+def _source_text(src: dict) -> str:
+    if src.get("kind") == "column":
+        return "the dataset's explanation column"
+    if src.get("kind") == "explanations":
+        return "explanations from " + "/".join(str(src.get(k)) for k in ("backend", "model", "prompt_version")
+                                               if src.get(k))
+    return "no explanations"
+
+
+def _weights_digest(path: Path) -> str:
     f = path / "model.safetensors" if path.is_dir() else path
     h = hashlib.sha256()
     with open(f, "rb") as fh:

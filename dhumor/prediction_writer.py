@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from .decision import describe
+from .decision import Decider
+
+log = logging.getLogger("dhumor")
 
 
 class JsonlPredictionWriter(BasePredictionWriter):
@@ -17,8 +20,29 @@ class JsonlPredictionWriter(BasePredictionWriter):
     and renames it into place: the output is complete or absent, never half-written."""
 
     def __init__(self, output: str | None = None):
+        """
+        Args:
+            output: JSONL file for the predictions (one row per meme, decided with the checkpoint's calibration
+                and balanced threshold preset, as ``dhumor score`` decides).
+        """
         super().__init__(write_interval="batch")
         self.output = output
+        self._decider: Decider | None = None
+
+    def decider(self, trainer, pl_module) -> Decider:
+        """The module's own metadata, else that of the run's export beside ``--ckpt_path`` (``<run>/export``)."""
+        if self._decider is None:
+            meta = getattr(pl_module, "checkpoint_meta", None)
+            ckpt = getattr(trainer, "ckpt_path", None)
+            if not meta and ckpt:
+                export = Path(ckpt).resolve().parent.parent / "export" / "dhumor.json"
+                if export.exists():
+                    meta = json.loads(export.read_text())
+            if not meta or not meta.get("thresholds"):
+                log.warning("no threshold presets or calibration found for %s (they live in the run's export/): "
+                            "decisions use a threshold of 0.5 on uncalibrated probabilities", ckpt or "this model")
+            self._decider = Decider.from_meta(pl_module.schema, meta)
+        return self._decider
 
     def _part(self, rank: int) -> Path:
         return Path(f"{self.output}.rank{rank}.part")
@@ -31,11 +55,12 @@ class JsonlPredictionWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         if not self.output:
             return
-        schema = pl_module.schema
+        decider = self.decider(trainer, pl_module)
+        probs = decider.calibrate({t: v.numpy() for t, v in prediction["probs"].items()})
         lines = []
         for i, mid in enumerate(prediction["ids"]):
-            probs = {t: v[i].numpy() for t, v in prediction["probs"].items()}
-            lines.append(json.dumps({"id": mid, **describe(schema, probs)}, ensure_ascii=False) + "\n")
+            row = decider.describe({t: v[i] for t, v in probs.items()})
+            lines.append(json.dumps({"id": mid, **row}, ensure_ascii=False) + "\n")
         with open(self._part(trainer.global_rank), "a", encoding="utf-8") as fh:
             fh.write("".join(lines))
             fh.flush()

@@ -24,11 +24,12 @@ def csv_columns(schema: TaskSchema) -> list[str]:
     for t in schema.tasks:
         cols.append(f"{t.name}_label")
         cols += [f"{t.name}_p_{c.replace(' ', '_').replace('/', '_')}" for c in t.classes]
-    return cols + ["explanation", "error"] + [f"seconds_{s}" for s in STAGES]
+    return cols + ["explanation", "explanation_error", "error", "error_kind"] + [f"seconds_{s}" for s in STAGES]
 
 
 def _flat(row: dict, schema: TaskSchema) -> dict:
-    out = {k: row.get(k) for k in ("id", "path", "sha256", "caption", "caption_source", "explanation", "error")}
+    out = {k: row.get(k) for k in ("id", "path", "sha256", "caption", "caption_source", "explanation",
+                                   "explanation_error", "error", "error_kind")}
     dec = row.get("decision") or {}
     out["flagged"], out["decision_probability"] = dec.get("flagged"), dec.get("probability")
     for t in schema.tasks:

@@ -13,24 +13,22 @@ cells = [
         "# The shipped checkpoint on Harm-C val\n\n"
         "Loads `checkpoints/harmeme-tcrnet` through the public API, evaluates it on HarMeme Harm-C **val** "
         "(never used to train or select it), and plots per-task confusion matrices and per-class errors. "
-        "Needs the dataset at `../shared/datasets/harmeme-c` (see `data/README.md`)."),
+        "Reads Harm-C from the data root: `$DHUMOR_DATA`, else `data/harmeme-c` (get it with "
+        "`dhumor data harmeme SRC data/harmeme-c`, see `data/README.md`)."),
     nbf.v4.new_code_cell(
+        "import json\n"
         "from pathlib import Path\n"
         "import numpy as np\n"
         "%matplotlib inline\n"
         "import matplotlib.pyplot as plt\n"
         "from dhumor.pipeline import Pipeline\n"
-        "from dhumor.data.readers import read_manifest\n"
-        "from dhumor.model.metrics import compute_metrics\n"
-        "from dhumor.evaluation import format_metrics\n"
-        "ROOT = Path.cwd().parent if Path.cwd().name == 'notebooks' else Path.cwd()\n"
-        "VAL = ROOT.parent / 'shared' / 'datasets' / 'harmeme-c' / 'val.jsonl'\n"
-        "pipe = Pipeline.from_checkpoint(ROOT / 'checkpoints' / 'harmeme-tcrnet')\n"
-        "memes = read_manifest(VAL).memes\n"
-        "pred = pipe.predict_memes(memes)\n"
-        "kept = [memes[i] for i in pred.kept]\n"
-        "labels = {t.name: np.array([m.labels[t.name] for m in kept]) for t in pipe.schema.tasks}\n"
-        "metrics = compute_metrics(pipe.schema, pred.probs, labels)\n"
+        "from dhumor.paths import data_root\n"
+        "from dhumor.evaluation import evaluate, format_metrics\n"
+        "pipe = Pipeline.from_checkpoint()  # the shipped checkpoint\n"
+        "VAL = data_root() / 'val.jsonl'\n"
+        "metrics, summary = evaluate(pipe, VAL, predictions='val_rows.jsonl')\n"
+        "rows = [json.loads(l) for l in open('val_rows.jsonl')]\n"
+        "Path('val_rows.jsonl').unlink()  # per-meme rows stay out of the saved notebook\n"
         "print(format_metrics(metrics))"),
     nbf.v4.new_markdown_cell("## Confusion matrices (rows: truth, columns: prediction; gated tasks on labelled rows only)"),
     nbf.v4.new_code_cell(
@@ -67,13 +65,15 @@ cells = [
     nbf.v4.new_markdown_cell("## How separable are the classes? P(harmful) by true class\n\n"
                              "Aggregates only: the saved notebook must not carry the dataset's per-meme labels or text."),
     nbf.v4.new_code_cell(
-        "p = pred.probs['harmful'][:, 1]\n"
-        "y = labels['harmful']\n"
+        "from dhumor.data.readers import read_manifest\n"
+        "truth = {m.id: m.labels['harmful'] for m in read_manifest(VAL).memes}\n"
+        "p = np.array([r['tasks']['harmful']['probs']['yes'] for r in rows if not r['error']])\n"
+        "y = np.array([truth[r['id']] for r in rows if not r['error']])\n"
         "fig, ax = plt.subplots(figsize=(6, 3.4))\n"
         "bins = np.linspace(0, 1, 21)\n"
         "ax.hist(p[y == 0], bins, alpha=0.6, label=f'not harmful (n={int((y == 0).sum())})')\n"
         "ax.hist(p[y == 1], bins, alpha=0.6, label=f'harmful (n={int((y == 1).sum())})')\n"
-        "th = pipe.module.checkpoint_meta.get('thresholds', {})\n"
+        "th = pipe.presets  # the checkpoint's threshold presets, as every command uses them\n"
         "for name, t in th.items():\n"
         "    ax.axvline(t, ls='--', color='k', lw=0.8)\n"
         "    ax.text(t, ax.get_ylim()[1] * 0.9, name, rotation=90, fontsize=7, ha='right')\n"

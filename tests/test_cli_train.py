@@ -83,7 +83,7 @@ def test_evaluate_unseen_manifest_and_bad_images(trained, capsys):
     manifest = write_fixture(tmp, n=12, seed=7)
     (tmp / "images" / "meme_003.png").write_bytes(b"not an image")
     assert main(["evaluate", "--checkpoint", str(trained / "export"), "--manifest", str(manifest), "--json",
-                 "--quiet"]) == 1
+                 "--quiet"]) == 2
     assert "meme_003.png: not a recognised image format" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(trained / "export"), "--manifest", str(manifest), "--json",
                  "--quiet", "--skip-bad"]) == 0
@@ -94,7 +94,7 @@ def test_evaluate_unseen_manifest_and_bad_images(trained, capsys):
 
 def test_evaluate_refuses_wrong_label_space(trained, dhumor_fixture, capsys):
     assert main(["evaluate", "--checkpoint", str(trained / "export"), "--manifest", str(dhumor_fixture),
-                 "--quiet"]) == 1
+                 "--quiet"]) == 2
     assert "carries 'dhumor' labels" in capsys.readouterr().err
 
 

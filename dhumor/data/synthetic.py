@@ -123,3 +123,22 @@ def write_fixture(out_dir: str | Path, n: int = 32, seed: int = 0, fmt: str = "h
             w.writerow([mid, caption, f"The meme jokes about {caption}.", dark, tgt if dark else "",
                         (level - 1 + (rng.random() < 0.3)) if dark else ""])
     return path
+
+
+def write_mmf_fixture(root: str | Path, sizes: dict[str, int] | None = None, seed: int = 0) -> Path:
+    """A tiny clone of ``di-dimitrov/mmf``'s Harm-C layout (annotations/{train,val,test}.jsonl +
+    images/), for testing ``dhumor data harmeme``. Returns ``root``."""
+    sizes = sizes or {"train": 12, "val": 4, "test": 4}
+    base = Path(root) / "data" / "datasets" / "memes" / "defaults"
+    (base / "annotations").mkdir(parents=True, exist_ok=True)
+    flat = write_fixture(base / ".flat", n=sum(sizes.values()), seed=seed, fmt="harmeme")
+    rows = [json.loads(line) for line in flat.read_text().splitlines()]
+    (flat.parent / "images").rename(base / "images")
+    flat.unlink()
+    (flat.parent).rmdir()
+    start = 0
+    for split, n in sizes.items():
+        with open(base / "annotations" / f"{split}.jsonl", "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows[start:start + n])
+        start += n
+    return Path(root)

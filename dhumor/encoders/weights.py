@@ -75,7 +75,7 @@ def easyocr_models_dir() -> Path:
     return d
 
 
-def _part_file(dist_name: str) -> Path:
+def mpnet_part_file(dist_name: str) -> Path:
     try:
         dist = md.distribution(dist_name)
     except md.PackageNotFoundError:
@@ -114,7 +114,7 @@ def mpnet_dir() -> Path:
     target = weights_dir() / "all-mpnet-base-v2"
     if (target / "model.safetensors").exists():
         return target
-    parts = [_part_file(n) for n in MPNET_PARTS]
+    parts = [mpnet_part_file(n) for n in MPNET_PARTS]
     with _file_lock(weights_dir() / ".mpnet.lock"):
         if (target / "model.safetensors").exists():  # another process finished while we waited
             return target

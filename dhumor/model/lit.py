@@ -115,6 +115,10 @@ class DHumorModule(L.LightningModule):
                 _freeze_lower_layers(enc, top_layers)
                 self.encoders[_key(name)] = enc
 
+    def encoder_for(self, encoder_name: str) -> nn.Module:
+        """The (fine-tuned) encoder module of ``encoder_name`` held by this module."""
+        return self.encoders[_key(encoder_name)]
+
     def _stream_dim(self, stream: str) -> int:
         name = self.encoder_names[stream]
         if _key(name) in self.encoders:

@@ -1,0 +1,105 @@
+"""Build a Harm-C folder from a clone of the public ``di-dimitrov/mmf`` repository.
+
+``dhumor data harmeme SRC OUT`` reads ``SRC/data/datasets/memes/defaults/annotations/{train,val,test}.jsonl``
+and ``.../defaults/images/``, validates every row (labels known, image present, ids unique) with the
+same reader that training uses, and writes ``OUT/{train,val,test}.jsonl`` plus ``OUT/images/`` (the
+PNG files as they are: hard links where the filesystem allows, copies elsewhere). Manifests are
+written last and atomically, so an interrupted conversion never leaves a manifest that names a
+missing image; rerunning it finishes the job.
+
+>>> counts = convert_harmeme("mmf", "data/harmeme-c")                   # doctest: +SKIP
+>>> counts["train"]["memes"], counts["val"]["memes"], counts["test"]["memes"]   # doctest: +SKIP
+(3013, 177, 354)
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+from ..errors import DataError
+from ..schema import HARMEME
+from .readers import read_harmeme_jsonl
+
+SPLITS = ("train", "val", "test")
+MMF_DEFAULTS = Path("data") / "datasets" / "memes" / "defaults"
+
+
+def find_harmeme_source(src: str | Path) -> Path:
+    """The ``defaults`` folder (``annotations/`` + ``images/``) inside an mmf clone, or ``src`` itself."""
+    src = Path(src).expanduser()
+    if not src.exists():
+        raise DataError(src, "not found; clone it first: git clone --depth 1 https://github.com/di-dimitrov/mmf")
+    for cand in (src / MMF_DEFAULTS, src / "defaults", src):
+        if (cand / "annotations").is_dir():
+            if not (cand / "images").is_dir():
+                raise DataError(cand / "images", "missing: the clone has annotations but no images folder "
+                                                 "(was it cloned with git-lfs or sparse checkout?)")
+            return cand
+    raise DataError(src, f"no {MMF_DEFAULTS.as_posix()}/annotations here: is this a clone of "
+                         "https://github.com/di-dimitrov/mmf ?")
+
+
+def _place(src: Path, dst: Path) -> None:
+    """Hard-link (no extra disk) or copy ``src`` to ``dst``, atomically; an existing identical file is kept."""
+    if dst.exists() and dst.stat().st_size == src.stat().st_size:
+        return
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def convert_harmeme(src: str | Path, out: str | Path, splits: tuple[str, ...] = SPLITS) -> dict[str, dict]:
+    """Validate and write Harm-C ``splits`` from an mmf clone into ``out``; returns counts per split.
+
+    Raises :class:`~dhumor.errors.DataError` naming the file, the row and the reason (every missing
+    image is counted, the first few named) before anything is written.
+    """
+    base = find_harmeme_source(src)
+    ann, images = base / "annotations", base / "images"
+    harmfulness, target = HARMEME.task("harmfulness"), HARMEME.task("target")
+    read, problems = {}, []
+    for split in splits:
+        f = ann / f"{split}.jsonl"
+        if not f.exists():
+            problems.append(f"{f}: missing (Harm-C needs {', '.join(s + '.jsonl' for s in splits)})")
+            continue
+        res = read_harmeme_jsonl(f, images, skip_bad=True)
+        problems += [str(e) for e in res.skipped]
+        read[split] = (f, res.memes)
+    if problems:
+        shown = "\n  ".join(problems[:10])
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise DataError(base, f"{len(problems)} problem(s); nothing was written:\n  {shown}{more}")
+    seen: dict[str, str] = {}
+    for split, (_, memes) in read.items():  # one meme in two splits would leak test labels into training
+        for m in memes:
+            if m.id in seen and seen[m.id] != split:
+                raise DataError(ann, f"id {m.id!r} is in both {seen[m.id]} and {split}; nothing was written")
+            seen[m.id] = split
+
+    out = Path(out).expanduser()
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    counts: dict[str, dict] = {}
+    for split, (f, memes) in read.items():
+        for m in memes:
+            _place(m.image, out / "images" / m.image.name)
+        lines = f.read_text(encoding="utf-8").splitlines(keepends=True)
+        tmp = out / f".{split}.jsonl.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines(line if line.endswith("\n") else line + "\n" for line in lines if line.strip())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out / f"{split}.jsonl")
+        levels = Counter(harmfulness.classes[m.labels["harmfulness"]] for m in memes if m.labels["harmfulness"] >= 0)
+        targets = Counter(target.classes[m.labels["target"]] for m in memes if m.labels["target"] >= 0)
+        counts[split] = {"memes": len(memes), "harmfulness": dict(levels), "target": dict(targets)}
+    (out / "SOURCE.json").write_text(json.dumps({"source": str(base), "format": "harmeme jsonl",
+                                                 "counts": counts}, indent=2) + "\n")
+    return counts

