@@ -113,3 +113,20 @@ def load_image_with_digest(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXEL
     """The decoded image and the sha256 of the file's bytes (one read serves both)."""
     data = read_image_bytes(path, max_bytes)
     return decode_image(data, path, max_pixels), sha256_bytes(data)
+
+
+def decode_many(items, workers: int = 2, transform=None) -> list:
+    """Decode ``(bytes, name)`` pairs on ``workers`` threads; each result is ``transform(image)`` (or
+    the image), or the :class:`ImageError` that says why that file cannot be used."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(item):
+        data, name = item
+        try:
+            img = decode_image(data, name)
+            return transform(img) if transform else img
+        except ImageError as e:
+            return e
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return list(pool.map(one, items))
