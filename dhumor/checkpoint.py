@@ -33,7 +33,10 @@ def _plain(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def checkpoint_meta(hparams: dict, metrics: dict | None = None, config: Any = None, notes: dict | None = None) -> dict:
+def checkpoint_meta(hparams: dict, metrics: dict | None = None, config: Any = None, notes: dict | None = None,
+                    fitted: dict | None = None) -> dict:
+    """``dhumor.json``'s content. ``fitted``: what fit learned after training, written as top-level keys
+    (``thresholds``, ``calibration``, ``reasoning_source``; see :mod:`dhumor.model.calibration`)."""
     from . import __version__
     import lightning
 
@@ -60,6 +63,7 @@ def checkpoint_meta(hparams: dict, metrics: dict | None = None, config: Any = No
         "notes": notes or {},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"dhumor": __version__, "torch": torch.__version__, "lightning": lightning.__version__},
+        **_plain(fitted or {}),
     }
 
 

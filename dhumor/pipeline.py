@@ -74,9 +74,9 @@ class Pipeline:
         modules, salt = None, ""
         if hp.get("mode") == "finetune":
             # Fine-tuned encoders live in the checkpoint; their features must not mix with pretrained ones.
-            from .model.lit import _key
+            from .model.lit import encoder_key
 
-            modules = {names[s]: module.encoders[_key(names[s])] for s in module.stream_names}
+            modules = {names[s]: module.encoders[encoder_key(names[s])] for s in module.stream_names}
             salt = _dir_digest(path)
         preset = (getattr(module, "checkpoint_meta", {}).get("thresholds") or {}).get("balanced")
         if preset is not None:  # the checkpoint's own balanced threshold, unless the caller says otherwise
