@@ -61,9 +61,9 @@ class ExportBestCheckpoint(L.Callback):
             fitted["reasoning_source"] = dm.reasoning_source()
         logits, labels = held_out_logits(module, state, dm.val_dataloader())
         fitted["calibration"], fitted["thresholds"] = fit_calibration(module.schema, logits, labels)
-        hp = dm.hparams
-        split = (f"val manifest {hp.val}" if hp.get("val") else
-                 f"held-out {hp.val_fraction:.0%} of train (split_seed {hp.split_seed})")
+        hp = getattr(dm, "hparams", {})
+        split = (f"val manifest {hp['val']}" if hp.get("val") else
+                 f"held-out {hp.get('val_fraction', 0):.0%} of train (split_seed {hp.get('split_seed')})")
         n = int((labels[module.schema.primary] >= 0).sum())
         log.info("calibration on %s (n=%d): %s; thresholds %s", split, n, fitted["calibration"], fitted["thresholds"])
         return fitted, {"split": split, "n": n}
