@@ -269,7 +269,7 @@ def main(argv=None):
               ("+compile", dict(bf16=True, big=True, fused=True, compile=compile_, dynamic=False)),
               ("+dynamic_padding", dict(bf16=True, big=True, fused=True, compile=compile_, dynamic=True))]
     amp_dtype = torch.bfloat16
-    steps_rows, module = [], None
+    steps_rows, module, profile_row = [], None, None
     with tempfile.TemporaryDirectory() as tmp:
         prev_rung = None
         for name, rung in ladder:
@@ -303,7 +303,7 @@ def main(argv=None):
             if args.profile and name == "+compile":
                 prof = profile_steps(train_step, batches, dev)
                 print(json.dumps({"profile": "dhumor_train_len128", **prof}), flush=True)
-                rows.append({"case": "profile_dhumor_train_len128", **prof})
+                profile_row = {"case": "profile_dhumor_train_len128", **prof}
             del batches
         module.eval()
         amp = torch.autocast(dev.type, dtype=amp_dtype, enabled=True)
@@ -315,7 +315,7 @@ def main(argv=None):
         ib = [as_dhumor_batch(make_batch(inf_bs, dev, image_size, seq, True, rng)) for _ in range(4)]
         with torch.no_grad():
             score_row = measure("dhumor_score_final", score, ib, inf_bs, steps, warm + 3 * compile_, dev)
-    rows += steps_rows + [score_row]
+    rows += steps_rows + [score_row] + ([profile_row] if profile_row else [])
 
     ref_tr, ref_sc = rows[0]["samples_per_s"], rows[1]["samples_per_s"]
     prev, rungs = ref_tr, []
