@@ -76,8 +76,11 @@ class MemeDataModule(L.LightningDataModule):
     ):
         """
         Args:
-            train, val, test, predict: manifest (HarMeme jsonl, D-HUMOR csv/xlsx) or image folder per split;
-                a relative path resolves under ``root`` (e.g. ``train: train.jsonl``).
+            train: training manifest (HarMeme jsonl, D-HUMOR csv/xlsx); a relative path resolves under
+                ``root`` (e.g. ``train: train.jsonl``).
+            val: validation manifest for selection (default: a held-out ``val_fraction`` of train).
+            test: manifest the numbers are reported on (``dhumor test``; Harm-C val for HarMeme).
+            predict: manifest or image folder to predict (``dhumor predict``).
             root: data root that relative paths resolve against (default ``$DHUMOR_DATA``, else
                 ``data/harmeme-c``); a relative path not found there is read from the current directory.
             format: manifest format; ``auto`` decides by file extension.
@@ -96,8 +99,9 @@ class MemeDataModule(L.LightningDataModule):
             feature_batch_size: memes per encoder batch when filling the feature cache (cached mode).
             feature_device: device of the frozen encoders that compute features (``auto``, ``cpu``, ``cuda``).
             progress: show progress bars while features are computed.
-            task, streams, image_encoder, caption_encoder, reasoning_encoder, mode, inputs, max_tokens:
-                linked from the model section (set them under ``model:``).
+
+        ``task``, ``streams``, the encoder names, ``mode``, ``inputs`` and ``max_tokens`` are linked from
+        the model section: set them under ``model:``.
         """
         super().__init__()
         self.save_hyperparameters()
