@@ -1,7 +1,10 @@
 """The README's Harm-C val table: each variant trained through `dhumor fit` with several seeds,
 selected on a seeded 10% of train, then evaluated once on Harm-C val (never used for any choice).
 
-    python bench/harmeme_results.py --seeds 0 1 2 --out outputs/results/harmeme_val.json
+    DHUMOR_DATA=/path/to/harmeme-c python bench/harmeme_results.py --seeds 0 1 2 --out outputs/results/harmeme_val.json
+    python bench/harmeme_results.py --data /path/to/harmeme-c      # the same, without the variable
+
+Spreads are sample standard deviations (ddof=1) over the seeds.
 
 Also reproduces the floor (class-balanced logistic regression on frozen all-mpnet-base-v2 caption
 features) and times feature extraction on a cold cache.
@@ -20,9 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from dhumor.paths import resolve_data_path
+
 ROOT = Path(__file__).resolve().parent.parent
-TRAIN = ROOT.parent / "shared" / "datasets" / "harmeme-c" / "train.jsonl"
-VAL = ROOT.parent / "shared" / "datasets" / "harmeme-c" / "val.jsonl"
+# The data root's splits (``--data`` / $DHUMOR_DATA / data/harmeme-c); main() re-resolves them for --data.
+TRAIN, VAL = resolve_data_path("train.jsonl"), resolve_data_path("val.jsonl")
 VARIANTS = {
     "caption only": ["configs/ablations/caption-only.yaml"],
     "image only": ["configs/ablations/image-only.yaml"],
@@ -45,26 +50,32 @@ def quiet() -> None:
 
 
 def fit(configs: list[str], seed: int, run_dir: Path, extra_args: list[str]) -> tuple[Path, float]:
-    """`dhumor fit` with configs/harmeme.yaml plus ``configs`` (repository-relative); the exported
-    checkpoint and the wall seconds the fit took."""
-    from dhumor.cli import main
+    """`dhumor fit` with configs/harmeme.yaml plus ``configs`` (repository-relative); this run's exported
+    checkpoint (its own log_dir, never an older version's) and the wall seconds the fit took."""
+    from dhumor.cli import run_lightning
 
     args = ["fit", "--config", str(ROOT / "configs" / "harmeme.yaml")]
     for c in configs:
         args += ["--config", str(ROOT / c)]
     args += ["--seed_everything", str(seed), "--trainer.default_root_dir", str(run_dir),
-             "--trainer.enable_progress_bar", "false", "--data.progress", "false", *extra_args]
+             "--trainer.enable_progress_bar", "false", "--data.progress", "false",
+             "--data.root", str(TRAIN.parent), *extra_args]
     t0 = time.perf_counter()
-    assert main(args) == 0
-    return next(run_dir.rglob("export")), time.perf_counter() - t0
+    cli = run_lightning(args)
+    export = Path(cli.trainer.log_dir) / "export"
+    if not (export / "dhumor.json").exists():
+        raise RuntimeError(f"{export}: this run exported no checkpoint")
+    return export, time.perf_counter() - t0
 
 
 def mean_std(rows: list[dict], keys: list[str]) -> dict:
-    """``{key: [mean, std]}`` over the runs (None values, e.g. a task without labels, left out)."""
+    """``{key: [mean, sample std]}`` over the runs (ddof=1; None values, e.g. a task without labels, left
+    out; std None with a single run)."""
     out = {}
     for k in keys:
         vals = [r[k] for r in rows if r[k] is not None]
-        out[k] = [round(float(np.mean(vals)), 4), round(float(np.std(vals)), 4)]
+        std = round(float(np.std(vals, ddof=1)), 4) if len(vals) > 1 else None
+        out[k] = [round(float(np.mean(vals)), 4), std]
     return out
 
 
@@ -134,6 +145,8 @@ def time_features(n: int = 200) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--data", default=None, help="Harm-C folder with train.jsonl, val.jsonl, images/ "
+                                                 "(default $DHUMOR_DATA, else data/harmeme-c)")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
     ap.add_argument("--root", default=str(ROOT / "runs" / "results"))
     ap.add_argument("--out", default=str(ROOT / "outputs" / "results" / "harmeme_val.json"))
@@ -141,6 +154,12 @@ def main(argv=None):
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("extra", nargs="*", help="extra `dhumor fit` arguments for every run")
     args = ap.parse_args(argv)
+    global TRAIN, VAL
+    TRAIN, VAL = resolve_data_path("train.jsonl", args.data), resolve_data_path("val.jsonl", args.data)
+    if not VAL.exists():
+        from dhumor.paths import GET_DATA_HINT
+
+        ap.error(f"{VAL}: not found; {GET_DATA_HINT}")
     quiet()
     rows = []
     for v in args.variants:

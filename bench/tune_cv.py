@@ -29,9 +29,9 @@ from dhumor.data.readers import read_manifest
 from dhumor.features import FeatureExtractor
 from dhumor.model.lit import DHumorModule
 from dhumor.model.metrics import compute_metrics
+from dhumor.paths import resolve_data_path
 from dhumor.schema import MISSING, STREAMS
 
-TRAIN = "../shared/datasets/harmeme-c/train.jsonl"
 
 
 def headline(m: dict) -> dict:
@@ -93,6 +93,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-epochs", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--data", default=None, help="Harm-C folder (default $DHUMOR_DATA, else data/harmeme-c)")
     ap.add_argument("--out", default=None, help="append one JSON line per candidate here")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -104,7 +105,7 @@ def main():
     cands = yaml.safe_load(Path(args.candidates).read_text())
     if args.only:
         cands = {k: v for k, v in cands.items() if k in args.only}
-    memes = read_manifest(TRAIN).memes
+    memes = read_manifest(resolve_data_path("train.jsonl", args.data)).memes
     encoders = {}
     for c in cands.values():
         for s in STREAMS:
@@ -128,7 +129,7 @@ def main():
             rows.append(fit_predict(over, [memes[i] for i in tr], [feats[i] for i in tr], [memes[i] for i in te],
                                     [feats[i] for i in te], dims, args.seed + f, args.max_epochs, args.batch_size))
         mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-        std = {k: float(np.std([r[k] for r in rows])) for k in rows[0]}
+        std = {k: float(np.std([r[k] for r in rows], ddof=1)) for k in rows[0]}  # sample std over folds
         res = {"candidate": name, "overrides": over, "folds": args.folds, "mean": mean, "std": std,
                "seconds": round(time.time() - t0, 1)}
         print(json.dumps(res), flush=True)

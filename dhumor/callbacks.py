@@ -1,21 +1,27 @@
-"""Lightning callbacks: export the selected checkpoint in the dhumor format at the end of fit."""
+"""Lightning callbacks: export the selected checkpoint in the dhumor format at the end of fit, with a
+temperature per task and threshold presets fitted on the held-out split that selected it."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 import yaml
+from lightning.pytorch.utilities import move_data_to_device
 
 from .checkpoint import checkpoint_meta, write_checkpoint
+from .model.calibration import fit_calibration
 
 log = logging.getLogger("dhumor")
 
 
 class ExportBestCheckpoint(L.Callback):
     """After ``fit``, write the best checkpoint (by the ModelCheckpoint monitor) as ``<log_dir>/export``:
-    safetensors weights + dhumor.json with the resolved config and the selection metric."""
+    safetensors weights + dhumor.json with the resolved config, the selection metric, and, fitted on the
+    held-out split the checkpoint was selected on, ``calibration`` (a temperature per task) and
+    ``thresholds`` (presets for the primary task), plus the ``reasoning_source`` it was trained on."""
 
     def __init__(self, dirname: str = "export"):
         self.dirname = dirname
@@ -39,7 +45,48 @@ class ExportBestCheckpoint(L.Callback):
         cfg_file = log_dir / "config.yaml"
         if cfg_file.exists():
             config = yaml.safe_load(cfg_file.read_text())
-        meta = checkpoint_meta(pl_module.hparams, metrics={"selection": selection}, config=config)
+        fitted, held_out = self._fitted(trainer, pl_module, state)
+        meta = checkpoint_meta(pl_module.hparams, metrics={"selection": selection, "calibration_split": held_out},
+                               config=config, fitted=fitted)
         out = write_checkpoint(state, meta, log_dir / self.dirname)
         log.info("exported %s", out)
         print(f"dhumor checkpoint: {out}")
+
+    @staticmethod
+    def _fitted(trainer: L.Trainer, module, state: dict) -> tuple[dict, dict]:
+        """``({thresholds, calibration, reasoning_source}, {where they were fitted})`` for the exported weights."""
+        dm = trainer.datamodule
+        fitted = {"reasoning_source": {"kind": "none"}}
+        if "reasoning" in module.stream_names and hasattr(dm, "reasoning_source"):
+            fitted["reasoning_source"] = dm.reasoning_source()
+        logits, labels = held_out_logits(module, state, dm.val_dataloader())
+        fitted["calibration"], fitted["thresholds"] = fit_calibration(module.schema, logits, labels)
+        hp = getattr(dm, "hparams", {})
+        split = (f"val manifest {hp['val']}" if hp.get("val") else
+                 f"held-out {hp.get('val_fraction', 0):.0%} of train (split_seed {hp.get('split_seed')})")
+        n = int((labels[module.schema.primary] >= 0).sum())
+        log.info("calibration on %s (n=%d): %s; thresholds %s", split, n, fitted["calibration"], fitted["thresholds"])
+        return fitted, {"split": split, "n": n}
+
+
+@torch.no_grad()
+def held_out_logits(module, state: dict, loader) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Logits and labels per task of ``loader``'s batches under the weights ``state``; the module's own
+    weights and train/eval mode are restored afterwards (training may go on after the export)."""
+    backup = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    was_training = module.training
+    module.load_state_dict(state)
+    module.eval()
+    out: dict[str, list] = {t.name: [] for t in module.schema.tasks}
+    ys: dict[str, list] = {t.name: [] for t in module.schema.tasks}
+    try:
+        for batch in loader:
+            batch = move_data_to_device(batch, module.device)
+            logits = module.net(module.stream_inputs(batch))  # the plain network: no recompile for eval
+            for t in module.schema.tasks:
+                out[t.name].append(logits[t.name].float().cpu().numpy())
+                ys[t.name].append(batch["labels"][t.name].cpu().numpy())
+    finally:
+        module.load_state_dict(backup)
+        module.train(was_training)
+    return ({k: np.concatenate(v) for k, v in out.items()}, {k: np.concatenate(v) for k, v in ys.items()})

@@ -33,7 +33,10 @@ def _plain(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def checkpoint_meta(hparams: dict, metrics: dict | None = None, config: Any = None, notes: dict | None = None) -> dict:
+def checkpoint_meta(hparams: dict, metrics: dict | None = None, config: Any = None, notes: dict | None = None,
+                    fitted: dict | None = None) -> dict:
+    """``dhumor.json``'s content. ``fitted``: what fit learned after training, written as top-level keys
+    (``thresholds``, ``calibration``, ``reasoning_source``; see :mod:`dhumor.model.calibration`)."""
     from . import __version__
     import lightning
 
@@ -60,6 +63,7 @@ def checkpoint_meta(hparams: dict, metrics: dict | None = None, config: Any = No
         "notes": notes or {},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"dhumor": __version__, "torch": torch.__version__, "lightning": lightning.__version__},
+        **_plain(fitted or {}),
     }
 
 
@@ -132,8 +136,23 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
                                   f"pickled code is never run): {str(e).splitlines()[0][:300]}") from None
         if "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
             raise CheckpointError(f"{path}: not a Lightning checkpoint of a dhumor model")
-        return checkpoint_meta(ckpt["hyper_parameters"]), ckpt["state_dict"]
+        return {**checkpoint_meta(ckpt["hyper_parameters"]), **fitted_beside(path)}, ckpt["state_dict"]
     raise CheckpointError(f"{path}: expected a checkpoint directory, a .safetensors or a .ckpt file")
+
+
+FITTED_KEYS = ("thresholds", "calibration", "reasoning_source")
+
+
+def fitted_beside(ckpt: str | Path) -> dict:
+    """What ``fit`` learned after training (calibration, threshold presets, reasoning source) for a
+    Lightning ``.ckpt``: it lives in the run's ``export/dhumor.json`` (``<run>/checkpoints/x.ckpt`` →
+    ``<run>/export``), so a ``.ckpt`` decides exactly as its export does. Empty when there is none."""
+    meta_path = Path(ckpt).resolve().parent.parent / "export" / META
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: meta[k] for k in FITTED_KEYS if isinstance(meta, dict) and k in meta}
 
 
 def load_module(path: str | Path, map_location: str | torch.device = "cpu"):

@@ -30,14 +30,14 @@ class JsonlPredictionWriter(BasePredictionWriter):
         self._decider: Decider | None = None
 
     def decider(self, trainer, pl_module) -> Decider:
-        """The module's own metadata, else that of the run's export beside ``--ckpt_path`` (``<run>/export``)."""
+        """The module's own metadata, else what fit stored in the run's export beside ``--ckpt_path``."""
         if self._decider is None:
+            from .checkpoint import fitted_beside
+
             meta = getattr(pl_module, "checkpoint_meta", None)
             ckpt = getattr(trainer, "ckpt_path", None)
             if not meta and ckpt:
-                export = Path(ckpt).resolve().parent.parent / "export" / "dhumor.json"
-                if export.exists():
-                    meta = json.loads(export.read_text())
+                meta = fitted_beside(ckpt)
             if not meta or not meta.get("thresholds"):
                 log.warning("no threshold presets or calibration found for %s (they live in the run's export/): "
                             "decisions use a threshold of 0.5 on uncalibrated probabilities", ckpt or "this model")

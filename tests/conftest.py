@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from dhumor.paths import data_root
+
 ROOT = Path(__file__).resolve().parent.parent
-HARMEME_DIR = ROOT.parent / "shared" / "datasets" / "harmeme-c"
+HARMEME_DIR = data_root()  # $DHUMOR_DATA (CI exports it), else data/harmeme-c
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -45,7 +47,7 @@ def copy_fixture(tmp_path):
 
 
 def needs_harmeme():
-    return pytest.mark.skipif(not (HARMEME_DIR / "val.jsonl").exists(), reason="Harm-C not found in ../shared")
+    return pytest.mark.skipif(not (HARMEME_DIR / "val.jsonl").exists(), reason=f"Harm-C not found in {HARMEME_DIR} (set DHUMOR_DATA)")
 
 
 SMALL = ["--model.caption_encoder", "all-minilm-l6-v2", "--model.reasoning_encoder", "all-minilm-l6-v2",

@@ -17,12 +17,13 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from ..cache import StageCache
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..features import FeatureExtractor, StreamFeature
 from ..images import load_image
 from ..schema import MISSING, STREAMS, Meme, TaskSchema, get_schema
 from .datasets import FeatureDataset, ImageTextDataset, feature_collate, finetune_collate
-from .explanations import attach_explanations
+from ..paths import GET_DATA_HINT, data_root, resolve_data_path
+from .explanations import attach_explanations, explanations_source
 from .readers import ReadResult, read_manifest
 from .transforms import eval_transform, resize_uint8, train_transform
 
@@ -48,6 +49,7 @@ class MemeDataModule(L.LightningDataModule):
         val: str | None = None,
         test: str | None = None,
         predict: str | None = None,
+        root: str | None = None,
         format: Literal["auto", "harmeme", "dhumor", "folder"] = "auto",
         images: str | None = None,
         val_fraction: float = 0.1,
@@ -74,16 +76,32 @@ class MemeDataModule(L.LightningDataModule):
     ):
         """
         Args:
-            train, val, test, predict: manifest (HarMeme jsonl, D-HUMOR csv/xlsx) or image folder per split.
+            train: training manifest (HarMeme jsonl, D-HUMOR csv/xlsx); a relative path resolves under
+                ``root`` (e.g. ``train: train.jsonl``).
+            val: validation manifest for selection (default: a held-out ``val_fraction`` of train).
+            test: manifest the numbers are reported on (``dhumor test``; Harm-C val for HarMeme).
+            predict: manifest or image folder to predict (``dhumor predict``).
+            root: data root that relative paths resolve against (default ``$DHUMOR_DATA``, else
+                ``data/harmeme-c``); a relative path not found there is read from the current directory.
             format: manifest format; ``auto`` decides by file extension.
             images: folder the manifests' images live in (default: ``images/`` beside the manifest).
-            val_fraction, split_seed: held-out part of train used as val when ``val`` is not given.
+            val_fraction: held-out fraction of train used as val (selection, calibration, thresholds) when
+                ``val`` is not given.
+            split_seed: seed of that held-out split (stratified by the primary task).
+            batch_size: memes per training / evaluation batch.
+            num_workers: DataLoader worker processes (0 = load in the main process).
             skip_bad: skip bad rows and unusable images (counted and logged) instead of failing.
             cache: stage-cache SQLite file (default ``$DHUMOR_CACHE`` or ``~/.cache/dhumor/cache.sqlite``).
             reasoning: where the reasoning stream's text comes from without ``explanations``:
                 the dataset's explanation column, or nowhere (the stream is absent).
             explanations: a JSONL written by ``dhumor explain``; its explanations feed the reasoning stream.
             explanation_iteration: which Role-Reversal iteration to use (1-based; -1 = the last).
+            feature_batch_size: memes per encoder batch when filling the feature cache (cached mode).
+            feature_device: device of the frozen encoders that compute features (``auto``, ``cpu``, ``cuda``).
+            progress: show progress bars while features are computed.
+
+        ``task``, ``streams``, the encoder names, ``mode``, ``inputs`` and ``max_tokens`` are linked from
+        the model section: set them under ``model:``.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -110,9 +128,17 @@ class MemeDataModule(L.LightningDataModule):
                 max_tokens={s: hp.max_tokens for s in ("caption", "reasoning")})
         return self._extractor
 
+    def resolve(self, path: str) -> Path:
+        """A configured data path, resolved against the data root (see ``root``)."""
+        return resolve_data_path(path, self.hparams.root)
+
     def _read(self, path: str) -> list[Meme]:
         hp = self.hparams
-        res: ReadResult = read_manifest(path, hp.format, hp.images, hp.skip_bad)
+        resolved = self.resolve(path)
+        if not resolved.exists():
+            raise ConfigError(f"{resolved}: data not found (data root {data_root(hp.root)}); {GET_DATA_HINT}")
+        images = self.resolve(hp.images) if hp.images else None
+        res: ReadResult = read_manifest(resolved, hp.format, images, hp.skip_bad)
         if res.schema_name is not None and res.schema_name != self.schema.name:
             raise DataError(path, f"this manifest carries {res.schema_name!r} labels but the model's task schema "
                                   f"is {self.schema.name!r}; set model.task: {res.schema_name}")
@@ -122,8 +148,18 @@ class MemeDataModule(L.LightningDataModule):
             for m in memes:
                 m.explanation = None
         if hp.explanations:
-            attach_explanations(memes, hp.explanations, iteration=hp.explanation_iteration)
+            attach_explanations(memes, self.resolve(hp.explanations), iteration=hp.explanation_iteration)
         return memes
+
+    def reasoning_source(self) -> dict:
+        """Where the reasoning stream's text came from, for the checkpoint: ``{"kind": "explanations", file,
+        backend, model, prompt_version, iteration}``, ``{"kind": "column"}`` or ``{"kind": "none"}``."""
+        hp = self.hparams
+        if "reasoning" not in self.streams:
+            return {"kind": "none"}
+        if hp.explanations:
+            return explanations_source(self.resolve(hp.explanations), hp.explanation_iteration)
+        return {"kind": "column"} if hp.reasoning == "column" else {"kind": "none"}
 
     def _record_skips(self, errors: Sequence[DataError]) -> None:
         for e in errors:
@@ -218,14 +254,14 @@ class MemeDataModule(L.LightningDataModule):
             return feature_collate(self.schema, self.extractor().dims(self.streams), self.hparams.inputs == "tokens")
         from transformers import AutoTokenizer
 
-        from ..encoders.modules import _text_source  # each text encoder's own tokenizer files
+        from ..encoders.modules import text_source  # each text encoder's own tokenizer files
         from ..encoders.registry import get_entry
 
         toks = {}
         for s in ("caption", "reasoning"):
             if s in self.streams:
                 entry = get_entry(self.encoder_names[s])
-                toks[s] = AutoTokenizer.from_pretrained(_text_source(entry))
+                toks[s] = AutoTokenizer.from_pretrained(text_source(entry))
         mt = {s: self.hparams.max_tokens for s in ("caption", "reasoning")}
         return finetune_collate(self.schema, toks, self.streams, mt)
 

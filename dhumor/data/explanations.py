@@ -61,3 +61,21 @@ def attach_explanations(memes: Sequence[Meme], path: str | Path, iteration: int 
         found += row is not None
     log.info("explanations: %d of %d memes matched in %s", found, len(memes), path)
     return found
+
+
+def explanations_source(path: str | Path, iteration: int = -1) -> dict:
+    """What generated an explanations file, for a checkpoint's ``reasoning_source``: the backend, model
+    and prompt version its rows name (the most common value where shards differ) and the iteration used."""
+    from collections import Counter
+
+    rows = list({id(r): r for r in read_explanations(path).values()}.values())
+
+    def most_common(values):
+        values = [v for v in values if v is not None]
+        return Counter(values).most_common(1)[0][0] if values else None
+
+    backends = [r.get("backend") if isinstance(r.get("backend"), dict) else {"backend": r.get("backend")}
+                for r in rows]
+    return {"kind": "explanations", "file": str(path), "backend": most_common(b.get("backend") for b in backends),
+            "model": most_common(b.get("model") for b in backends),
+            "prompt_version": most_common(r.get("prompt_version") for r in rows), "iteration": iteration}

@@ -75,7 +75,7 @@ class TextEncoder(nn.Module):
 
         self.entry = entry
         if pretrained:
-            src = _text_source(entry)
+            src = text_source(entry)
             self.net = _from_pretrained(AutoModel, entry, source=src, attn_implementation="sdpa")
         else:
             self.net = _random_text_model(entry)
@@ -88,7 +88,7 @@ class TextEncoder(nn.Module):
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            self._tokenizer = _from_pretrained(AutoTokenizer, self.entry, source=_text_source(self.entry))
+            self._tokenizer = _from_pretrained(AutoTokenizer, self.entry, source=text_source(self.entry))
         return self._tokenizer
 
     def tokenize(self, texts: list[str], max_tokens: int | None = None, pad_to: int | None = None) -> dict:
@@ -124,10 +124,11 @@ def _random_text_model(entry: EncoderEntry):
     if entry.name == "all-mpnet-base-v2":  # MPNet-base: its config is the class default, no files needed
         return MPNetModel(MPNetConfig(vocab_size=30527), add_pooling_layer=False)
     src = entry.source if Path(entry.source).exists() else None
-    return AutoModel.from_config(_config(entry, _text_source(entry) if src is None else src))
+    return AutoModel.from_config(_config(entry, text_source(entry) if src is None else src))
 
 
-def _text_source(entry: EncoderEntry) -> str:
+def text_source(entry: EncoderEntry) -> str:
+    """Where a text encoder's files (weights, tokenizer) live: the weight package's folder, a hub id or a directory."""
     if entry.source == "pkg:all-mpnet-base-v2":
         return str(weights.mpnet_dir())
     if entry.source == "pkg:all-minilm-l6-v2":

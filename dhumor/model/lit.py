@@ -113,16 +113,16 @@ class DHumorModule(L.LightningModule):
             if name not in self.encoders:
                 enc = build_encoder(get_entry(name), pretrained=pretrained)
                 _freeze_lower_layers(enc, top_layers)
-                self.encoders[_key(name)] = enc
+                self.encoders[encoder_key(name)] = enc
 
     def encoder_for(self, encoder_name: str) -> nn.Module:
         """The (fine-tuned) encoder module of ``encoder_name`` held by this module."""
-        return self.encoders[_key(encoder_name)]
+        return self.encoders[encoder_key(encoder_name)]
 
     def _stream_dim(self, stream: str) -> int:
         name = self.encoder_names[stream]
-        if _key(name) in self.encoders:
-            return self.encoders[_key(name)].entry.dim
+        if encoder_key(name) in self.encoders:
+            return self.encoders[encoder_key(name)].entry.dim
         e = get_entry(name)
         if e.dim is None:
             from ..encoders.modules import build_encoder
@@ -138,13 +138,13 @@ class DHumorModule(L.LightningModule):
         out = {}
         for s in self.stream_names:
             x = batch["inputs"][s]
-            enc = self.encoders[_key(self.encoder_names[s])]
+            enc = self.encoders[encoder_key(self.encoder_names[s])]
             o = enc(x["pixel_values"]) if s == "image" else enc(x["input_ids"], x["attention_mask"])
             out[s] = StreamInput(pooled=o.pooled, tokens=o.tokens, mask=o.mask, present=x["present"])
         return out
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        net = self._compiled or self.net
+        net = self._compiled if self._compiled is not None else self.net  # a Module has no truth value
         return net(self.stream_inputs(batch))
 
     def loss(self, logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
@@ -153,7 +153,10 @@ class DHumorModule(L.LightningModule):
         for t in self.schema.tasks:
             y = labels[t.name]
             if not (y != MISSING).any():
-                continue  # no labelled row for this task in the batch
+                # No labelled row for this task in the batch: a zero that keeps the head in the graph,
+                # so that DDP (find_unused_parameters=False) still sees a gradient for every parameter.
+                total = total + logits[t.name].float().sum() * 0.0
+                continue
             l = F.cross_entropy(logits[t.name].float(), y, weight=getattr(self, f"class_weight_{t.name}"),
                                 ignore_index=MISSING, label_smoothing=self.hparams.label_smoothing)
             parts[t.name] = l.detach()
@@ -171,7 +174,9 @@ class DHumorModule(L.LightningModule):
                     getattr(self, f"class_weight_{name}").copy_(w)
                     log.info("class weights %s: %s", name, [round(v, 3) for v in w.tolist()])
         if self.hparams.compile and self._compiled is None:
-            self._compiled = torch.compile(self.net)
+            # Kept out of the module tree (object.__setattr__), so the state dict has only ``net.*`` keys
+            # and an exported checkpoint loads into an uncompiled module.
+            object.__setattr__(self, "_compiled", torch.compile(self.net))
 
     def training_step(self, batch, batch_idx):
         logits = self(batch)
@@ -252,7 +257,8 @@ class DHumorModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def _key(encoder_name: str) -> str:
+def encoder_key(encoder_name: str) -> str:
+    """The ``encoders`` ModuleDict key of an encoder name (ModuleDict keys may not hold ``.``)."""
     return encoder_name.replace(".", "_").replace(":", "__").replace("/", "_")
 
 
