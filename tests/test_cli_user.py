@@ -174,4 +174,4 @@ def test_one_meme_one_decision_in_score_evaluate_predict_and_demo(tmp_path, trai
             for task, t in a[mid]["tasks"].items():
                 assert other["tasks"][task]["label"] == t["label"]
                 for cls, p in t["probs"].items():
-                    assert other["tasks"][task]["probs"][cls] == pytest.approx(p, abs=2e-6)
+                    assert other["tasks"][task]["probs"][cls] == pytest.approx(p, abs=1e-5)  # batch order: float32 noise
