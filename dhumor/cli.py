@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from .errors import DHumorError
+from .errors import EXIT_USAGE, ConfigError, DHumorError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # Settings the data module needs from the model: written once, under model:, in a config.
@@ -176,9 +176,10 @@ def cmd_score(args) -> int:
     from .cache import StageCache
     from .ocr import create_ocr
     from .pipeline import Pipeline
-    from .results_file import ResultsFile
+    from .results_file import ResultsFile, claim_output, output_files
     from .scoring import Scorer, collect_items, in_shard, parse_shard
 
+    claim_output(args.out)  # a bad --out, or another run on it, is refused before any model loads
     shard = parse_shard(args.shard)
     cache = StageCache(args.cache)
     explainer = None
@@ -194,7 +195,8 @@ def cmd_score(args) -> int:
     if explainer is not None and "reasoning" not in pipe.streams:
         print(f"dhumor score: note: {pipe.checkpoint} has no reasoning stream; explanations are written to the "
               f"rows but do not change its predictions", file=sys.stderr)
-    items = [it for it in collect_items(args.input, args.format, args.images) if in_shard(it.id, shard)]
+    items = [it for it in collect_items(args.input, args.format, args.images, exclude=output_files(args.out))
+             if in_shard(it.id, shard)]
     results = ResultsFile(args.out, pipe.schema)
     scorer = Scorer(pipe, results, batch_size=args.batch_size, workers=args.workers,
                     caption_from_manifest=args.ocr == "none", progress=not args.quiet)
@@ -217,11 +219,14 @@ def cmd_explain(args) -> int:
     from .explain import create_explainer
     from .explain.run import order_items, run_explain
     from .ocr import create_ocr
+    from .results_file import claim_output, output_files
     from .scoring import collect_items, in_shard, parse_shard
 
+    claim_output(args.out, (".jsonl",))
     cache = StageCache(args.cache)
     shard = parse_shard(args.shard)
-    items = [it for it in collect_items(args.input, args.format, args.images) if in_shard(it.id, shard)]
+    items = [it for it in collect_items(args.input, args.format, args.images, exclude=output_files(args.out))
+             if in_shard(it.id, shard)]
     items = order_items(items, args.order, args.seed)[: args.limit]
     engine = args.ocr
     if engine == "auto":
@@ -312,9 +317,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[args.command](args)
+    except ConfigError as e:
+        print(f"dhumor {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except (DHumorError, ValueError) as e:
         print(f"dhumor {args.command}: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        from .results_file import release_output_locks
+
+        release_output_locks()  # the output is free for the next run as soon as this command ends
 
 
 if __name__ == "__main__":

@@ -18,11 +18,11 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from .data.readers import iter_image_files, read_manifest
+from .data.readers import read_manifest, walk_folder
 from .errors import DataError
 from .images import load_image_with_digest
 from .pipeline import Pipeline
-from .results_file import ResultsFile
+from .results_file import ResultsFile, explanation_error
 
 log = logging.getLogger("dhumor")
 
@@ -41,6 +41,7 @@ class ScoreSummary:
     already_done: int = 0
     scored: int = 0
     failed: int = 0
+    explanations_failed: int = 0  # rows scored without their explanation (the reason is in the row)
     interrupted: bool = False
     seconds: float = 0.0
     cache_hits: dict = field(default_factory=dict)
@@ -69,14 +70,17 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
 def in_shard(item_id: str, shard: tuple[int, int]) -> bool:
     """Deterministic by id alone, so every machine agrees whatever order it lists files in."""
     i, n = shard
-    return n == 1 or int(hashlib.sha1(item_id.encode()).hexdigest(), 16) % n == i
+    # surrogateescape: a file name's bytes that are not UTF-8 hash as those bytes
+    return n == 1 or int(hashlib.sha1(item_id.encode("utf-8", "surrogateescape")).hexdigest(), 16) % n == i
 
 
-def collect_items(source: str | Path, format: str = "auto", images: str | Path | None = None) -> list[Item]:
-    """Items of a folder (walked recursively; id = relative path) or a manifest (id = its id)."""
+def collect_items(source: str | Path, format: str = "auto", images: str | Path | None = None,
+                  exclude: Sequence[str | Path] = ()) -> list[Item]:
+    """Items of a folder (walked recursively; id = relative path; every file, each an image or an error row)
+    or a manifest (id = its id). ``exclude``: files never listed (the run's own output inside the folder)."""
     source = Path(source)
     if source.is_dir():
-        return [Item(p.relative_to(source).as_posix(), p) for p in iter_image_files(source)]
+        return [Item(e.id, e.path, error=e.error) for e in walk_folder(source, exclude)]
     res = read_manifest(source, format, images, skip_bad=True)
     items = [Item(m.id, m.image, m.caption) for m in res.memes]
     for e in res.skipped:  # rows that name no usable image still get a row each, with the reason
@@ -194,6 +198,7 @@ class Scorer:
                             summary.errors[r["error"].split(":")[0]] += 1
                         else:
                             summary.scored += 1
+                        summary.explanations_failed += explanation_error(r) is not None
                     bar.update(len(batch))
         except KeyboardInterrupt:
             summary.interrupted = True  # rows written so far are complete; a rerun continues
