@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from .errors import EXIT_USAGE, ConfigError, DHumorError
+from .errors import EXIT_USAGE, CheckpointError, ConfigError, DHumorError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # Settings the data module needs from the model: written once, under model:, in a config.
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[args.command](args)
-    except ConfigError as e:
+    except (ConfigError, CheckpointError) as e:  # found before any work starts: the user fixes the input
         print(f"dhumor {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except (DHumorError, ValueError) as e:

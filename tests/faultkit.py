@@ -7,7 +7,9 @@ or a kernel feature return None / raise ``Unavailable`` with the reason, for cal
 from __future__ import annotations
 
 import contextlib
+import http.server
 import os
+import threading
 import subprocess
 from pathlib import Path
 
@@ -119,3 +121,30 @@ def set_immutable(path: Path, on: bool = True) -> None:
     r = subprocess.run(["chattr", "+i" if on else "-i", str(path)], capture_output=True, text=True)
     if r.returncode != 0:
         raise Unavailable(f"chattr {'+' if on else '-'}i failed: {r.stderr.strip() or 'chattr missing'}")
+
+
+class RefusingServer:
+    """A real local OpenAI-compatible HTTP server that refuses every request (HTTP 403, never retried):
+    every explanation fails at once. ``with RefusingServer() as base_url: ...``"""
+
+    def __enter__(self) -> str:
+        class Refuse(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = b'{"error": "forbidden: no key"}'
+                self.send_response(403)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -289,42 +289,60 @@ def test_fifo_does_not_hang(tmp_path):
 
 
 # ---------------------------------------------------------------- the stage cache
-def _check_cache_keeps_working(path: Path, caplog, expect: str) -> StageCache:
-    caplog.set_level(logging.WARNING, logger="dhumor")
-    caplog.clear()
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def dhumor_warnings():
+    """The "dhumor" logger's warnings (it stops propagating once the CLI has set it up, so pytest's
+    caplog would miss them)."""
+    h = _Records()
+    log = logging.getLogger("dhumor")
+    log.addHandler(h)
+    yield h
+    log.removeHandler(h)
+
+
+def _check_cache_keeps_working(path: Path, dhumor_warnings, expect: str) -> StageCache:
     cache = StageCache(path)
     for i in range(3):
         cache.put("ocr", f"k{i}", b"caption %d" % i)
         assert cache.get("ocr", f"k{i}") == b"caption %d" % i
     assert cache.get_many("ocr", ["k0", "k2", "zz"]) == {"k0": b"caption 0", "k2": b"caption 2"}
     StageCache(path).put("ocr", "again", b"x")  # a second cache object on the same file
-    warnings = [r.getMessage() for r in caplog.records if r.name == "dhumor"]
+    warnings = dhumor_warnings.messages
     assert len(warnings) == 1, warnings  # said once
     assert str(path) in warnings[0] and expect in warnings[0]
     assert expect in cache.problem
     return cache
 
 
-def test_cache_file_that_is_garbage(tmp_path, caplog):
+def test_cache_file_that_is_garbage(tmp_path, dhumor_warnings):
     path = tmp_path / "cache.sqlite"
     path.write_bytes(os.urandom(8192))
-    _check_cache_keeps_working(path, caplog, "file is not a database")
+    _check_cache_keeps_working(path, dhumor_warnings, "file is not a database")
 
 
-def test_cache_on_a_read_only_mount(tmp_path, caplog):
+def test_cache_on_a_read_only_mount(tmp_path, dhumor_warnings):
     try:
         with faultkit.tmpfs(tmp_path / "mnt", "1m") as mnt:
             c = StageCache(mnt / "cache.sqlite")
             c.put("ocr", "old", b"kept")
             c.close()
             faultkit.remount_read_only(mnt)
-            cache = _check_cache_keeps_working(mnt / "cache.sqlite", caplog, "read-only file system")
+            cache = _check_cache_keeps_working(mnt / "cache.sqlite", dhumor_warnings, "read-only file system")
             assert cache.get("ocr", "old") == b"kept"  # what the file holds is still read
     except faultkit.Unavailable as e:
         pytest.skip(str(e))
 
 
-def test_cache_file_that_is_immutable(tmp_path, caplog):
+def test_cache_file_that_is_immutable(tmp_path, dhumor_warnings):
     path = tmp_path / "cache.sqlite"
     c = StageCache(path)
     c.put("ocr", "old", b"kept")
@@ -337,13 +355,13 @@ def test_cache_file_that_is_immutable(tmp_path, caplog):
     except faultkit.Unavailable as e:
         pytest.skip(str(e))
     try:
-        cache = _check_cache_keeps_working(path, caplog, "not writable (read-only or immutable)")
+        cache = _check_cache_keeps_working(path, dhumor_warnings, "not writable (read-only or immutable)")
         assert cache.get("ocr", "old") == b"kept"
     finally:
         faultkit.set_immutable(path, False)
 
 
-def test_cache_on_a_full_disk_names_the_disk_not_the_rollback(tmp_path, caplog):
+def test_cache_on_a_full_disk_names_the_disk_not_the_rollback(tmp_path, dhumor_warnings):
     try:
         with faultkit.tmpfs(tmp_path / "mnt", "256k") as mnt:
             path = mnt / "cache.sqlite"
@@ -351,13 +369,12 @@ def test_cache_on_a_full_disk_names_the_disk_not_the_rollback(tmp_path, caplog):
             c.put("ocr", "old", b"kept")
             c.close()
             faultkit.fill_up(mnt)
-            caplog.set_level(logging.WARNING, logger="dhumor")
             cache = StageCache(path)
             big = os.urandom(64 * 1024)
             cache.put_many("features", [(f"k{i}", big) for i in range(8)])  # does not fit
             assert cache.get("features", "k7") == big  # kept in memory for this run
             assert cache.get("ocr", "old") == b"kept"  # what the file holds is still read
-            warnings = [r.getMessage() for r in caplog.records if r.name == "dhumor"]
+            warnings = dhumor_warnings.messages
             assert len(warnings) == 1 and str(path) in warnings[0] and "full" in warnings[0]
             assert "rollback" not in warnings[0]
             cache.close()
