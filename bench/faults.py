@@ -177,11 +177,10 @@ def two_runs(b: Bench, suffix: str):
     expected = images(src, 100, start=200)
     out = src.parent / f"r{suffix}"
     procs = [b.run("score", str(src), "--out", str(out), "--ocr", "none", "--quiet", background=True) for _ in range(2)]
-    for p in procs:
-        p.communicate(timeout=900)
+    errs = [p.communicate(timeout=900)[1] for p in procs]
     codes = sorted(p.returncode for p in procs)
-    refused = [p for p in procs if p.returncode == 2]
-    msg = refused[0].stderr.strip().splitlines()[-1] if refused else ""
+    refused = [e for p, e in zip(procs, errs) if p.returncode == 2]
+    msg = refused[0].strip().splitlines()[-1] if refused else ""
     lost, dup = tally(out, expected)
     ok = codes == [0, 2] and "already writing this file" in msg and lost == dup == 0
     return f"exits {codes}; {len(ids_in(out))} rows for {len(expected)} images; second: {msg[:90]}", ok, lost, dup

@@ -173,13 +173,14 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_score(args) -> int:
+    from .results_file import ResultsFile, claim_output, output_files
+
+    claim_output(args.out)  # a bad --out, or another run on it, is refused at once, before torch is imported
     from .cache import StageCache
     from .ocr import create_ocr
     from .pipeline import Pipeline
-    from .results_file import ResultsFile, claim_output, output_files
     from .scoring import Scorer, collect_items, in_shard, parse_shard
 
-    claim_output(args.out)  # a bad --out, or another run on it, is refused before any model loads
     shard = parse_shard(args.shard)
     cache = StageCache(args.cache)
     explainer = None
@@ -215,14 +216,15 @@ def cmd_score(args) -> int:
 def cmd_explain(args) -> int:
     from pathlib import Path
 
+    from .results_file import claim_output, output_files
+
+    claim_output(args.out, (".jsonl",))
     from .cache import StageCache
     from .explain import create_explainer
     from .explain.run import order_items, run_explain
     from .ocr import create_ocr
-    from .results_file import claim_output, output_files
     from .scoring import collect_items, in_shard, parse_shard
 
-    claim_output(args.out, (".jsonl",))
     cache = StageCache(args.cache)
     shard = parse_shard(args.shard)
     items = [it for it in collect_items(args.input, args.format, args.images, exclude=output_files(args.out))
