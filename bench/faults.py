@@ -461,7 +461,7 @@ def bad_out(b: Bench, make: Callable[[Path], Path], must: list[str]):
         ok = p.returncode == 2 and traceback_free(p) and all(m in msg for m in must) and len(p.stderr.strip().splitlines()) == 1
         return f"exit {p.returncode}: {msg[:140]}", ok, 0, 0
     finally:
-        subprocess.run(["umount", "-l", str(d / "mnt")], capture_output=True)
+        faultkit.unmount(d / "mnt")
 
 
 @case("--out is a folder", "traceback naming the path")
@@ -472,7 +472,7 @@ def out_dir(b: Bench):
 @case("--out in a read-only place", "traceback naming the path")
 def out_ro(b: Bench):
     def make(d):
-        faultkit.tmpfs(d / "mnt").__enter__()
+        faultkit.mount_tmpfs(d / "mnt")
         faultkit.remount_read_only(d / "mnt")
         return d / "mnt" / "r.jsonl"
     return bad_out(b, make, ["Read-only file system"])

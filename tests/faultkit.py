@@ -88,15 +88,25 @@ def remove_tree(root: Path) -> None:
 @contextlib.contextmanager
 def tmpfs(where: Path, size: str = "64k"):
     """A real tmpfs of ``size`` mounted at ``where`` (root only); yields the mount point."""
+    mount_tmpfs(where, size)
+    try:
+        yield where
+    finally:
+        unmount(where)
+
+
+def mount_tmpfs(where: Path, size: str = "64k") -> Path:
+    """Mount a real tmpfs of ``size`` at ``where`` (root only); :func:`unmount` removes it."""
     where.mkdir(parents=True, exist_ok=True)
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
                        capture_output=True, text=True)
     if r.returncode != 0:
         raise Unavailable(f"cannot mount a tmpfs here: {r.stderr.strip() or r.returncode}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+    return where
+
+
+def unmount(where: Path) -> None:
+    subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
 def remount_read_only(where: Path) -> None:
