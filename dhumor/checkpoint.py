@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
+from .checkpoint_meta import FORMAT, validate_meta
 from .encoders.registry import get_entry
 from .errors import CheckpointError
 
-FORMAT = "dhumor-checkpoint/1"
 WEIGHTS, META = "model.safetensors", "dhumor.json"
 
 
@@ -118,12 +118,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         meta_path, weights_path = d / META, (d / WEIGHTS if path.is_dir() else path)
         if not meta_path.exists() or not weights_path.exists():
             raise CheckpointError(f"{d}: a dhumor checkpoint needs {META} and {WEIGHTS}")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{meta_path}: invalid JSON ({e})") from None
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{meta_path}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+        meta = validate_meta(_read_json(meta_path), str(meta_path))
         try:
             return meta, load_file(weights_path)
         except Exception as e:
@@ -134,10 +129,35 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         except Exception as e:
             raise CheckpointError(f"{path}: refused to load (only plain tensors and values are accepted; "
                                   f"pickled code is never run): {str(e).splitlines()[0][:300]}") from None
-        if "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
             raise CheckpointError(f"{path}: not a Lightning checkpoint of a dhumor model")
-        return {**checkpoint_meta(ckpt["hyper_parameters"]), **fitted_beside(path)}, ckpt["state_dict"]
+        try:
+            meta = checkpoint_meta(ckpt["hyper_parameters"])
+        except (KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{path}: damaged hyper_parameters: {type(e).__name__}: {e}") from None
+        return validate_meta({**meta, **fitted_beside(path)}, str(path)), ckpt["state_dict"]
     raise CheckpointError(f"{path}: expected a checkpoint directory, a .safetensors or a .ckpt file")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def read_meta(path: str | Path) -> dict:
+    """The validated ``dhumor.json`` of a checkpoint directory, without loading the weights (cheap:
+    for checks before a model loads, e.g. the task schema that names a CSV output's columns)."""
+    path = Path(path)
+    d = path if path.is_dir() else path.parent
+    if path.suffix == ".ckpt":
+        return read_checkpoint(path)[0]
+    if not (d / META).exists():
+        raise CheckpointError(f"{d}: a dhumor checkpoint needs {META} and {WEIGHTS}")
+    return validate_meta(_read_json(d / META), str(d / META))
 
 
 FITTED_KEYS = ("thresholds", "calibration", "reasoning_source")
@@ -168,7 +188,7 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu"):
         hp["pretrained"] = False  # every encoder weight is in the checkpoint
     try:
         module = DHumorModule(**hp)
-    except TypeError as e:
+    except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: hyperparameters do not fit this dhumor version: {e}") from None
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -242,12 +242,14 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_score(args) -> int:
+    from .results_file import ResultsFile, claim_output, output_files
+
+    claim_output(args.out)  # a bad --out, or another run on it, is refused at once, before torch is imported
     from .cache import StageCache
     from .items import collect_items, in_shard, parse_shard
     from .ocr import create_ocr
     from .pipeline import Pipeline
     from .preflight import check_checkpoint, check_explainer, check_input, check_ocr
-    from .results_file import ResultsFile
     from .schema import TaskSchema
     from .scoring import Scorer
 
@@ -258,7 +260,8 @@ def cmd_score(args) -> int:
     check_explainer(args.explain, args.explain_model, args.base_url)
     ckpt, meta = check_checkpoint(args.checkpoint)
     results = ResultsFile(args.out, TaskSchema.from_dict(meta["schema"]))
-    items = [it for it in collect_items(source, args.format, args.images) if in_shard(it.id, shard)]
+    items = [it for it in collect_items(source, args.format, args.images, exclude=output_files(args.out))
+             if in_shard(it.id, shard)]
 
     cache = StageCache(args.cache)
     explainer = _explainer_from_args(args, cache) if args.explain != "none" else None
@@ -284,6 +287,9 @@ def cmd_score(args) -> int:
 def cmd_explain(args) -> int:
     from pathlib import Path
 
+    from .results_file import claim_output, output_files
+
+    claim_output(args.out, (".jsonl",))
     from .cache import StageCache
     from .explain.run import order_items, run_explain
     from .items import collect_items, in_shard, parse_shard
@@ -299,10 +305,9 @@ def cmd_explain(args) -> int:
     if engine == "auto":
         engine = "none" if source.suffix.lower() in (".jsonl", ".json", ".csv", ".xlsx") else "rapidocr"
     check_ocr(engine)
-    if not str(args.out).endswith(".jsonl"):
-        raise ConfigError(f"--out {args.out}: explanations are written as JSONL; name the file *.jsonl")
     cache = StageCache(args.cache)
-    items = [it for it in collect_items(source, args.format, args.images) if in_shard(it.id, shard)]
+    items = [it for it in collect_items(source, args.format, args.images, exclude=output_files(args.out))
+             if in_shard(it.id, shard)]
     items = order_items(items, args.order, args.seed)[: args.limit]
     ocr = create_ocr(engine, cache)
     if args.ocr in ("rapidocr", "easyocr"):  # asked for OCR explicitly: it wins over a manifest's text
@@ -357,6 +362,7 @@ def cmd_ocr(args) -> int:
     from .items import collect_items
     from .ocr import OCR
     from .preflight import check_input, check_ocr
+    from .results_file import dumps_row
 
     source = check_input(args.input)
     check_ocr(args.ocr)
@@ -367,10 +373,10 @@ def cmd_ocr(args) -> int:
             if it.error:
                 raise DataError(it.path, it.error)
             text = ocr.read_file(it.path)
-            print(json.dumps({"id": it.id, "path": str(it.path), "text": text}, ensure_ascii=False))
+            print(dumps_row({"id": it.id, "path": str(it.path), "text": text}))
         except DHumorError as e:
             failed += 1
-            print(json.dumps({"id": it.id, "path": str(it.path), "error": str(e)}, ensure_ascii=False))
+            print(dumps_row({"id": it.id, "path": str(it.path), "error": str(e)}))
     return EXIT_ROWS_FAILED if failed else EXIT_OK
 
 
@@ -424,6 +430,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except Exception as e:
         return _report(args.command, e, debug)
+    finally:
+        from .results_file import release_output_locks
+
+        release_output_locks()  # the output is free for the next run as soon as this command ends
 
 
 if __name__ == "__main__":

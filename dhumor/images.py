@@ -7,9 +7,11 @@ the occasional decompression bomb. :func:`load_image` returns an 8-bit RGB image
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -17,8 +19,29 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
+from .longpaths import open_fd
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
+try:  # HEIC/HEIF (phone photos) decode when the optional pillow-heif package is installed
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+except ImportError:
+    pass
+
+Image.init()
+_PIL_EXTENSIONS = set(Image.registered_extensions())
+# Raster formats a meme folder holds; the optional ones count only when this Pillow decodes them.
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".ico"} | (
+    {".avif", ".heic", ".heif"} & _PIL_EXTENSIONS)
+# Why a file of a known, unreadable type gets no prediction (used in its error row).
+_UNSUPPORTED = {
+    ".svg": "SVG is a vector format; dhumor reads raster images (convert it to PNG)",
+    ".svgz": "SVG is a vector format; dhumor reads raster images (convert it to PNG)",
+    ".avif": "AVIF needs a Pillow built with AVIF support (Pillow >= 11.3 wheels); convert it to PNG or JPEG",
+    ".heic": "HEIC needs the optional pillow-heif package (pip install pillow-heif); or convert it to JPEG",
+    ".heif": "HEIF needs the optional pillow-heif package (pip install pillow-heif); or convert it to JPEG",
+    ".pdf": "PDF is a document, not an image (export the page as PNG)",
+}
 DEFAULT_MAX_PIXELS = 50_000_000  # ~7000x7000: far above any meme, far below a bomb
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024
 
@@ -27,29 +50,56 @@ def is_image_name(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
+def _unrecognised(name: str | Path) -> str:
+    """The reason an undecodable file gets no prediction, from what its name says it is."""
+    suffix = Path(str(name)).suffix.lower()
+    if suffix in IMAGE_EXTENSIONS:
+        return "not a recognised image format"
+    if suffix in _UNSUPPORTED:
+        return f"unsupported file type {suffix}: {_UNSUPPORTED[suffix]}"
+    kind = f"a {suffix} file" if suffix else "a file without an extension"
+    return f"not an image ({kind}); supported: {' '.join(sorted(IMAGE_EXTENSIONS))}"
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
 def read_image_bytes(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
-    """The file's bytes, or an ImageError saying why they cannot be read."""
+    """The file's bytes, or an ImageError saying why they cannot be read.
+
+    Works at any path length (past PATH_MAX through relative opens) and checks the opened file,
+    not the name, so a file swapped or deleted meanwhile cannot slip through."""
     path = Path(path)
     try:
-        st = os.stat(path)  # follows links: a symlink loop raises ELOOP here
+        # Follows links (a link loop raises ELOOP); O_NONBLOCK so that a FIFO cannot hang the batch.
+        fd = open_fd(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise ImageError(path, "file not found") from None
+        raise ImageError(path, "broken link: its target does not exist" if os.path.islink(path)
+                         else "file not found") from None
     except OSError as e:
+        if e.errno == errno.ENXIO:  # a socket, or a device without a driver
+            raise ImageError(path, "not a regular file") from None
         raise ImageError(path, f"cannot read file: {e.strerror or e}") from None
-    if not path.is_file():
-        raise ImageError(path, "not a regular file")
-    if st.st_size == 0:
-        raise ImageError(path, "empty file (0 bytes)")
-    if st.st_size > max_bytes:
-        raise ImageError(path, f"file is {st.st_size:,} bytes, over the {max_bytes:,}-byte limit")
     try:
-        return path.read_bytes()
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(path, "not a regular file")
+        if st.st_size == 0:
+            raise ImageError(path, "empty file (0 bytes)")
+        if st.st_size > max_bytes:
+            raise ImageError(path, f"file is {st.st_size:,} bytes, over the {max_bytes:,}-byte limit")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(max_bytes + 1)
     except OSError as e:
         raise ImageError(path, f"cannot read file: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    if not data:
+        raise ImageError(path, "empty file (0 bytes)")
+    if len(data) > max_bytes:  # it grew after the size check
+        raise ImageError(path, f"file is over the {max_bytes:,}-byte limit")
+    return data
 
 
 def decode_image(data: bytes, name: str | Path = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -61,7 +111,7 @@ def decode_image(data: bytes, name: str | Path = "<bytes>", max_pixels: int = DE
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise ImageError(name, "not a recognised image format") from None
+        raise ImageError(name, _unrecognised(name)) from None
     except Image.DecompressionBombError as e:
         raise ImageError(name, f"refused: {e}") from None
     except Exception as e:  # PIL raises many types on garbage headers

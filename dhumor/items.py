@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from .errors import DataError
 from .images import is_image_name
@@ -58,16 +59,19 @@ def is_single_image(source: Path, format: str = "auto") -> bool:
         and (is_image_name(source) or source.is_file())
 
 
-def collect_items(source: str | Path, format: str = "auto", images: str | Path | None = None) -> list[Item]:
-    """Items of one image file (id = its name), a folder (walked recursively; id = relative path) or a
-    manifest (id = its id; rows naming no usable image become items with an ``error``)."""
-    from .data.readers import iter_image_files, read_manifest
+def collect_items(source: str | Path, format: str = "auto", images: str | Path | None = None,
+                  exclude: Sequence[str | Path] = ()) -> list[Item]:
+    """Items of one image file (id = its name), a folder (walked recursively; id = relative path; every
+    file, an image or an item with the ``error`` that says why not) or a manifest (id = its id; rows
+    naming no usable image become items with an ``error``). ``exclude``: files never listed (the
+    run's own output inside the folder)."""
+    from .data.readers import read_manifest, walk_folder
 
     source = Path(source)
     if not source.exists() and not source.is_symlink():
         raise DataError(source, "not found (expected an image file, a folder of memes or a manifest)")
     if source.is_dir():
-        return [Item(p.relative_to(source).as_posix(), p) for p in iter_image_files(source)]
+        return [Item(e.id, e.path, error=e.error) for e in walk_folder(source, exclude)]
     if is_single_image(source, format):
         return [Item(source.name, source)]
     res = read_manifest(source, format, images, skip_bad=True)

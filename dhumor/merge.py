@@ -7,23 +7,45 @@ import os
 from pathlib import Path
 
 from .errors import DataError
+from .results_file import FORMATS, acquire_output_lock, check_output_path, release_output_lock, unescape_text
+
+
+def _row_id(line: bytes, width: int | None, path: str | Path, n: int) -> str:
+    """The exact id of one row (CSV ids unescaped, so two spellings of one name cannot both pass);
+    ``width``: the CSV header's number of columns (None for JSONL)."""
+    try:
+        text = line.decode("utf-8")
+        if width is not None:
+            fields = next(csv.reader([text]))
+            if len(fields) != width:
+                raise TypeError
+            return unescape_text(fields[0])
+        rid = json.loads(text)["id"]
+        if not isinstance(rid, str):
+            raise TypeError
+        return rid
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, IndexError, StopIteration):
+        raise DataError(path, "damaged row (torn or edited): fix or delete it, or rerun that shard", n) from None
 
 
 def merge_results(inputs: list[str | Path], out: str | Path) -> int:
     """Concatenate JSONL (or CSV) shard outputs, refusing an id that appears twice; write-then-rename."""
-    out = Path(out)
+    out = check_output_path(out)
     suffixes = {Path(p).suffix.lower() for p in inputs} | {out.suffix.lower()}
-    if len(suffixes) != 1 or suffixes - {".jsonl", ".csv"}:
+    if len(suffixes) != 1 or suffixes - set(FORMATS):
         raise DataError(out, "merge inputs and output must all be .jsonl or all .csv")
     csv_mode = out.suffix.lower() == ".csv"
     seen: dict[str, str] = {}
-    lines: list[str] = []
+    lines: list[bytes] = []
     header = None
     for p in inputs:
-        text = Path(p).read_text(encoding="utf-8")
-        rows = text.splitlines()
-        if text and not text.endswith("\n"):
+        try:
+            data = Path(p).read_bytes()
+        except OSError as e:
+            raise DataError(p, f"cannot read: {e.strerror or e}") from None
+        if data and not data.endswith(b"\n"):
             raise DataError(p, "ends in a torn line: rerun its `dhumor score` command to finish it first")
+        rows = data.split(b"\n")[:-1]  # only "\n" ends a row (a name may hold other line breaks)
         if csv_mode:
             if not rows:
                 continue
@@ -35,17 +57,21 @@ def merge_results(inputs: list[str | Path], out: str | Path) -> int:
         for n, line in enumerate(rows, 2 if csv_mode else 1):
             if not line.strip():
                 continue
-            rid = json.loads(line)["id"] if not csv_mode else next(csv.reader([line]))[0]
+            rid = _row_id(line, len(next(csv.reader([header.decode("utf-8", "replace")]))) if csv_mode else None, p, n)
             if rid in seen:
                 raise DataError(p, f"id {rid!r} is also in {seen[rid]}: shards overlap", n)
             seen[rid] = str(p)
             lines.append(line)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        if header is not None:
-            fh.write(header + "\n")
-        fh.writelines(line + "\n" for line in lines)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, out)
+    key = acquire_output_lock(out)  # no `dhumor score` may be appending to the merged file meanwhile
+    try:
+        tmp = out.with_name(out.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            if header is not None:
+                fh.write(header + b"\n")
+            fh.writelines(line + b"\n" for line in lines)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    finally:
+        release_output_lock(key)
     return len(lines)

@@ -1,63 +1,352 @@
 """Result files that survive being killed at any moment: one row per meme, exactly once.
 
 Rows are appended as whole lines and fsynced; a run killed mid-write leaves at most a torn last
-line, which the next run cuts off (and recomputes) before appending. Text fields never contain a
-raw newline (JSON escapes them; CSV stores them as the two characters ``\\n``), so "one line =
-one row" holds for both formats.
+line, which the next run cuts off (and recomputes) before appending. A row never holds a raw
+newline, so "one line = one row" holds for both formats:
+
+- JSONL: standard JSON; a file name's bytes that are not UTF-8 (kept by Python as surrogate
+  escapes) are written as ``\\udcXX`` escapes, which ``json.loads`` turns back into the same name.
+- CSV: every text field is backslash-escaped (``\\\\``, ``\\n``, ``\\r``, ``\\xHH`` for a byte that is
+  not UTF-8), so a file name with a newline or an invalid byte comes back exactly
+  (:func:`unescape_text`).
+
+Every row is validated when a file is resumed: a torn or damaged row anywhere in the file is
+reported with its line number, never taken as done. One run at a time writes a file: an OS lock
+(``flock`` on ``<out>.lock``) is held for the run, and a second run on the same output refuses at
+once with a :class:`~dhumor.errors.ConfigError`. (Refusing rather than cooperating: two runs that
+split one folder would need to claim rows from each other; ``--shard i/n`` with one output per
+shard and ``dhumor merge`` already do that, with no shared file to fight over.)
 """
 from __future__ import annotations
 
 import csv
+import errno
+import fcntl
 import io
+import itertools
 import json
+import math
 import os
+import re
+import threading
+import weakref
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
+from .errors import ConfigError
 from .schema import TaskSchema
 
 STAGES = ("decode", "ocr", "explain", "features", "model")
+FORMATS = (".jsonl", ".csv")
+
+
+# ---------------------------------------------------------------- escaping
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_CSV_SPECIAL = re.compile("[\\\\\n\r\ud800-\udfff]")
+_CSV_ESCAPE = re.compile(r"\\(\\|n|r|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4})")
+
+
+def _escape_char(c: str) -> str:
+    if c == "\\":
+        return "\\\\"
+    if c == "\n":
+        return "\\n"
+    if c == "\r":
+        return "\\r"
+    o = ord(c)
+    return f"\\x{o - 0xDC00:02x}" if 0xDC80 <= o <= 0xDCFF else f"\\u{o:04x}"
+
+
+def escape_text(s: str) -> str:
+    """A CSV field's text on one line, reversibly: see :func:`unescape_text`.
+
+    >>> escape_text("a\\nb\\\\c" + "\\udcff")
+    'a\\\\nb\\\\\\\\c\\\\xff'
+    """
+    return _CSV_SPECIAL.sub(lambda m: _escape_char(m.group()), s)
+
+
+def _unescape_match(m: re.Match) -> str:
+    e = m.group(1)
+    if e == "\\":
+        return "\\"
+    if e == "n":
+        return "\n"
+    if e == "r":
+        return "\r"
+    if e[0] == "x":
+        return chr(0xDC00 + int(e[1:], 16))  # the surrogate escape of that byte
+    return chr(int(e[1:], 16))
+
+
+def unescape_text(s: str) -> str:
+    """The exact text :func:`escape_text` was given (a file name's invalid bytes as surrogate escapes).
+
+    >>> unescape_text(escape_text("x\\r\\ny" + "\\udc80")) == "x\\r\\ny" + "\\udc80"
+    True
+    """
+    return _CSV_ESCAPE.sub(_unescape_match, s) if "\\" in s else s
+
+
+def dumps_row(row: dict) -> str:
+    """One JSON line; lone surrogates (a file name's non-UTF-8 bytes) as ``\\uXXXX`` escapes, so the
+    line is valid UTF-8 and ``json.loads`` gives back the exact name."""
+    text = json.dumps(row, ensure_ascii=False)
+    # Surrogates can only occur inside JSON strings, where a \\u escape means the same character.
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+# ---------------------------------------------------------------- CSV layout
+def _col(c: str) -> str:
+    return c.replace(" ", "_").replace("/", "_")
 
 
 def csv_columns(schema: TaskSchema) -> list[str]:
     cols = ["id", "path", "sha256", "caption", "caption_source", "flagged", "decision_probability"]
     for t in schema.tasks:
         cols.append(f"{t.name}_label")
-        cols += [f"{t.name}_p_{c.replace(' ', '_').replace('/', '_')}" for c in t.classes]
+        cols += [f"{t.name}_p_{_col(c)}" for c in t.classes]
     return cols + ["explanation", "explanation_error", "error", "error_kind"] + [f"seconds_{s}" for s in STAGES]
 
 
+def explanation_error(row: dict) -> str | None:
+    """Why a row's explanation failed (None when it did not fail, or none was asked for).
+
+    Works on scoring rows as written (the explanation's audit trail) and as read back from CSV."""
+    if row.get("explanation_error"):
+        return row["explanation_error"]
+    trail = row.get("explanation_trail")
+    if isinstance(trail, dict) and trail.get("status") == "failed":
+        return trail.get("error") or trail.get("stop_reason") or "explanation failed"
+    return None
+
+
 def _flat(row: dict, schema: TaskSchema) -> dict:
-    out = {k: row.get(k) for k in ("id", "path", "sha256", "caption", "caption_source", "explanation",
-                                   "explanation_error", "error", "error_kind")}
+    out = {k: row.get(k) for k in ("id", "path", "sha256", "caption", "caption_source", "explanation", "error",
+                                   "error_kind")}
+    out["explanation_error"] = explanation_error(row)
     dec = row.get("decision") or {}
     out["flagged"], out["decision_probability"] = dec.get("flagged"), dec.get("probability")
     for t in schema.tasks:
         tr = (row.get("tasks") or {}).get(t.name) or {}
         out[f"{t.name}_label"] = tr.get("label")
         for c in t.classes:
-            out[f"{t.name}_p_{c.replace(' ', '_').replace('/', '_')}"] = (tr.get("probs") or {}).get(c)
+            out[f"{t.name}_p_{_col(c)}"] = (tr.get("probs") or {}).get(c)
     for s in STAGES:
         out[f"seconds_{s}"] = (row.get("timings") or {}).get(s)
-    return {k: (v.replace("\r", "").replace("\n", "\\n") if isinstance(v, str) else v) for k, v in out.items()}
+    return {k: (escape_text(v) if isinstance(v, str) else v) for k, v in out.items()}
 
 
+def _is_float(s: str) -> bool:
+    try:
+        return math.isfinite(float(s))
+    except ValueError:
+        return False
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _csv_row_problem(row: dict, schema: TaskSchema) -> str | None:
+    """Why a CSV row read back is not a complete scoring row (None when it is)."""
+    if not row["id"]:
+        return "no id"
+    if row["error"]:
+        return None  # an error row: the reason is all it must hold
+    if not _SHA256.fullmatch(row["sha256"]):
+        return "sha256 is not 64 hex digits"
+    if row["flagged"] not in ("True", "False"):
+        return f"flagged is {row['flagged']!r}, not True or False"
+    if not _is_float(row["decision_probability"]):
+        return f"decision_probability {row['decision_probability']!r} is not a number"
+    for t in schema.tasks:
+        label = row[f"{t.name}_label"]
+        if label not in t.classes and not (t.gate and label == ""):
+            return f"{t.name}_label {label!r} is not one of {list(t.classes)}"
+        for c in t.classes:
+            v = row[f"{t.name}_p_{_col(c)}"]
+            if not _is_float(v):
+                return f"{t.name}_p_{_col(c)} {v!r} is not a number"
+    for s in STAGES:
+        v = row[f"seconds_{s}"]
+        if v and not _is_float(v):
+            return f"seconds_{s} {v!r} is not a number"
+    return None
+
+
+# ---------------------------------------------------------------- the output path and its lock
+def check_output_path(path: str | Path, formats: Iterable[str] = FORMATS) -> Path:
+    """Refuse an unusable ``--out`` in one line (ConfigError): a folder, a special file, a wrong suffix."""
+    path = Path(path)
+    formats = tuple(formats)
+    wanted = " or ".join(formats)
+    if path.is_dir():
+        raise ConfigError(f"--out {path}: is a folder; give a file name ending in {wanted}")
+    if path.suffix.lower() not in formats:
+        got = f"ends in {path.suffix!r}" if path.suffix else "has no suffix"
+        raise ConfigError(f"--out {path}: {got}; give a file name ending in {wanted}")
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"--out {path}: exists and is not a regular file")
+    return path
+
+
+_HELD: dict[str, tuple[int, set[int]]] = {}  # lock file -> (its fd, the claims on it in this process)
+_HELD_GUARD = threading.Lock()
+_CLAIMS = itertools.count(1)
+
+
+def output_files(path: str | Path) -> list[Path]:
+    """The files a run on ``path`` writes (the output, its lock, its rewrite): never inputs of that run."""
+    path = Path(path)
+    return [path, path.with_name(path.name + ".lock"), path.with_name(path.name + ".tmp")]
+
+
+def _lock_file(path: Path) -> str:
+    return os.path.abspath(path.with_name(path.name + ".lock"))
+
+
+def _holder(lock: str) -> str:
+    try:
+        pid = Path(lock).read_text().strip()
+    except OSError:
+        pid = ""
+    return f"pid {pid}" if pid.isdigit() else "another process"
+
+
+def acquire_output_lock(path: str | Path) -> tuple[str, int]:
+    """Hold the OS lock of ``path`` for this process (claims within one process share it); ConfigError when
+    another process holds it or the place is not writable. Returns the claim for :func:`release_output_lock`."""
+    path = Path(path)
+    key = _lock_file(path)
+    with _HELD_GUARD:
+        claim = next(_CLAIMS)
+        if key in _HELD:
+            _HELD[key][1].add(claim)
+            return key, claim
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"--out {path}: cannot create its folder: {e.strerror or e}") from None
+        while True:
+            try:
+                fd = os.open(key, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                raise ConfigError(f"--out {path}: cannot write there: {e.strerror or e}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise ConfigError(f"--out {path}: {_holder(key)} is already writing this file; wait for it "
+                                      f"to finish (then rerun to resume), or give another --out") from None
+                raise ConfigError(f"--out {path}: cannot lock {key}: {e.strerror or e}") from None
+            # A run that just finished may have removed the lock file between our open and flock:
+            # then we hold a lock nobody else can see; start over on the file that is there now.
+            try:
+                st, mine = os.stat(key), os.fstat(fd)
+                if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:
+            pass  # the pid is only for the message a second run prints
+        _HELD[key] = (fd, {claim})
+        return key, claim
+
+
+def _unlock(key: str) -> None:
+    fd, _ = _HELD.pop(key)
+    try:
+        os.unlink(key)  # while still locked, so no other run can be holding this file
+    except OSError:
+        pass
+    os.close(fd)
+
+
+def release_output_lock(claim: tuple[str, int]) -> None:
+    """Drop one claim; the OS lock (and its file) goes with the last claim of this process."""
+    key, n = claim
+    with _HELD_GUARD:
+        if key in _HELD and n in _HELD[key][1]:
+            _HELD[key][1].discard(n)
+            if not _HELD[key][1]:
+                _unlock(key)
+
+
+def release_output_locks() -> None:
+    """Release every output lock this process holds (the end of a command, whatever happened in it)."""
+    with _HELD_GUARD:
+        for key in list(_HELD):
+            _unlock(key)
+
+
+def claim_output(path: str | Path, formats: Iterable[str] = FORMATS) -> tuple[str, int]:
+    """Check ``--out`` and take its OS lock for this process, before any model loads, so that a bad path
+    or a second run on the same output is refused at once (ConfigError). A later
+    :meth:`ResultsFile.lock` on the same path in this process shares the lock; returns the claim."""
+    path = check_output_path(path, formats)
+    key = acquire_output_lock(path)
+    if path.exists():
+        try:  # a read-only or immutable file is refused now, not after the first batch
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC))
+        except OSError as e:
+            release_output_lock(key)
+            raise ConfigError(f"--out {path}: cannot write to this file: {e.strerror or e}") from None
+    return key
+
+
+class DamagedResultsError(ConfigError):
+    """A row of an existing results file that is torn or edited (the message names its line)."""
+
+
+# ---------------------------------------------------------------- the file
 class ResultsFile:
-    """Append-only JSONL or CSV of scoring rows, keyed by ``id``."""
+    """Append-only JSONL or CSV of scoring rows, keyed by ``id``, written by one run at a time.
+
+    >>> with ResultsFile("out.jsonl", None) as results:        # doctest: +SKIP
+    ...     done = results.done_ids(); results.append(rows)
+    """
 
     def __init__(self, path: str | Path, schema: TaskSchema | None):
-        """``schema`` names the CSV columns; JSONL rows are free-form (``schema`` may be None)."""
-        self.path = Path(path)
+        """``schema`` names the CSV columns; JSONL rows are free-form (``schema`` may be None, then only
+        JSONL is accepted). Raises ConfigError for an unusable path (a folder, a wrong suffix)."""
+        self.path = check_output_path(path, FORMATS if schema is not None else (".jsonl",))
         self.schema = schema
-        suffix = self.path.suffix.lower()
-        if suffix not in (".jsonl", ".csv") or (suffix == ".csv" and schema is None):
-            raise ValueError(f"{self.path}: output must end in .jsonl" + (" or .csv" if schema else ""))
-        self.csv = suffix == ".csv"
+        self.csv = self.path.suffix.lower() == ".csv"
         self.columns = csv_columns(schema) if schema else []
+        self._lock: tuple[str, int] | None = None
+        self._finalizer = None
+
+    # ------------------------------------------------------------ the run's lock
+    def lock(self) -> "ResultsFile":
+        """Take the file's OS lock for this run (idempotent); ConfigError at once if another run holds
+        it, or if the file or its folder cannot be written. Writing methods take it themselves."""
+        if self._lock is None:
+            key = claim_output(self.path, (self.path.suffix.lower(),))
+            self._lock = key
+            self._finalizer = weakref.finalize(self, release_output_lock, key)
+        return self
+
+    def close(self) -> None:
+        """Release the lock (also released when the object is collected or the process ends)."""
+        if self._finalizer is not None:
+            self._finalizer()
+        self._lock = self._finalizer = None
+
+    def __enter__(self) -> "ResultsFile":
+        return self.lock()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ------------------------------------------------------------ reading / repair
     def repair(self) -> int:
         """Cut a torn last line (a run killed mid-write); returns the bytes removed."""
+        self.lock()
         if not self.path.exists():
             return 0
         size = self.path.stat().st_size
@@ -84,24 +373,56 @@ class ResultsFile:
             os.fsync(fh.fileno())
         return size - keep
 
-    def rows(self) -> list[dict]:
-        """The complete rows in the file (JSONL as written; CSV as flat dicts of strings)."""
+    def _damaged(self, n: int, why: str) -> DamagedResultsError:
+        return DamagedResultsError(f"{self.path}:{n}: damaged row ({why}); it is not taken as done. Delete that line "
+                        f"(or the file) and rerun to score it again")
+
+    def _records(self) -> Iterator[tuple[int, bytes, dict]]:
+        """``(line number, raw line, row)`` of every row, each validated; a torn last line (no newline
+        yet) is left out: :meth:`repair` cuts it."""
         if not self.path.exists():
-            return []
-        text = self.path.read_text(encoding="utf-8")
+            return
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")[:-1]  # what follows the last newline is torn (or empty)
+        start = 1
+        if self.csv and lines:
+            header = lines[0].decode("utf-8", "replace")
+            if header != ",".join(self.columns):
+                raise ConfigError(f"{self.path}: its CSV columns are not this checkpoint's (another model's tasks, "
+                                  f"or an older dhumor); give another --out")
+            lines, start = lines[1:], 2
+        for n, raw in enumerate(lines, start):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise self._damaged(n, "not UTF-8 text") from None
+            yield n, raw, self._parse(n, text)
+
+    def _parse(self, n: int, text: str) -> dict:
         if self.csv:
-            reader = csv.DictReader(io.StringIO(text))
-            if reader.fieldnames and reader.fieldnames != self.columns:
-                raise ValueError(f"{self.path}: CSV columns do not match this checkpoint's tasks; use another --out")
-            return list(reader)
-        out = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise ValueError(f"{self.path}:{n}: not a JSON row; is this a dhumor results file?") from None
-        return out
+            fields = next(csv.reader([text]))
+            if len(fields) != len(self.columns):
+                raise self._damaged(n, f"{len(fields)} fields, expected {len(self.columns)}: torn or edited")
+            row = {c: unescape_text(v) for c, v in zip(self.columns, fields)}
+            why = _csv_row_problem(row, self.schema)
+            if why:
+                raise self._damaged(n, why)
+            return row
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError:
+            raise DamagedResultsError(f"{self.path}:{n}: not a JSON row (torn or edited); is this a dhumor results file? "
+                           f"Delete that line (or the file) and rerun") from None
+        if not isinstance(row, dict) or not isinstance(row.get("id"), str) or not row["id"]:
+            raise self._damaged(n, "a JSON row without an id")
+        return row
+
+    def rows(self) -> list[dict]:
+        """The complete rows in the file (JSONL as written; CSV as flat dicts of strings, text unescaped).
+        Raises ConfigError naming the line of any damaged row."""
+        return [row for _, _, row in self._records()]
 
     def done_ids(self) -> dict[str, bool]:
         """``{id: had_error}`` for every row already written."""
@@ -109,26 +430,21 @@ class ResultsFile:
 
     def drop_ids(self, ids: set[str]) -> None:
         """Rewrite the file without the rows of ``ids`` (write-then-rename: never half-written)."""
-        keep = [r for r in self.rows() if r["id"] not in ids]
+        self.lock()
+        keep = [raw for _, raw, row in self._records() if row["id"] not in ids]
         tmp = self.path.with_name(self.path.name + ".tmp")
-        if self.csv:
-            with open(tmp, "w", encoding="utf-8", newline="") as fh:
-                w = csv.DictWriter(fh, self.columns, lineterminator="\n")
-                w.writeheader()
-                w.writerows(keep)
-                fh.flush()
-                os.fsync(fh.fileno())
-        else:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in keep)
-                fh.flush()
-                os.fsync(fh.fileno())
+        with open(tmp, "wb") as fh:
+            if self.csv:
+                fh.write((",".join(self.columns) + "\n").encode())
+            fh.writelines(raw + b"\n" for raw in keep)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, self.path)
 
     # ------------------------------------------------------------ writing
     def _encode(self, rows: Iterable[dict]) -> str:
         if not self.csv:
-            return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            return "".join(dumps_row(r) + "\n" for r in rows)
         buf = io.StringIO()
         w = csv.DictWriter(buf, self.columns, lineterminator="\n")
         if not self.path.exists() or self.path.stat().st_size == 0:
@@ -140,9 +456,9 @@ class ResultsFile:
         """Append whole rows and fsync, so a crash never loses an acknowledged row."""
         if not rows:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock()
         data = self._encode(rows).encode("utf-8")
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         try:
             view = memoryview(data)
             while view:

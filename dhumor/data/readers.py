@@ -289,25 +289,85 @@ def _find_image(images_dir: Path, mid: str, file: Path, row: int) -> Path:
 
 
 # ---------------------------------------------------------------- plain folders
-def iter_image_files(root: str | Path) -> Iterator[Path]:
-    """Image files under ``root``, recursively, in a stable order; directory links are not followed
-    (a link loop cannot recurse forever), links to files are yielded and fail at decode if broken."""
+@dataclass(frozen=True)
+class FolderEntry:
+    """One file under a folder: its id (the path relative to the root, ``/``-separated; bytes that
+    are not UTF-8 kept as surrogate escapes, exactly as the OS gives them), its path, and, for a
+    file that cannot be listed or followed, the reason it gets an error row instead of a prediction."""
+
+    id: str
+    path: Path
+    error: str | None = None
+
+
+def walk_folder(root: str | Path, exclude: Iterable[str | Path] = ()) -> Iterator[FolderEntry]:
+    """Every file under ``root``, in a stable order (sorted names, a folder's files before its subfolders).
+
+    Nothing is skipped without a word: files of any type are listed (whether they decode is for the
+    image loader to say); a link to a folder, a folder that cannot be opened and a path that cannot be
+    followed each yield an entry with ``error`` set. The walk is iterative (a tree thousands of levels
+    deep is fine) and opens folders by file descriptor, so paths longer than PATH_MAX are listed too.
+    Links to folders are not followed, so a link loop cannot make the walk endless. ``exclude``: paths
+    never listed (the run's own output and its lock file when they live inside the input folder).
+    """
+    from ..longpaths import open_fd
+
     root = Path(root)
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames.sort()
-        for name in sorted(filenames):
-            if is_image_name(name):
-                yield Path(dirpath) / name
+    skip = {os.path.abspath(p) for p in exclude}
+    stack: list[str] = [""]  # folders still to list, as paths relative to root
+    while stack:
+        rel = stack.pop()
+        folder = root / rel if rel else root
+        try:
+            fd = open_fd(folder, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:
+            yield FolderEntry(rel + "/" if rel else ".", folder, f"cannot open folder: {e.strerror or e}")
+            continue
+        files, subdirs = [], []
+        try:
+            with os.scandir(fd) as it:
+                for entry in it:
+                    name = entry.name
+                    try:
+                        is_dir = entry.is_dir(follow_symlinks=False)
+                        link_to_dir = not is_dir and entry.is_symlink() and entry.is_dir(follow_symlinks=True)
+                    except OSError:  # cannot stat: listed, and the loader names the reason
+                        is_dir = link_to_dir = False
+                    (subdirs if is_dir else files).append((name, link_to_dir))
+        except OSError as e:
+            yield FolderEntry(rel + "/" if rel else ".", folder, f"cannot list folder: {e.strerror or e}")
+            continue
+        finally:
+            os.close(fd)
+        for name, link_to_dir in sorted(files):
+            path = folder / name
+            if skip and os.path.abspath(path) in skip:
+                continue
+            error = "a link to a folder: not followed (score the folder it points to instead)" if link_to_dir else None
+            yield FolderEntry(f"{rel}/{name}" if rel else name, path, error)
+        stack.extend(f"{rel}/{name}" if rel else name for name, _ in sorted(subdirs, reverse=True))
+
+
+def iter_image_files(root: str | Path) -> Iterator[Path]:
+    """The path of every entry of :func:`walk_folder` (every file, whatever its type: each one gets a
+    row when scored). :func:`walk_folder` also gives the id and why an entry cannot be followed."""
+    for entry in walk_folder(root):
+        yield entry.path
 
 
 def read_image_folder(root: str | Path) -> ReadResult:
-    """Every image under ``root`` (recursively), unlabelled; the id is the path relative to root."""
+    """Every image under ``root`` (recursively), unlabelled; the id is the path relative to root.
+    Files that are not images by name, or cannot be followed, are in ``skipped`` with the reason."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "not a directory")
-    memes = [Meme(id=p.relative_to(root).as_posix(), image=p, caption=None, labels={}, source=str(p))
-             for p in iter_image_files(root)]
-    return ReadResult(memes)
+    result = ReadResult([])
+    for e in walk_folder(root):
+        if e.error is None and is_image_name(e.id):
+            result.memes.append(Meme(id=e.id, image=e.path, caption=None, labels={}, source=str(e.path)))
+        else:
+            result.skipped.append(DataError(e.path, e.error or "not an image file name"))
+    return result
 
 
 # ---------------------------------------------------------------- dispatch
