@@ -274,13 +274,13 @@ def cmd_score(args) -> int:
     summary = scorer.run(items, retry_errors=args.retry_errors)
     if summary.already_done == summary.total and not summary.interrupted:
         print(f"dhumor score: nothing to do: all {summary.total} memes already have a row in {args.out}", file=sys.stderr)
-    print(json.dumps(summary.to_dict()), file=sys.stderr)
     if summary.interrupted:
         print(f"dhumor score: interrupted; {summary.scored + summary.failed} rows written this run are kept. "
               f"Run the same command again to continue.", file=sys.stderr)
     elif summary.failed_in_output:
         print(f"dhumor score: {summary.failed_in_output} of {summary.total} rows in {args.out} are errors "
               f"(see their 'error' / 'explanation_error' fields); exit code {EXIT_ROWS_FAILED}", file=sys.stderr)
+    print(json.dumps(summary.to_dict()), file=sys.stderr)  # last line: machine-readable summary
     return summary.exit_code
 
 

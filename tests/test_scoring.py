@@ -51,7 +51,7 @@ def test_bad_inputs_never_stop_the_batch(trained, tmp_path, capsys):
     shutil.copy(ROOT / "examples" / "horse.jpg", src / "good.jpg")
     expected["good.jpg"] = ("ok", None)
     out = tmp_path / "r.jsonl"
-    assert _score(trained / "export", src, out, "--ocr", "none", "--batch-size", "4") == 0
+    assert _score(trained / "export", src, out, "--ocr", "none", "--batch-size", "4") == 3  # some rows are errors
     rows = {r["id"]: r for r in _rows(out)}
     files = {k for k in expected if (src / k).is_file() or (src / k).is_symlink()}
     assert set(rows) == files  # one row per file, the directory named *.jpg is not a file
@@ -73,9 +73,9 @@ def test_rerun_does_nothing_and_retry_errors_rescored(trained, tmp_path, capsys)
     shutil.copy(ROOT / "examples" / "horse.jpg", src / "a.jpg")
     (src / "b.jpg").write_bytes(b"")
     out = tmp_path / "r.jsonl"
-    assert _score(trained / "export", src, out, "--ocr", "none") == 0
+    assert _score(trained / "export", src, out, "--ocr", "none") == 3
     capsys.readouterr()
-    assert _score(trained / "export", src, out, "--ocr", "none") == 0
+    assert _score(trained / "export", src, out, "--ocr", "none") == 3  # the output still holds an error row
     assert "nothing to do" in capsys.readouterr().err
     shutil.copy(ROOT / "examples" / "horse.jpg", src / "b.jpg")  # the user fixes the broken file
     assert _score(trained / "export", src, out, "--ocr", "none", "--retry-errors") == 0
@@ -125,9 +125,9 @@ def test_shards_partition_and_merge(trained, tmp_path, capsys):
     merged = tmp_path / "all.jsonl"
     assert main(["merge", *map(str, outs), "--out", str(merged)]) == 0
     assert len(_rows(merged)) == 10
-    assert main(["merge", str(outs[0]), str(outs[0]), "--out", str(merged)]) == 1
+    assert main(["merge", str(outs[0]), str(outs[0]), "--out", str(merged)]) == 2
     assert "shards overlap" in capsys.readouterr().err
-    assert main(["score", str(src), "--checkpoint", str(trained / "export"), "--out", str(merged), "--shard", "2/2"]) == 1
+    assert main(["score", str(src), "--checkpoint", str(trained / "export"), "--out", str(merged), "--shard", "2/2"]) == 2
 
 
 def _start(ckpt, src, out, *extra):
