@@ -328,7 +328,8 @@ def table(rows: list[dict]) -> str:
     head = "| candidate | " + " | ".join(c for _, c in COLS) + " | seconds |\n" + "|---" * (len(COLS) + 2) + "|\n"
     body = ""
     for r in rows:
-        cells = [f"{r['mean'][k]:.3f} ± {r['std'][k]:.3f}" for k, _ in COLS]
+        one = len(r["runs"]) == 1  # a deterministic head (linear probe): one run, no spread
+        cells = [f"{r['mean'][k]:.3f}" + ("" if one else f" ± {r['std'][k]:.3f}") for k, _ in COLS]
         body += f"| {r['candidate']} | " + " | ".join(cells) + f" | {r['seconds']} |\n"
     return head + body
 
@@ -336,7 +337,7 @@ def table(rows: list[dict]) -> str:
 def ensemble_table(val: dict) -> str:
     out = "| candidate | " + " | ".join(c for _, c in COLS) + " |\n" + "|---" * (len(COLS) + 1) + "|\n"
     for name, r in val.items():
-        if "seed_ensemble" in r:
+        if "seed_ensemble" in r and len(r["seeds"]) > 1:
             out += f"| {name}, seeds {r['seeds']} averaged | " + " | ".join(
                 f"{r['seed_ensemble'][k]:.3f}" for k, _ in COLS) + " |\n"
     return out
@@ -371,7 +372,8 @@ def reliability_png(probs_t: list[tuple[np.ndarray, np.ndarray, str]], path: Pat
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--stage", choices=["cv", "val", "all"], default="all")
+    ap.add_argument("--stage", choices=["cv", "val", "all", "report"], default="all",
+                    help="report: only rewrite the .md from the .json")
     ap.add_argument("--only", nargs="*", default=list(CANDIDATES), help="candidates for the CV stage")
     ap.add_argument("--report", nargs="*", default=["base", "concat_caption", "concat_image", "retrieval_k10",
                                                     "ensemble3"],
@@ -399,7 +401,8 @@ def main(argv=None):
               f"Machine: {result['machine']}. Candidates: see CANDIDATES in bench/accuracy_search.py.", "",
               f"## 5-fold cross-validation on Harm-C train (choices made here), mean ± std over folds", "",
               table(list(result["cv"].values())), "",
-              "## Harm-C val (reported, never used to choose), seeds 0 1 2, mean ± sample std", "",
+              "## Harm-C val (reported, never used to choose), seeds 0 1 2, mean ± sample std "
+              "(linear probes are deterministic: one run)", "",
               table(list(result["val"].values())), "",
               "Seed ensembles (the three seeds' models averaged; one number each):", "",
               ensemble_table(result["val"])]
