@@ -40,20 +40,19 @@ def headline(m: dict) -> dict:
             "target_f1": m["target"]["macro_f1"]}
 
 
-def fit_predict(overrides: dict, train_memes, train_feats, eval_memes, eval_feats, dims, seed: int,
-                max_epochs: int, batch_size: int) -> dict:
-    """Train on one part (early stopping on a seeded inner 10%), return metrics on the other."""
+def train_module(overrides: dict, train_memes, train_feats, dims, seed: int, max_epochs: int, batch_size: int,
+                 split_seed: int | None = None):
+    """Train a DHumorModule on one part, early stopping on a seeded inner 10% (seeded by ``split_seed``,
+    default ``seed``); the best module (eval mode) and the memes and features of that inner split."""
     L.seed_everything(seed, workers=True, verbose=False)
     hp = dict(overrides)
+    patience = hp.pop("_patience", 10)
     streams = hp.setdefault("streams", ["image", "caption"])
     module = DHumorModule(input_dims={s: dims[s] for s in streams}, **hp)
     schema = module.schema
-    tr, va = split_train_val(train_memes, 0.1, seed, schema.primary)
+    tr, va = split_train_val(train_memes, 0.1, seed if split_seed is None else split_seed, schema.primary)
     pos = {id(m): i for i, m in enumerate(train_memes)}
     tr_i, va_i = [pos[id(m)] for m in tr], [pos[id(m)] for m in va]
-    collate = feature_collate(schema, {s: dims[s] for s in streams}, hp.get("inputs") == "tokens")
-    mk = lambda ii, ms, fs, sh: DataLoader(FeatureDataset([ms[i] for i in ii], [fs[i] for i in ii]),  # noqa: E731
-                                           batch_size=batch_size, shuffle=sh, collate_fn=collate)
 
     class Counts(L.LightningDataModule):
         def class_counts(self):
@@ -64,25 +63,46 @@ def fit_predict(overrides: dict, train_memes, train_feats, eval_memes, eval_feat
             return out
 
     dm = Counts()
-    dm.train_dataloader = lambda: mk(tr_i, train_memes, train_feats, True)
-    dm.val_dataloader = lambda: mk(va_i, train_memes, train_feats, False)
+    dm.train_dataloader = lambda: _loader(module, [train_memes[i] for i in tr_i], [train_feats[i] for i in tr_i],
+                                          batch_size, True)
+    dm.val_dataloader = lambda: _loader(module, [train_memes[i] for i in va_i], [train_feats[i] for i in va_i],
+                                        batch_size, False)
     ckpt = L.pytorch.callbacks.ModelCheckpoint(monitor="val/macro_f1", mode="max", save_top_k=1,
                                                dirpath=f"/tmp/tune_ckpt/{seed}_{time.time_ns()}")
-    es = L.pytorch.callbacks.EarlyStopping(monitor="val/macro_f1", mode="max", patience=hp.pop("_patience", 10))
+    es = L.pytorch.callbacks.EarlyStopping(monitor="val/macro_f1", mode="max", patience=patience)
     trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[ckpt, es], deterministic=False)
     trainer.fit(module, datamodule=dm)
     best = torch.load(ckpt.best_model_path, weights_only=True)["state_dict"]
+    Path(ckpt.best_model_path).unlink(missing_ok=True)
     module.load_state_dict(best, strict=False)
     module.eval()
-    probs = {t.name: [] for t in schema.tasks}
+    return module, [train_memes[i] for i in va_i], [train_feats[i] for i in va_i]
+
+
+def _loader(module, memes, feats, batch_size: int, shuffle: bool) -> DataLoader:
+    dims = module.hparams.input_dims
+    collate = feature_collate(module.schema, dims, module.hparams.inputs == "tokens")
+    return DataLoader(FeatureDataset(memes, feats), batch_size=batch_size, shuffle=shuffle, collate_fn=collate)
+
+
+def predict_probs(module, memes, feats, dims=None, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Per task, the (N, classes) probabilities of a trained module on cached features."""
+    probs = {t.name: [] for t in module.schema.tasks}
     with torch.no_grad():
-        for batch in mk(range(len(eval_memes)), eval_memes, eval_feats, False):
+        for batch in _loader(module, memes, feats, batch_size, False):
             for k, v in module(batch).items():
                 probs[k].append(v.softmax(-1).numpy())
-    probs = {k: np.concatenate(v) for k, v in probs.items()}
-    labels = {t.name: np.array([m.labels.get(t.name, MISSING) for m in eval_memes]) for t in schema.tasks}
-    return headline(compute_metrics(schema, probs, labels))
+    return {k: np.concatenate(v) for k, v in probs.items()}
+
+
+def fit_predict(overrides: dict, train_memes, train_feats, eval_memes, eval_feats, dims, seed: int,
+                max_epochs: int, batch_size: int) -> dict:
+    """Train on one part (early stopping on a seeded inner 10%), return metrics on the other."""
+    module, _, _ = train_module(overrides, train_memes, train_feats, dims, seed, max_epochs, batch_size)
+    probs = predict_probs(module, eval_memes, eval_feats)
+    labels = {t.name: np.array([m.labels.get(t.name, MISSING) for m in eval_memes]) for t in module.schema.tasks}
+    return headline(compute_metrics(module.schema, probs, labels))
 
 
 def main():

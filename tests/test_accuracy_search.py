@@ -1,0 +1,60 @@
+"""bench/accuracy_search.py: retrieval features never see a meme's own label; ECE and temperature scaling."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+acc = pytest.importorskip("accuracy_search")
+
+
+def _labels(harmful):
+    lab = np.zeros((len(harmful), 8), np.float32)
+    for i, h in enumerate(harmful):
+        lab[i, 0] = h
+        lab[i, 1 + (1 if h else 0)] = 1
+        if h:
+            lab[i, 4] = 1
+    return lab
+
+
+def test_leave_one_out_ignores_own_label():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 8)).astype(np.float32)
+    harmful = np.zeros(20)
+    harmful[3] = 1  # the only harmful meme
+    f = acc.retrieval_features(x, x, _labels(harmful), k=5, same=True)
+    # Meme 3 sees only harmless neighbours: its own label must not leak into its feature.
+    assert f[3, 0] == 0.0
+    assert f[3, -2] < 0.999  # its top similarity is not itself (cosine 1)
+    # Without leave-one-out the meme finds itself first.
+    g = acc.retrieval_features(x, x, _labels(harmful), k=5, same=False)
+    assert g[3, 0] > 0 and g[3, -2] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_duplicate_neighbour_dominates():
+    rng = np.random.default_rng(1)
+    index = rng.normal(size=(30, 16)).astype(np.float32)
+    harmful = np.zeros(30)
+    harmful[7] = 1
+    f = acc.retrieval_features(index[7:8] + 1e-4, index, _labels(harmful), k=10, same=False)
+    assert f[0, 0] > 0.5  # the near-duplicate (harmful) outweighs nine random harmless neighbours
+    assert f[0, 4] == pytest.approx(1.0)  # target of the harmful neighbours only
+
+
+def test_ece_and_temperature():
+    rng = np.random.default_rng(0)
+    n = 4000
+    true_p = rng.choice([0.3, 0.7], n)
+    y = (rng.random(n) < true_p).astype(int)  # calibrated: P(y=1 | p) = p
+    # Overconfident predictions: the log-odds of calibrated ones, times 3.
+    logit = 3 * np.log(true_p / (1 - true_p)) + rng.normal(0, 0.01, n)
+    p1 = 1 / (1 + np.exp(-logit))
+    probs = np.stack([1 - p1, p1], 1)
+    before = acc.ece(probs, y)
+    t = acc.fit_temperature(probs, y)
+    assert t == pytest.approx(3.0, rel=0.1)
+    assert acc.ece(acc.scale(probs, t), y) < before / 5
+    perfect = np.stack([1 - true_p, true_p], 1)
+    assert acc.ece(perfect, y) < 0.03
