@@ -72,6 +72,7 @@ def moderator_labels(schema, meme) -> dict:
 
 
 def run_seed(seed: int, budgets: list[int], n_init: int, work: Path, max_epochs: int) -> list[dict]:
+    from dhumor.checkpoint import load_module
     from dhumor.data.readers import read_manifest
     from dhumor.evaluation import evaluate
     from dhumor.paths import data_root
@@ -94,8 +95,18 @@ def run_seed(seed: int, budgets: list[int], n_init: int, work: Path, max_epochs:
     shas = {m.id: sha256_file(m.image) for m in pool}
     by_sha = {shas[m.id]: m for m in pool}
 
+    encoders: list = []  # one set of frozen encoders for every checkpoint (they share them)
+
+    def pipeline(export: Path) -> Pipeline:
+        if not encoders:
+            encoders.append(Pipeline.from_checkpoint(export).extractor)
+        module = load_module(export)
+        th = (module.checkpoint_meta.get("thresholds") or {}).get("balanced")
+        return Pipeline(module, encoders[0], thresholds={module.schema.primary: th} if th else None,
+                        checkpoint=str(export))
+
     def val_metrics(export: Path) -> dict:
-        m, _ = evaluate(Pipeline.from_checkpoint(export), val_path)
+        m, _ = evaluate(pipeline(export), val_path)
         return {"harmful_macro_f1": round(m["harmful"]["macro_f1"], 4), "harmful_auroc": round(m["harmful"]["auroc"], 4)}
 
     base, secs = fit(work / f"seed{seed}" / "init", seed, init_manifest, images, None, None, max_epochs)
@@ -106,7 +117,7 @@ def run_seed(seed: int, budgets: list[int], n_init: int, work: Path, max_epochs:
         log = ReviewLog(work / f"seed{seed}" / f"{ordering}.sqlite")
         ckpt = base
         for budget in budgets:
-            pipe = Pipeline.from_checkpoint(ckpt)
+            pipe = pipeline(ckpt)
             queue = ReviewQueue(score_rows(pipe, pool, shas), f"harmc-train-pool-seed{seed}", log, pipe.schema,
                                 order=ordering, seed=seed)
             done, _ = queue.progress("simulated")
@@ -192,15 +203,16 @@ def main(argv=None):
     machine = f"{platform.machine()} CPU, {os.cpu_count()} cores, no GPU"
     t0 = time.perf_counter()
     rows = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="dhumor-review-loop-") as tmp:
         for s in args.seeds:
             rows += run_seed(s, sorted(args.budgets), args.init, Path(tmp), args.max_epochs)
-    summary = summarize(rows)
-    result = {"machine": machine, "seeds": args.seeds, "init": args.init, "budgets": args.budgets, "runs": rows,
-              "summary": summary, "wall_seconds": round(time.perf_counter() - t0, 1)}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+            summary = summarize(rows)
+            result = {"machine": machine, "seeds": sorted({r["seed"] for r in rows}), "init": args.init,
+                      "budgets": args.budgets, "max_epochs": args.max_epochs, "runs": rows, "summary": summary,
+                      "wall_seconds": round(time.perf_counter() - t0, 1)}
+            out.write_text(json.dumps(result, indent=1))  # after every seed: a partial run still reports
     out.with_suffix(".md").write_text(markdown(summary, machine))
     plot(summary, Path(args.plot))
     print(markdown(summary, machine))

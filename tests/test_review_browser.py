@@ -37,7 +37,7 @@ def _progress(d):
 
 
 def _current(d):
-    return _progress(d).rsplit("now: ", 1)[-1].strip()
+    return _progress(d).rsplit("now:", 1)[-1].strip()
 
 
 def _checked(d, task):
