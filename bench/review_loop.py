@@ -34,13 +34,14 @@ ORDERINGS = ("uncertain", "random")
 
 
 def fit(run_dir: Path, seed: int, train: Path, images: Path, extra: Path | None, init_from: Path | None,
-        max_epochs: int) -> tuple[Path, float]:
+        max_epochs: int, patience: int) -> tuple[Path, float]:
     """`dhumor fit` (in-process) with configs/harmeme.yaml's model; the export and the fit's wall seconds."""
     from dhumor.cli import main
 
     args = ["fit", "--config", str(ROOT / "configs" / "harmeme.yaml"), "--seed_everything", str(seed),
             "--trainer.default_root_dir", str(run_dir), "--trainer.enable_progress_bar", "false",
-            "--trainer.max_epochs", str(max_epochs), "--data.progress", "false", "--data.train", str(train),
+            "--trainer.max_epochs", str(max_epochs), "--early_stopping.patience", str(patience),
+            "--data.progress", "false", "--data.train", str(train),
             "--data.test", "null", "--data.images", str(images), "--data.split_seed", str(seed)]
     if extra is not None:
         args += ["--data.extra", str(extra)]
@@ -71,7 +72,7 @@ def moderator_labels(schema, meme) -> dict:
     return {t.name: (t.classes[meme.labels[t.name]] if meme.labels[t.name] >= 0 else None) for t in schema.tasks}
 
 
-def run_seed(seed: int, budgets: list[int], n_init: int, work: Path, max_epochs: int) -> list[dict]:
+def run_seed(seed: int, budgets: list[int], n_init: int, work: Path, max_epochs: int, patience: int) -> list[dict]:
     from dhumor.checkpoint import load_module
     from dhumor.data.readers import read_manifest
     from dhumor.evaluation import evaluate
@@ -109,7 +110,7 @@ def run_seed(seed: int, budgets: list[int], n_init: int, work: Path, max_epochs:
         m, _ = evaluate(pipeline(export), val_path)
         return {"harmful_macro_f1": round(m["harmful"]["macro_f1"], 4), "harmful_auroc": round(m["harmful"]["auroc"], 4)}
 
-    base, secs = fit(work / f"seed{seed}" / "init", seed, init_manifest, images, None, None, max_epochs)
+    base, secs = fit(work / f"seed{seed}" / "init", seed, init_manifest, images, None, None, max_epochs, patience)
     out = [{"seed": seed, "ordering": o, "reviewed": 0, "fit_seconds": round(secs, 1), **val_metrics(base)}
            for o in ORDERINGS]
     print(json.dumps(out[0]), flush=True)
@@ -128,7 +129,7 @@ def run_seed(seed: int, budgets: list[int], n_init: int, work: Path, max_epochs:
             rep = export_reviews(log, reviewed)
             assert rep.written == budget, rep.to_dict()
             ckpt, secs = fit(work / f"seed{seed}" / f"{ordering}-{budget}", seed, init_manifest, images, reviewed,
-                             ckpt, max_epochs)
+                             ckpt, max_epochs, patience)
             r = {"seed": seed, "ordering": ordering, "reviewed": budget, "fit_seconds": round(secs, 1),
                  "train_memes": n_init + budget, **val_metrics(ckpt)}
             out.append(r)
@@ -194,12 +195,21 @@ def main(argv=None):
     ap.add_argument("--budgets", type=int, nargs="+", default=[50, 100, 200, 400, 800],
                     help="cumulative memes reviewed after each round")
     ap.add_argument("--init", type=int, default=500, help="seeded train memes of the starting head")
-    ap.add_argument("--max-epochs", type=int, default=40)
+    ap.add_argument("--max-epochs", type=int, default=20)
+    ap.add_argument("--patience", type=int, default=5, help="early stopping on val macro-F1 of the 10%% split")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared 2-core CPU)")
     ap.add_argument("--out", default=str(ROOT / "outputs" / "results" / "review_loop.json"))
     ap.add_argument("--plot", default=str(ROOT / "docs" / "review_loop.png"))
+    ap.add_argument("--report-only", action="store_true", help="only redo the table and plot from --out's JSON")
     args = ap.parse_args(argv)
+    if args.report_only:
+        result = json.loads(Path(args.out).read_text())
+        report(result["summary"], result["machine"], Path(args.out), Path(args.plot))
+        return
     quiet()
-    os.environ.setdefault("DHUMOR_REVIEW_LOG", os.devnull)  # never touch the user's own review log
+    import torch
+
+    torch.set_num_threads(args.threads)
     machine = f"{platform.machine()} CPU, {os.cpu_count()} cores, no GPU"
     t0 = time.perf_counter()
     rows = []
@@ -207,14 +217,19 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="dhumor-review-loop-") as tmp:
         for s in args.seeds:
-            rows += run_seed(s, sorted(args.budgets), args.init, Path(tmp), args.max_epochs)
+            rows += run_seed(s, sorted(args.budgets), args.init, Path(tmp), args.max_epochs, args.patience)
             summary = summarize(rows)
             result = {"machine": machine, "seeds": sorted({r["seed"] for r in rows}), "init": args.init,
-                      "budgets": args.budgets, "max_epochs": args.max_epochs, "runs": rows, "summary": summary,
+                      "budgets": args.budgets, "max_epochs": args.max_epochs, "patience": args.patience,
+                      "torch_threads": args.threads, "runs": rows, "summary": summary,
                       "wall_seconds": round(time.perf_counter() - t0, 1)}
             out.write_text(json.dumps(result, indent=1))  # after every seed: a partial run still reports
+    report(summary, machine, out, Path(args.plot))
+
+
+def report(summary: list[dict], machine: str, out: Path, png: Path) -> None:
     out.with_suffix(".md").write_text(markdown(summary, machine))
-    plot(summary, Path(args.plot))
+    plot(summary, png)
     print(markdown(summary, machine))
 
 

@@ -231,3 +231,23 @@ def test_init_from_refuses_a_missing_checkpoint(tmp_path):
 
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         DHumorModule(init_from=str(tmp_path / "nope"))
+
+
+def test_queue_over_a_folder_is_scored_once(tmp_path, trained, harmeme_fixture):
+    from dhumor.pipeline import Pipeline
+    from dhumor.review_queue import load_queue_rows
+
+    log = ReviewLog(tmp_path / "reviews.sqlite")
+    pipe = Pipeline.from_checkpoint(trained / "export")
+    folder = harmeme_fixture.parent / "images"
+    path, rows = load_queue_rows(folder, pipe, log)
+    assert path.parent == tmp_path / "queues" and len(rows) == 32
+    before = path.read_bytes()
+    assert len(load_queue_rows(folder, pipe, log)[1]) == 32 and path.read_bytes() == before  # resumed: nothing redone
+    q = ReviewQueue(rows, path, log, pipe.schema, order="flagged")
+    assert q.rows[0]["decision"]["flagged"] or not any(r["decision"]["flagged"] for r in rows)
+    with pytest.raises(ValueError, match="no such results file or folder"):
+        load_queue_rows(tmp_path / "missing", pipe, log)
+    (tmp_path / "r.csv").write_text("id\n")
+    with pytest.raises(ValueError, match="reads a JSONL results file"):
+        load_queue_rows(tmp_path / "r.csv", pipe, log)
