@@ -121,8 +121,8 @@ def run_seed(seed: int, budgets: list[int], n_init: int, work: Path, max_epochs:
             pipe = pipeline(ckpt)
             queue = ReviewQueue(score_rows(pipe, pool, shas), f"harmc-train-pool-seed{seed}", log, pipe.schema,
                                 order=ordering, seed=seed)
-            done, _ = queue.progress("simulated")
-            for _ in range(budget - done):
+            # a budget counts distinct images: Harm-C train holds a few byte-identical memes, reviewed once
+            while len(log.reviewed_shas("simulated")) < budget:
                 row = queue.next_item("simulated")
                 queue.record(row, moderator_labels(pipe.schema, by_sha[row["sha256"]]), "simulated")
             reviewed = work / f"seed{seed}" / f"{ordering}-{budget}.jsonl"
