@@ -53,6 +53,18 @@ def run_lightning(argv: list[str] | None, run: bool = True):
             for k in LINKED:
                 parser.link_arguments(f"model.{k}", f"data.{k}")
 
+        def before_instantiate_classes(self):
+            # Retraining (model.init_from): the checkpoint's schema/encoders/streams win, in the data module too.
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            if cfg.get("model") is not None and cfg["model"].get("init_from"):
+                from .model.lit import architecture_from_checkpoint
+
+                arch = architecture_from_checkpoint(cfg["model"]["init_from"])
+                for k, v in arch.items():
+                    cfg["model"][k] = v
+                for k in LINKED:
+                    cfg["data"][k] = arch[k]
+
     return DHumorCLI(DHumorModule, MemeDataModule, args=argv, seed_everything_default=0, run=run,
                      trainer_defaults={"callbacks": [ExportBestCheckpoint()]},
                      save_config_kwargs={"overwrite": True})
@@ -188,7 +200,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--review-log", default=None, help="SQLite review log (default: $DHUMOR_REVIEW_LOG, else "
                                                       "~/.local/share/dhumor/reviews.sqlite)")
     d.add_argument("--max-file-mb", type=float, default=10.0, help="upload size limit")
+    d.add_argument("--queue", default=None, metavar="RESULTS_OR_FOLDER",
+                   help="add a review-queue tab over a `dhumor score` results .jsonl (or a folder, scored on the way)")
     _add_common(d)
+
+    r = add("reviews", "the review log: export queue verdicts as training data")
+    rsub = r.add_subparsers(dest="reviews_command", metavar="ACTION", required=True)
+    rx = rsub.add_parser("export", formatter_class=_HelpFormatter, help="verdicts -> labelled manifest (conflicts listed, left out unless asked)")
+    rx.add_argument("--out", required=True, help="reviewed.jsonl (harmeme) or reviewed.csv (dhumor)")
+    rx.add_argument("--review-log", default=None, help="SQLite review log (default $DHUMOR_REVIEW_LOG or "
+                                                       "~/.local/share/dhumor/reviews.sqlite)")
+    rx.add_argument("--include-conflicts", action="store_true",
+                    help="keep memes reviewers disagree on (the latest verdict wins)")
+    rx.add_argument("--task", default=None, help="task schema of the verdicts (default: inferred from them)")
+    rx.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
     o = add("ocr", "print the OCR text of memes (an image, a folder or a manifest)")
     o.add_argument("input", help="image file, folder or manifest")
@@ -345,7 +370,29 @@ def cmd_demo(args) -> int:
     explainer = _explainer_from_args(args, cache) if args.explain != "none" else None
     pipe = Pipeline.from_checkpoint(ckpt, cache=cache, device=args.device, ocr=create_ocr(args.ocr, cache),
                                     explainer=explainer, threshold=args.decision_threshold)
-    launch(pipe, review_log, host=args.host, port=args.port, max_file_mb=args.max_file_mb)
+    launch(pipe, review_log, host=args.host, port=args.port, max_file_mb=args.max_file_mb, queue=args.queue)
+    return EXIT_OK
+
+
+def cmd_reviews(args) -> int:
+    from pathlib import Path
+
+    from .review import ReviewLog, default_review_log
+    from .reviews_export import export_reviews
+
+    path = Path(args.review_log) if args.review_log else default_review_log()
+    if not path.is_file():
+        raise ConfigError(f"{path}: no review log here (pass --review-log)")
+    rep = export_reviews(ReviewLog(path), args.out, include_conflicts=args.include_conflicts, schema=args.task)
+    for c in rep.conflicts:
+        print(f"dhumor reviews: conflict on {c['id'] or c['sha256'][:12]} ({c['path']}): "
+              + "; ".join(f"{m}: {json.dumps(v)}" for m, v in c["verdicts"].items()), file=sys.stderr)
+    for line in rep.skipped:
+        print(f"dhumor reviews: left out {line}", file=sys.stderr)
+    print(json.dumps(rep.to_dict() | {"conflicts": len(rep.conflicts)}), file=sys.stderr)
+    print(f"dhumor reviews: {rep.written} memes -> {rep.out}"
+          + ("" if args.include_conflicts or not rep.conflicts else f" ({len(rep.conflicts)} conflicted left out; "
+             f"--include-conflicts keeps them)"), file=sys.stderr)
     return EXIT_OK
 
 
@@ -381,7 +428,7 @@ def cmd_ocr(args) -> int:
 
 
 COMMANDS = {"data": cmd_data, "evaluate": cmd_evaluate, "score": cmd_score, "explain": cmd_explain,
-            "demo": cmd_demo, "merge": cmd_merge, "ocr": cmd_ocr}
+            "demo": cmd_demo, "merge": cmd_merge, "ocr": cmd_ocr, "reviews": cmd_reviews}
 
 
 def _debug_wanted(argv: list[str]) -> bool:

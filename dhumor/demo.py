@@ -105,7 +105,7 @@ def _safe_image_class():
 
 
 def build_demo(pipe: Pipeline, review_log: ReviewLog, max_file_mb: float = 10.0,
-               examples_dir: Path | None = EXAMPLES_DIR):
+               examples_dir: Path | None = EXAMPLES_DIR, queue: str | None = None):
     import gradio as gr
 
     schema = pipe.schema
@@ -212,13 +212,18 @@ def build_demo(pipe: Pipeline, review_log: ReviewLog, max_file_mb: float = 10.0,
         record_btn.click(record, [result_state, threshold, verdict, note, moderator], [review_status, reviews],
                          api_name="record")
         export_btn.click(export, None, export_file)
+    if queue is not None:  # the review queue (dhumor/review_queue.py) as a second tab
+        from .review_queue import build_queue_tab
+
+        demo = gr.TabbedInterface([demo, build_queue_tab(pipe, review_log, queue)], ["Score a meme", "Review queue"],
+                                  title="dhumor — dark humor moderation")
     demo.queue(default_concurrency_limit=1, max_size=64)  # one model, many users: requests wait their turn
     return demo
 
 
 def launch(pipe: Pipeline, review_log: ReviewLog, host: str = "127.0.0.1", port: int = 7860,
-           max_file_mb: float = 10.0, block: bool = True):
-    demo = build_demo(pipe, review_log, max_file_mb=max_file_mb)
+           max_file_mb: float = 10.0, block: bool = True, queue: str | None = None):
+    demo = build_demo(pipe, review_log, max_file_mb=max_file_mb, queue=queue)
     demo.launch(server_name=host, server_port=port, max_file_size=f"{int(max_file_mb * 1024)}kb", prevent_thread_lock=not block,
                 show_error=False, allowed_paths=[str(EXAMPLES_DIR)])
     return demo

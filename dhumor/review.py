@@ -45,10 +45,27 @@ class ReviewLog:
             " sha256 TEXT NOT NULL, filename TEXT, checkpoint TEXT, model_output TEXT NOT NULL,"
             " model_flagged INTEGER NOT NULL, threshold REAL, verdict TEXT NOT NULL, final_flagged INTEGER NOT NULL,"
             " note TEXT, moderator TEXT)")
+        self._add_columns()
+
+    # Columns added for the review queue (per-task verdicts); older logs gain them on open.
+    QUEUE_COLUMNS = {"labels": "TEXT", "queue": "TEXT", "item_id": "TEXT", "path": "TEXT", "caption": "TEXT"}
+
+    def _add_columns(self) -> None:
+        with self._lock:
+            have = {r[1] for r in self.conn.execute("PRAGMA table_info(reviews)")}
+            for name, kind in self.QUEUE_COLUMNS.items():
+                if name not in have:
+                    self.conn.execute(f"ALTER TABLE reviews ADD COLUMN {name} {kind}")
 
     def record(self, sha256: str, filename: str | None, model_output: dict, model_flagged: bool, verdict: str,
-               note: str = "", moderator: str = "", checkpoint: str | None = None, threshold: float | None = None) -> int:
-        """Store one verdict (``confirm`` or an override) and return its row id."""
+               note: str = "", moderator: str = "", checkpoint: str | None = None, threshold: float | None = None,
+               labels: dict | None = None, queue: str | None = None, item_id: str | None = None,
+               path: str | None = None, caption: str | None = None) -> int:
+        """Store one verdict (``confirm`` or an override) and return its row id.
+
+        ``labels`` (task -> class name, ``None`` for a gated task that does not apply) is the
+        moderator's verdict on every task; ``queue``, ``item_id``, ``path`` and ``caption`` (as
+        reviewed) tie a queue verdict to its meme so that it can become training data."""
         if verdict not in VERDICTS:
             raise ValueError(f"unknown verdict {verdict!r}; one of {list(VERDICTS)}")
         if not sha256:
@@ -58,9 +75,12 @@ class ReviewLog:
         with self._lock:
             cur = self.conn.execute(
                 "INSERT INTO reviews (created, sha256, filename, checkpoint, model_output, model_flagged, threshold,"
-                " verdict, final_flagged, note, moderator) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                " verdict, final_flagged, note, moderator, labels, queue, item_id, path, caption)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (now, sha256, filename, checkpoint, json.dumps(model_output, ensure_ascii=False), int(model_flagged),
-                 threshold, verdict, int(final), note or "", moderator or ""))
+                 threshold, verdict, int(final), note or "", moderator or "",
+                 json.dumps(labels, ensure_ascii=False) if labels is not None else None, queue, item_id,
+                 path, caption))
             return int(cur.lastrowid)
 
     def rows(self, limit: int | None = None) -> list[dict]:
@@ -70,6 +90,24 @@ class ReviewLog:
             cols = [c[0] for c in cur.description]
             return [dict(zip(cols, r)) for r in cur.fetchall()]
 
+    def labelled_rows(self) -> list[dict]:
+        """Verdicts that carry per-task labels (from the review queue), oldest first, ``labels`` decoded."""
+        with self._lock:
+            cur = self.conn.execute("SELECT * FROM reviews WHERE labels IS NOT NULL ORDER BY id")
+            cols = [c[0] for c in cur.description]
+            out = [dict(zip(cols, r)) for r in cur.fetchall()]
+        for r in out:
+            r["labels"] = json.loads(r["labels"])
+        return out
+
+    def reviewed_shas(self, moderator: str | None = None) -> set[str]:
+        """sha256 of every meme with a per-task verdict (by ``moderator`` when given)."""
+        q, args = "SELECT DISTINCT sha256 FROM reviews WHERE labels IS NOT NULL", ()
+        if moderator is not None:
+            q, args = q + " AND moderator = ?", (moderator,)
+        with self._lock:
+            return {r[0] for r in self.conn.execute(q, args)}
+
     def export_csv(self, out: str | Path) -> Path:
         """All reviews, oldest first, as CSV (write-then-rename)."""
         out = Path(out)
@@ -77,7 +115,8 @@ class ReviewLog:
         tmp = out.with_name(out.name + ".tmp")
         with open(tmp, "w", newline="", encoding="utf-8") as fh:
             cols = ["id", "created", "sha256", "filename", "checkpoint", "model_flagged", "threshold", "verdict",
-                    "final_flagged", "note", "moderator", "model_output"]
+                    "final_flagged", "note", "moderator", "labels", "queue", "item_id", "path", "caption",
+                    "model_output"]
             w = csv.DictWriter(fh, cols, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)

@@ -42,6 +42,30 @@ def split_train_val(memes: Sequence[Meme], fraction: float, seed: int, stratify_
     return [memes[i] for i in sorted(tr)], [memes[i] for i in sorted(va)]
 
 
+def mix_extra(train: list[Meme], val: list[Meme] | None, extra: list[Meme], ratio: float | None, val_fraction: float,
+              seed: int, stratify_task: str) -> tuple[list[Meme], list[Meme] | None]:
+    """Train (and val) with ``extra`` memes mixed in.
+
+    An extra meme replaces an original one with the same image file (the newer label wins). When
+    ``val`` is a split of train, ``val_fraction`` of the extra memes joins it, so that selection also
+    sees the new memes' distribution. ``ratio`` = original training memes kept per extra meme."""
+    new_images = {str(Path(m.image).resolve()) for m in extra if m.image is not None}
+    fresh = lambda ms: [m for m in ms if m.image is None or str(Path(m.image).resolve()) not in new_images]  # noqa: E731
+    train = fresh(train)
+    if ratio is not None:
+        n = min(len(train), int(round(ratio * len(extra))))
+        keep = np.random.default_rng(seed).choice(len(train), size=n, replace=False)
+        train = [train[i] for i in sorted(keep)]
+    if val is None:
+        return train + list(extra), None
+    val = fresh(val)
+    if len(extra) >= 10 and val_fraction > 0:
+        ex_tr, ex_va = split_train_val(extra, val_fraction, seed, stratify_task)
+    else:  # too few to split: all of them train
+        ex_tr, ex_va = list(extra), []
+    return train + ex_tr, val + ex_va
+
+
 class MemeDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -73,6 +97,8 @@ class MemeDataModule(L.LightningDataModule):
         mode: Literal["cached", "finetune"] = "cached",
         inputs: Literal["pooled", "tokens"] = "pooled",
         max_tokens: int = 128,
+        extra: str | None = None,
+        extra_ratio: float | None = None,
     ):
         """
         Args:
@@ -99,6 +125,10 @@ class MemeDataModule(L.LightningDataModule):
             feature_batch_size: memes per encoder batch when filling the feature cache (cached mode).
             feature_device: device of the frozen encoders that compute features (``auto``, ``cpu``, ``cuda``).
             progress: show progress bars while features are computed.
+
+            extra: a second labelled manifest mixed into train, e.g. reviewed memes from
+                ``dhumor reviews export`` (retraining: set ``model.init_from`` too).
+            extra_ratio: original training memes per extra meme (a seeded sample; None = all of them).
 
         ``task``, ``streams``, the encoder names, ``mode``, ``inputs`` and ``max_tokens`` are linked from
         the model section: set them under ``model:``.
@@ -171,14 +201,25 @@ class MemeDataModule(L.LightningDataModule):
         if split in ("train", "val") and not hp.val and hp.train:
             if "train" not in self._splits:
                 tr, va = split_train_val(self._read(hp.train), hp.val_fraction, hp.split_seed, self.schema.primary)
+                if hp.extra:
+                    tr, va = self._with_extra(tr, va)
                 self._splits["train"], self._splits["val"] = (tr, None), (va, None)
             return self._splits[split][0]
         path = getattr(hp, split)
         if not path:
             raise ValueError(f"no {split} data: set data.{split} in the config or on the command line")
         if split not in self._splits:
-            self._splits[split] = (self._read(path), None)
+            memes = self._read(path)
+            if split == "train" and hp.extra:
+                memes, _ = self._with_extra(memes, None)
+            self._splits[split] = (memes, None)
         return self._splits[split][0]
+
+    def _with_extra(self, train: list[Meme], val: list[Meme] | None) -> tuple[list[Meme], list[Meme] | None]:
+        """Mix ``extra`` into train (and, when val is a split of train, its share into val)."""
+        hp = self.hparams
+        extra = self._read(hp.extra)
+        return mix_extra(train, val, extra, hp.extra_ratio, hp.val_fraction, hp.split_seed, self.schema.primary)
 
     def _features(self, split: str) -> tuple[list[Meme], list[dict[str, StreamFeature | None]]]:
         memes = self._memes(split)

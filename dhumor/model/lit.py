@@ -60,6 +60,7 @@ class DHumorModule(L.LightningModule):
         pretrained: bool = True,
         compile: bool = False,
         input_dims: dict[str, int] | None = None,
+        init_from: str | None = None,
     ):
         """
         Args:
@@ -78,7 +79,17 @@ class DHumorModule(L.LightningModule):
                 the same architecture; for throughput benchmarks only).
             compile: ``torch.compile`` the network (GPU recipes).
             input_dims: stream widths (filled in automatically; stored so checkpoints load standalone).
+            init_from: a dhumor checkpoint (directory or .ckpt) to start from: its schema, encoders,
+                architecture and weights replace those above (retraining on reviewed memes).
         """
+        if init_from:  # retraining: the checkpoint's architecture, not the config's (see architecture_from_checkpoint)
+            a = architecture_from_checkpoint(init_from)
+            task, streams, mode, inputs, max_tokens = a["task"], a["streams"], a["mode"], a["inputs"], a["max_tokens"]
+            image_encoder, caption_encoder, reasoning_encoder = (a["image_encoder"], a["caption_encoder"],
+                                                                 a["reasoning_encoder"])
+            d_model, heads, fusion, tokens_per_stream, hidden = (a["d_model"], a["heads"], a["fusion"],
+                                                                 a["tokens_per_stream"], a["hidden"])
+            input_dims, pretrained = a["input_dims"], False  # every encoder weight comes from the checkpoint
         super().__init__()
         self.schema: TaskSchema = get_schema(task)
         self.stream_names = [s for s in STREAMS if s in streams]
@@ -93,6 +104,8 @@ class DHumorModule(L.LightningModule):
         input_dims = {s: int(input_dims[s]) for s in self.stream_names}
         self.save_hyperparameters()
         self.hparams["input_dims"] = input_dims
+        if init_from:  # LightningCLI hands save_hyperparameters the config's values: record the effective ones
+            self.hparams.update(a, pretrained=pretrained)
         cfg = TCRNetConfig(**{k: self.hparams[k] for k in _NET_FIELDS})
         self.net = TCRNet(self.schema, input_dims, cfg)
         for t in self.schema.tasks:
@@ -103,6 +116,25 @@ class DHumorModule(L.LightningModule):
         })
         self.last_metrics: dict[str, dict] = {}
         self._compiled = None
+        if init_from:
+            self._load_initial_weights(init_from)
+
+    def _load_initial_weights(self, path: str) -> None:
+        from ..checkpoint import read_checkpoint
+        from ..errors import CheckpointError
+
+        _, state = read_checkpoint(path)
+        own = self.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        if missing or unexpected:
+            raise CheckpointError(f"{path}: weights do not fit the model (missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]})")
+        self.load_state_dict(state)
+        # The export records where training started, but loading it must never need the parent again.
+        self.hparams["init_from"] = None
+        self.hparams["parent_checkpoint"] = str(path)
+        log.info("initialised from %s", path)
 
     # ------------------------------------------------------------ encoders (fine-tune mode)
     def _build_encoders(self, pretrained: bool, top_layers: int) -> None:
@@ -255,6 +287,20 @@ class DHumorModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+ARCHITECTURE = ("task", "streams", "mode", "inputs", "max_tokens", "image_encoder", "caption_encoder",
+                "reasoning_encoder", "d_model", "heads", "fusion", "tokens_per_stream", "hidden", "input_dims")
+
+
+def architecture_from_checkpoint(path: str) -> dict:
+    """What a model started from checkpoint ``path`` must share with it: schema, streams, encoders, widths."""
+    from ..checkpoint import read_checkpoint
+
+    meta, _ = read_checkpoint(path)
+    hp = meta["hparams"]
+    defaults = {"mode": "cached", "inputs": "pooled", "max_tokens": 128}
+    return {k: hp.get(k, defaults.get(k)) for k in ARCHITECTURE}
 
 
 def encoder_key(encoder_name: str) -> str:
