@@ -58,6 +58,8 @@ def sha256_file(path: Path) -> str:
 
 def score_rows(pipe, memes, shas: dict) -> list[dict]:
     """Result rows (as `dhumor score` writes them) of ``memes`` under the pipeline's checkpoint."""
+    from dhumor.items import Item
+
     items = [Item(m.id, m.image, m.caption or "") for m in memes]
     return [r for batch in pipe.run(items, batch_size=64) for r in batch if not r["error"]]
 
@@ -72,8 +74,7 @@ def run_seed(seed: int, budgets: list[int], n_init: int, work: Path, max_epochs:
     from dhumor.data.readers import read_manifest
     from dhumor.evaluation import evaluate
     from dhumor.paths import data_root
-    from dhumor.items import Item
-from dhumor.pipeline import Pipeline
+    from dhumor.pipeline import Pipeline
     from dhumor.review import ReviewLog
     from dhumor.review_queue import ReviewQueue
     from dhumor.reviews_export import export_reviews
