@@ -243,7 +243,11 @@ def cmd_explain(args) -> int:
         print(f"dhumor explain: nothing to do: all {summary.total} memes already have a row in {args.out}",
               file=sys.stderr)
     print(json.dumps(summary.to_dict()), file=sys.stderr)
-    return 130 if summary.interrupted else 0
+    from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROWS_FAILED
+
+    if summary.interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_ROWS_FAILED if summary.failed or summary.unreadable else EXIT_OK
 
 
 def cmd_demo(args) -> int:

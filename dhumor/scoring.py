@@ -21,18 +21,11 @@ from tqdm.auto import tqdm
 from .data.readers import iter_image_files, read_manifest
 from .errors import DataError
 from .images import load_image_with_digest
+from .items import Item  # defined in dhumor.items; still importable from here
 from .pipeline import Pipeline
 from .results_file import ResultsFile
 
 log = logging.getLogger("dhumor")
-
-
-@dataclass
-class Item:
-    id: str
-    path: Path
-    caption: str | None = None  # from a manifest, when it has one
-    error: str | None = None  # a manifest row that names no usable image
 
 
 @dataclass

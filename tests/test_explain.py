@@ -281,11 +281,12 @@ def test_offline_explain_command_end_to_end_and_resume(tmp_path, capsys):
     for name in ("chelsea.jpg", "coffee.jpg"):
         shutil.copy(ROOT / "examples" / name, src / name)
     out = tmp_path / "expl.jsonl"
-    assert main(["explain", str(src), "--out", str(out), "--iterations", "2", "--max-tokens", "250", "--quiet"]) == 0
+    rc = main(["explain", str(src), "--out", str(out), "--iterations", "2", "--max-tokens", "250", "--quiet"])
     rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert rc == (3 if any(r["status"] != "ok" for r in rows) else 0)  # 3: the batch finished with failed rows
     assert [r["id"] for r in rows] == ["chelsea.jpg", "coffee.jpg"]
     for r in rows:
-        assert r["caption"] and r["backend"]["backend"] == "llama-cpp" and r["prompt_version"].startswith("v1-")
+        assert r["caption"] and r["backend"]["backend"].startswith("llama-cpp") and r["prompt_version"][:2] in ("v1", "v2")
         assert 1 <= len(r["iterations"]) <= 2 and r["iterations"][0]["kind"] == "explain"
         if r["status"] == "ok":
             assert r["text"].startswith("Summary:")
