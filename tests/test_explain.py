@@ -223,7 +223,8 @@ def llama_server(tmp_path_factory):
 def test_openai_backend_against_llama_cpp_server(llama_server, tmp_path):
     from dhumor.explain.backends.openai_compat import OpenAIBackend
 
-    b = OpenAIBackend(model="smollm2", base_url=llama_server, send_images=False, concurrency=2)
+    b = OpenAIBackend(model="smollm2", base_url=llama_server, send_images=False, concurrency=2,
+                      timeout=600)  # a CPU shared with other jobs can take minutes per answer
     ex = Explainer(b, cache=StageCache(tmp_path / "c.sqlite"), iterations=2, max_tokens=300)
     img = Image.open(ROOT / "examples" / "chelsea.jpg")
     r = ex.explain(img, "f" * 64, "WHEN THE VET SAYS / IT'S JUST A SMALL PROCEDURE")

@@ -84,7 +84,7 @@ class LlamaBatchBackend(Backend):
 
     def __init__(self, model_path: str | None = None, n_seq: int = 8, n_ctx_per_seq: int = 2048,
                  n_threads: int | None = None, seed: int = 0, repeat_penalty: float = 1.1, top_k: int = 40,
-                 top_p: float = 0.95, min_p: float = 0.05, stop_at_json_end: bool = True):
+                 top_p: float = 0.95, min_p: float = 0.05, stop_at_json_end: bool = True, n_ubatch: int = 512):
         import llama_cpp
         from llama_cpp import Llama
         from llama_cpp._internals import LlamaContext
@@ -101,7 +101,7 @@ class LlamaBatchBackend(Backend):
         self.llm = Llama(model_path=self.model_path, n_ctx=256, n_threads=threads, seed=seed, verbose=False)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.n_seq * n_ctx_per_seq
-        params.n_batch, params.n_ubatch = 2048, 512
+        params.n_batch, params.n_ubatch = 2048, n_ubatch
         params.n_seq_max = self.n_seq
         params.n_threads = params.n_threads_batch = threads
         params.kv_unified = False  # sequences share no prefix worth keeping: separate KV streams are faster
