@@ -201,7 +201,16 @@ class LlamaBatchBackend(Backend):
                         return
                     continue
                 t0 = time.perf_counter()
-                finished = self._step(active)
+                try:
+                    finished = self._step(active)
+                except RuntimeError as e:  # a failed decode: these answers fail, the run goes on
+                    lc.llama_memory_clear(mem, True)
+                    for s in active:
+                        s.sampler.close()
+                        free.append(s.slot)
+                        yield s.key, Generation("", len(s.prompt), s.n_out, s.seconds, error=f"RuntimeError: {e}")
+                    active = []
+                    continue
                 share = (time.perf_counter() - t0) / len(active)
                 for s in active:
                     s.seconds += share
