@@ -223,7 +223,8 @@ def llama_server(tmp_path_factory):
 def test_openai_backend_against_llama_cpp_server(llama_server, tmp_path):
     from dhumor.explain.backends.openai_compat import OpenAIBackend
 
-    b = OpenAIBackend(model="smollm2", base_url=llama_server, send_images=False, concurrency=2)
+    b = OpenAIBackend(model="smollm2", base_url=llama_server, send_images=False, concurrency=2,
+                      timeout=600)  # a CPU shared with other jobs can take minutes per answer
     ex = Explainer(b, cache=StageCache(tmp_path / "c.sqlite"), iterations=2, max_tokens=300)
     img = Image.open(ROOT / "examples" / "chelsea.jpg")
     r = ex.explain(img, "f" * 64, "WHEN THE VET SAYS / IT'S JUST A SMALL PROCEDURE")
@@ -281,11 +282,12 @@ def test_offline_explain_command_end_to_end_and_resume(tmp_path, capsys):
     for name in ("chelsea.jpg", "coffee.jpg"):
         shutil.copy(ROOT / "examples" / name, src / name)
     out = tmp_path / "expl.jsonl"
-    assert main(["explain", str(src), "--out", str(out), "--iterations", "2", "--max-tokens", "250", "--quiet"]) == 0
+    rc = main(["explain", str(src), "--out", str(out), "--iterations", "2", "--max-tokens", "250", "--quiet"])
     rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert rc == (3 if any(r["status"] != "ok" for r in rows) else 0)  # 3: the batch finished with failed rows
     assert [r["id"] for r in rows] == ["chelsea.jpg", "coffee.jpg"]
     for r in rows:
-        assert r["caption"] and r["backend"]["backend"] == "llama-cpp" and r["prompt_version"].startswith("v1-")
+        assert r["caption"] and r["backend"]["backend"].startswith("llama-cpp") and r["prompt_version"][:2] in ("v1", "v2")
         assert 1 <= len(r["iterations"]) <= 2 and r["iterations"][0]["kind"] == "explain"
         if r["status"] == "ok":
             assert r["text"].startswith("Summary:")

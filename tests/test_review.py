@@ -163,7 +163,7 @@ def test_cli_reviews_export(tmp_path, harmeme_fixture, capsys):
     assert main(["reviews", "export", "--out", str(out), "--review-log", log.path]) == 0
     err = capsys.readouterr().err
     assert "4 memes ->" in err and err.count("conflict on") == 2 and "--include-conflicts keeps them" in err
-    assert main(["reviews", "export", "--out", str(out), "--review-log", str(tmp_path / "none.sqlite")]) == 1
+    assert main(["reviews", "export", "--out", str(out), "--review-log", str(tmp_path / "none.sqlite")]) == 2
     assert "none.sqlite: no review log here" in capsys.readouterr().err
 
 

@@ -18,17 +18,15 @@ __all__ = ["BACKENDS", "Explainer", "Explanation", "LoopResult", "ParseError", "
 
 
 def create_backend(name: str, model: str | None = None, base_url: str | None = None, api_key: str | None = None,
-                   concurrency: int = 4, send_images: bool = True, batch_size: int = 4, timeout: float = 120.0,
-                   threads: int | None = None):
-    """A backend by name: ``offline`` (SmolLM2, this machine), ``openai`` (any compatible server),
+                   concurrency: int = 4, send_images: bool = True, batch_size: int = 4,
+                   threads: int | None = None, timeout: float | None = None, sequences: int = 8):
+    """A backend by name: ``offline`` (SmolLM2, this machine; ``sequences`` answers decoded together),
+    ``openai`` (any compatible server; ``timeout`` bounds each request, retries included),
     ``transformers`` (a local VLM, ``model`` = hub id or directory)."""
     if name == "offline":
         from .backends.offline import offline_backend
 
-        kw = {"model_path": model} if model else {}
-        if threads:
-            kw["n_threads"] = threads
-        return offline_backend(**kw)
+        return offline_backend(model, n_threads=threads, sequences=sequences)
     if name == "openai":
         from .backends.openai_compat import OpenAIBackend
 
@@ -49,6 +47,7 @@ def create_explainer(name: str, cache: StageCache | None = None, iterations: int
     """An :class:`Explainer` over the named backend (see :func:`create_backend`)."""
     from .prompts import Prompts
 
+    backend_kwargs.setdefault("sequences", batch_size)  # offline: decode as many answers as memes in flight
     backend = create_backend(name, **backend_kwargs)
     return Explainer(backend, cache=cache, iterations=iterations or 3, similarity_threshold=similarity_threshold,
                      progress=progress, batch_size=batch_size, prompts=Prompts.load(prompt_version),

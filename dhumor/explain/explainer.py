@@ -9,8 +9,9 @@ model could not get right are cached as failures with their raw text.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
-from typing import Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -92,33 +93,82 @@ class Explainer:
         hit = self.cache.get(STAGE, self.key(digest, caption))
         return LoopResult.from_dict(StageCache.unpack_json(hit)) if hit is not None else None
 
+    def _store(self, digest: str, caption: str, r: LoopResult) -> None:
+        self.stats["computed"] += 1
+        self.stats["failed"] += not r.ok
+        if self.cache and not r.backend_failed:  # a server that was down: a rerun retries it
+            self.cache.put(STAGE, self.key(digest, caption), StageCache.pack_json(r.to_dict()))
+
+    def explain_stream(self, memes: Iterable[tuple[Any, Image.Image, str, str]]) -> Iterator[tuple[Any, LoopResult]]:
+        """``(tag, result)`` for each ``(tag, image, digest, caption)``, in the order memes finish.
+
+        Memes are read from ``memes`` only as slots free up (up to ``batch_size`` in flight, each at
+        whatever iteration it is: see :meth:`RoleReversalLoop.run_iter`), so a long run holds few
+        images; cached memes come back at once."""
+        pending: dict[int, tuple[Any, str, str]] = {}  # the loop's input index -> the meme
+        counter = itertools.count()
+
+        def fresh() -> Iterator[tuple[Image.Image, str, str]]:
+            for tag, img, digest, caption in memes:
+                hit = self.cached(digest, caption)
+                if hit is not None:
+                    self.stats["cached"] += 1
+                    ready.append((tag, hit))
+                    continue
+                pending[next(counter)] = (tag, digest, caption)
+                yield img, digest, caption
+
+        ready: list[tuple[Any, LoopResult]] = []
+        bar = tqdm(desc="explaining", unit="meme", disable=not self.progress)
+        for n, res, done in self.loop.run_iter(self._inputs(fresh()), slots=self.batch_size):
+            yield from _drain(ready)
+            if done:
+                tag, digest, caption = pending.pop(n)
+                self._store(digest, caption, res)
+                bar.update(1)
+                yield tag, res
+        yield from _drain(ready)
+        bar.close()
+
     def explain_many(self, images: Sequence[Image.Image], digests: Sequence[str], captions: Sequence[str],
                      desc: str = "explaining") -> list[LoopResult]:
-        """Loop results for many memes; cached ones are not recomputed."""
-        out: list[LoopResult | None] = [self.cached(d, c) for d, c in zip(digests, captions)]
-        self.stats["cached"] += sum(o is not None for o in out)
-        todo = [i for i, o in enumerate(out) if o is None]
-        bar = tqdm(total=len(todo), desc=desc, unit="meme", disable=not self.progress or not todo)
-        for b in range(0, len(todo), self.batch_size):
-            idx = todo[b:b + self.batch_size]
-            cues = self.cues([images[i] for i in idx], [digests[i] for i in idx]) if self.cues else [None] * len(idx)
-            res = self.loop.run_many([LoopInput(images[i], captions[i] or "", c) for i, c in zip(idx, cues)])
-            fresh = []
-            for i, r in zip(idx, res):
-                out[i] = r
-                backend_failed = any((it.error or "").startswith("backend error") for it in r.iterations)
-                if not backend_failed and self.cache:
-                    fresh.append((self.key(digests[i], captions[i]), StageCache.pack_json(r.to_dict())))
-                self.stats["computed"] += 1
-                self.stats["failed"] += not r.ok
-            if self.cache:
-                self.cache.put_many(STAGE, fresh)
-            bar.update(len(idx))
-        bar.close()
+        """Loop results for many memes, in input order; cached ones are not recomputed."""
+        out: list[LoopResult | None] = [None] * len(images)
+        for i, res in self.explain_stream(zip(range(len(images)), images, digests, captions)):
+            out[i] = res
         return out  # type: ignore[return-value]
+
+    def _inputs(self, memes: Iterable[tuple[Image.Image, str, str]]) -> Iterator[LoopInput]:
+        """Loop inputs, with visual cues computed a batch at a time as the loop asks for more."""
+        it = iter(memes)
+        while True:
+            chunk = list(itertools.islice(it, self.batch_size))
+            if not chunk:
+                return
+            cues = self.cues([m[0] for m in chunk], [m[1] for m in chunk]) if self.cues else [None] * len(chunk)
+            yield from (LoopInput(img, caption or "", c) for (img, _, caption), c in zip(chunk, cues))
 
     def explain(self, image: Image.Image, digest: str, caption: str) -> LoopResult:
         return self.explain_many([image], [digest], [caption])[0]
+
+    def explain_iter(self, image: Image.Image, digest: str, caption: str) -> Iterator[LoopResult]:
+        """The meme's result after each finished iteration, for a page that shows explanations as
+        they come: the same (growing) :class:`LoopResult` object is yielded every time; the last
+        one is final (``stop_reason`` set) and cached. A cached meme yields once.
+
+        >>> for r in explainer.explain_iter(img, sha256, caption):   # doctest: +SKIP
+        ...     show(r.iterations[-1], final=bool(r.stop_reason))
+        """
+        hit = self.cached(digest, caption)
+        if hit is not None:
+            self.stats["cached"] += 1
+            yield hit
+            return
+        cues = self.cues([image], [digest])[0] if self.cues else None
+        for _, res, done in self.loop.run_iter([LoopInput(image, caption or "", cues)], slots=1):
+            if done:
+                self._store(digest, caption, res)
+            yield res
 
     def attach(self, memes: Sequence[Meme]) -> None:
         """Set ``meme.explanation`` for memes (images read from disk; unreadable ones stay without)."""
@@ -134,3 +184,8 @@ class Explainer:
         res = self.explain_many([x[1] for x in loaded], [x[2] for x in loaded], [x[0].caption or "" for x in loaded])
         for (m, _, _), r in zip(loaded, res):
             m.explanation = r.text if r.ok else None
+
+
+def _drain(items: list) -> Iterator:
+    while items:
+        yield items.pop(0)

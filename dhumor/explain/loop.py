@@ -13,14 +13,16 @@ explanation. Requests for many memes are batched per iteration.
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
 import difflib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 from PIL import Image
 
-from .backends.base import Backend, GenerationRequest
+from .backends.base import Backend, Generation, GenerationRequest
 from .prompts import Prompts
 from .schema import FIELDS, Explanation, ParseError, parse_critique, parse_explanation
 
@@ -30,6 +32,9 @@ CRITIQUE_SCHEMA = {"type": "object", "required": ["critique", "revised"],
                    "properties": {"critique": {"type": "object", "properties": {f: _STR for f in FIELDS},
                                                "required": list(FIELDS)},
                                   "revised": EXPLANATION_SCHEMA}}
+# prompt v2: a one-sentence critique and only the fields the author rewrites
+CHANGES_SCHEMA = {"type": "object", "required": ["critique", "changes"],
+                  "properties": {"critique": _STR, "changes": {"type": "object", "properties": {f: _STR for f in FIELDS}}}}
 
 
 @dataclass
@@ -50,6 +55,7 @@ class IterationRecord:
     raw: list[str] = field(default_factory=list)  # the first answer, then each repair's answer
     repaired: bool = False
     error: str | None = None
+    backend_error: bool = False  # the backend failed (server down, timeout): not cached, a rerun retries
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
@@ -68,6 +74,11 @@ class LoopResult:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @property
+    def backend_failed(self) -> bool:
+        """Some iteration failed for the backend's sake (not the model's): worth retrying later."""
+        return any(it.backend_error or (it.error or "").startswith("backend error") for it in self.iterations)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,88 +127,134 @@ class RoleReversalLoop:
     def _critique(self, x: LoopInput, previous: dict) -> GenerationRequest:
         user = self.prompts.render("critique", image_line=self._image_line(x), caption=_one_line(x.caption),
                                    previous=json.dumps(previous, ensure_ascii=False, indent=1))
-        req = self._request(x, user, CRITIQUE_SCHEMA)
-        req.max_tokens = 2 * self.max_tokens  # a critique plus a full revised explanation
+        changes = self.prompts.settings["critique"] == "changes"
+        req = self._request(x, user, CHANGES_SCHEMA if changes else CRITIQUE_SCHEMA)
+        # v1: a critique per field plus a full revised explanation; v2: only what changes
+        req.max_tokens = round(self.prompts.settings["critique_tokens"] * self.max_tokens)
         return req
 
     def _repair(self, req: GenerationRequest, raw: str, error: str, kind: str) -> GenerationRequest:
-        keys = ", ".join(FIELDS) if kind == "explain" else "critique, revised"
+        keys = ", ".join(FIELDS) if kind == "explain" else (
+            "critique, changes" if self.prompts.settings["critique"] == "changes" else "critique, revised")
         user = req.user + "\n\n" + self.prompts.render("repair", error=error, raw=raw[:1500], keys=keys)
-        return GenerationRequest(req.system, user, req.image, req.json_schema, req.max_tokens, req.temperature)
+        return dataclasses.replace(req, user=user)
 
     # ------------------------------------------------------------ running
-    def _generate_parsed(self, reqs: list[GenerationRequest], kind: str) -> list[IterationRecord]:
-        """Generate, parse, and repair what does not parse; one record per request."""
-        recs = [IterationRecord(0, kind) for _ in reqs]
-        pending = list(range(len(reqs)))
-        current = list(reqs)
-        for attempt in range(self.max_repairs + 1):
-            gens = self.backend.generate([current[i] for i in pending])
-            retry = []
-            for i, g in zip(pending, gens):
-                r = recs[i]
-                r.prompt_tokens += g.prompt_tokens
-                r.completion_tokens += g.completion_tokens
-                r.seconds += g.seconds
-                if g.error:
-                    r.error = f"backend error: {g.error}"
-                    continue  # the server failed: a repair prompt would not help
-                r.raw.append(g.text)
-                try:
-                    if kind == "explain":
-                        exp, crit = parse_explanation(g.text), None
-                    else:
-                        crit, exp = parse_critique(g.text)
-                    r.explanation, r.text, r.critique = exp.model_dump(), exp.render(), crit
-                    r.error, r.repaired = None, attempt > 0
-                except ParseError as e:
-                    r.error = f"unparseable answer: {e}"
-                    if attempt < self.max_repairs:
-                        current[i] = self._repair(reqs[i], g.text, str(e), kind)
-                        retry.append(i)
-            pending = retry
-            if not pending:
-                break
-        return recs
-
-    def run_many(self, inputs: Sequence[LoopInput]) -> list[LoopResult]:
-        """Run the loop for many memes, batching each iteration's requests across memes."""
-        results = [LoopResult("ok", [], visual_cues=x.visual_cues) for x in inputs]
-        first = self._generate_parsed([self._first(x) for x in inputs], "explain")
-        active = []
-        for i, rec in enumerate(first):
-            rec.iteration = 1
-            results[i].iterations.append(rec)
-            if rec.explanation is None:
-                results[i].status, results[i].error, results[i].stop_reason = "failed", rec.error, "failed"
+    def _finish_attempt(self, job: "_Job", g: Generation) -> bool:
+        """Record one answer of ``job``; True when its iteration is over (parsed, or out of repairs)."""
+        r = job.rec
+        r.prompt_tokens += g.prompt_tokens
+        r.completion_tokens += g.completion_tokens
+        r.seconds += g.seconds
+        if g.error:  # the server failed: a repair prompt would not help, and a rerun should retry
+            r.error = g.error if g.error.startswith("explanation server down") else f"backend error: {g.error}"
+            r.backend_error = True
+            return True
+        r.raw.append(g.text)
+        try:
+            if job.kind == "explain":
+                exp, crit = parse_explanation(g.text), None
             else:
-                results[i].final, results[i].text = rec.explanation, rec.text
-                active.append(i)
-        for it in range(2, self.iterations + 1):
-            if not active:
-                break
-            recs = self._generate_parsed([self._critique(inputs[i], results[i].final) for i in active], "role_reversal")
-            still = []
-            for i, rec in zip(active, recs):
-                rec.iteration = it
-                res = results[i]
-                res.iterations.append(rec)
-                if rec.explanation is None:
-                    res.stop_reason = f"iteration {it} failed; kept iteration {it - 1}"
-                    continue
-                rec.similarity = round(similarity(res.text, rec.text), 4)
-                res.final, res.text = rec.explanation, rec.text
-                if rec.similarity >= self.threshold:
-                    res.stop_reason = f"converged at iteration {it} (similarity {rec.similarity:.2f})"
-                    continue
-                still.append(i)
-            active = still
-        for i in active:
-            results[i].stop_reason = f"completed {self.iterations} iterations"
-        if self.iterations == 1:
-            for r in results:
-                r.stop_reason = r.stop_reason or "completed 1 iteration"
-        return results
+                crit, exp = parse_critique(g.text, job.previous)
+            r.explanation, r.text, r.critique = exp.model_dump(), exp.render(), crit
+            r.error, r.repaired = None, job.attempt > 0
+            return True
+        except ParseError as e:
+            r.error = f"unparseable answer: {e}"
+            if job.attempt >= self.max_repairs:
+                return True
+            job.attempt += 1
+            job.current = self._repair(job.request, g.text, str(e), job.kind)
+            return False
+
+    def _end_iteration(self, job: "_Job") -> bool:
+        """Fold a finished iteration into the meme's result; True when the meme is done."""
+        res, rec, it = job.result, job.rec, job.rec.iteration
+        res.iterations.append(rec)
+        if it == 1:
+            if rec.explanation is None:
+                res.status, res.error, res.stop_reason = "failed", rec.error, "failed"
+                return True
+            res.final, res.text = rec.explanation, rec.text
+        else:
+            if rec.explanation is None:
+                res.stop_reason = f"iteration {it} failed; kept iteration {it - 1}"
+                return True
+            rec.similarity = round(similarity(res.text, rec.text), 4)
+            res.final, res.text = rec.explanation, rec.text
+            if rec.similarity >= self.threshold:
+                res.stop_reason = f"converged at iteration {it} (similarity {rec.similarity:.2f})"
+                return True
+        if it >= self.iterations:
+            res.stop_reason = f"completed {self.iterations} iteration{'s' if self.iterations > 1 else ''}"
+            return True
+        job.start(it + 1, "role_reversal", self._critique(job.x, res.final), res.final)
+        return False
+
+    def run_iter(self, inputs: Iterable[LoopInput], slots: int = 8) -> Iterator[tuple[int, LoopResult, bool]]:
+        """Run the loop for many memes, yielding ``(index, result so far, done)`` after every finished
+        iteration of any meme (the result object grows in place).
+
+        Up to ``slots`` memes are in flight, each at whatever iteration it has reached: the backend
+        is handed every ready request (a first explanation, a critique, a repair) through
+        :meth:`Backend.stream`, and a finished meme's place goes to the next input at once, so the
+        backend's batch stays full."""
+        source = enumerate(inputs)
+        ready: collections.deque[_Job] = collections.deque()
+        in_flight = 0
+        exhausted = False
+
+        def pull(n: int) -> list[tuple[_Job, GenerationRequest]]:
+            nonlocal in_flight, exhausted
+            while not exhausted and len(ready) < n and in_flight < max(1, slots):
+                nxt = next(source, None)
+                if nxt is None:
+                    exhausted = True
+                    break
+                job = _Job(nxt[0], nxt[1], LoopResult("ok", [], visual_cues=nxt[1].visual_cues))
+                job.start(1, "explain", self._first(nxt[1]), None)
+                ready.append(job)
+                in_flight += 1
+            take = [ready.popleft() for _ in range(min(n, len(ready)))]
+            return [(j, j.current) for j in take]
+
+        for job, g in self.backend.stream(pull):
+            if not self._finish_attempt(job, g):
+                ready.append(job)  # a repair
+                continue
+            done = self._end_iteration(job)
+            if done:
+                in_flight -= 1
+            else:
+                ready.append(job)
+            yield job.index, job.result, done
+
+    def run_many(self, inputs: Sequence[LoopInput], slots: int | None = None) -> list[LoopResult]:
+        """Run the loop for many memes (all in one batch unless ``slots`` says fewer); results in input order."""
+        out: list[LoopResult | None] = [None] * len(inputs)
+        for i, res, done in self.run_iter(inputs, slots=slots or max(1, len(inputs))):
+            if done:
+                out[i] = res
+        return out  # type: ignore[return-value]
+
+
+@dataclass
+class _Job:
+    """One meme's place in the loop: its current iteration's record and the request to send next."""
+
+    index: int
+    x: LoopInput
+    result: LoopResult
+    kind: str = "explain"
+    rec: IterationRecord = None  # type: ignore[assignment]
+    request: GenerationRequest = None  # type: ignore[assignment]  # the iteration's prompt (repairs extend it)
+    current: GenerationRequest = None  # type: ignore[assignment]  # what goes to the backend next
+    previous: dict | None = None  # the explanation being critiqued
+    attempt: int = 0
+
+    def start(self, iteration: int, kind: str, request: GenerationRequest, previous: dict | None) -> None:
+        self.kind, self.request, self.current, self.previous, self.attempt = kind, request, request, previous, 0
+        self.rec = IterationRecord(iteration, kind)
 
 
 def _one_line(s: str) -> str:

@@ -3,11 +3,17 @@ so editing a prompt recomputes exactly the explanations it affects."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 PROMPTS_DIR = Path(__file__).parent / "prompts"
 DEFAULT_VERSION = "v1"
+# settings.json (optional) in a version's folder: how its critique answers are shaped and sized.
+#   critique: "full" (v1: a critique per field + the whole revised explanation) or "changes"
+#             (v2: a one-sentence critique + only the fields it rewrites);
+#   critique_tokens: the critique answer's token cap, as a multiple of the explanation's.
+DEFAULT_SETTINGS = {"critique": "full", "critique_tokens": 2.0}
 _NAMES = ("system", "explain", "critique", "repair", "image_line_attached", "image_line_cues")
 
 
@@ -15,6 +21,7 @@ _NAMES = ("system", "explain", "critique", "repair", "image_line_attached", "ima
 class Prompts:
     version: str
     texts: dict
+    settings: dict = field(default_factory=lambda: dict(DEFAULT_SETTINGS))
 
     @classmethod
     def load(cls, version: str = DEFAULT_VERSION, directory: str | Path | None = None) -> "Prompts":
@@ -25,13 +32,21 @@ class Prompts:
         missing = [n for n in _NAMES if not (d / f"{n}.txt").exists()]
         if missing:
             raise FileNotFoundError(f"{d} lacks prompt files {[m + '.txt' for m in missing]}")
-        return cls(version if not directory else d.name, {n: (d / f"{n}.txt").read_text().strip() for n in _NAMES})
+        settings = dict(DEFAULT_SETTINGS)
+        if (d / "settings.json").exists():
+            settings.update(json.loads((d / "settings.json").read_text()))
+        if settings["critique"] not in ("full", "changes"):
+            raise ValueError(f"{d / 'settings.json'}: critique must be 'full' or 'changes', not {settings['critique']!r}")
+        return cls(version if not directory else d.name, {n: (d / f"{n}.txt").read_text().strip() for n in _NAMES},
+                   settings)
 
     @property
     def digest(self) -> str:
         h = hashlib.sha256()
         for n in _NAMES:
             h.update(n.encode() + b"\0" + self.texts[n].encode() + b"\0")
+        if self.settings != DEFAULT_SETTINGS:
+            h.update(json.dumps(self.settings, sort_keys=True).encode())
         return h.hexdigest()[:12]
 
     @property

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..errors import DataError
 from ..images import load_image_with_digest
 from ..results_file import ResultsFile
-from ..scoring import Item
+from ..items import Item
 from .explainer import Explainer
 
 
@@ -26,7 +26,9 @@ class ExplainSummary:
     already_done: int = 0
     explained: int = 0
     cached: int = 0
-    failed: int = 0
+    failed: int = 0  # rows written as failed (server_failures of them are retried by the next run)
+    server_failures: int = 0
+    retried: int = 0  # rows of an earlier run that had failed for the server's sake, done again
     unreadable: int = 0
     interrupted: bool = False
     seconds: float = 0.0
@@ -53,52 +55,64 @@ def order_items(items: list[Item], order: str, seed: int) -> list[Item]:
 
 def run_explain(explainer: Explainer, items: Sequence[Item], out: str, ocr=None, batch_size: int = 8,
                 progress: bool = True) -> ExplainSummary:
+    """Explain ``items`` into the JSONL ``out``: rows are appended ``batch_size`` at a time as memes
+    finish (whole lines, fsynced), so a kill loses only memes in flight. Rows that failed because
+    the backend was down are retried by the next run (replaced, never duplicated)."""
     results = ResultsFile(out, None)
     results.repair()
+    retry = {r["id"] for r in results.rows() if r.get("retry")}
+    if retry:
+        results.drop_ids(retry)
     done = results.done_ids()
     todo = [it for it in items if it.id not in done]
-    s = ExplainSummary(total=len(items), already_done=len(items) - len(todo))
+    s = ExplainSummary(total=len(items), already_done=len(items) - len(todo), retried=len(retry & {i.id for i in todo}))
     t0 = time.perf_counter()
     fp = explainer.settings
+    order = {it.id: n for n, it in enumerate(items)}
     bar = tqdm(total=len(todo), desc="explaining", unit="meme", disable=not progress or not todo)
-    try:
-        for b in range(0, len(todo), batch_size):
-            batch = todo[b:b + batch_size]
-            rows, ok = [], []
-            for it in batch:
-                try:
-                    if it.error:
-                        raise DataError(it.path, it.error)
-                    img, sha = load_image_with_digest(it.path)
-                except DataError as e:
-                    rows.append({"id": it.id, "path": str(it.path), "sha256": None, "caption": it.caption,
-                                 "status": "failed", "error": e.reason, "text": None, "iterations": []})
-                    s.unreadable += 1
-                    continue
-                caption = it.caption if it.caption is not None else (ocr.read(img, sha) if ocr else "")
-                ok.append((it, img, sha, caption))
-            before = explainer.stats["cached"]
-            res = explainer.explain_many([x[1] for x in ok], [x[2] for x in ok], [x[3] for x in ok])
-            s.cached += explainer.stats["cached"] - before
-            for (it, _, sha, caption), r in zip(ok, res):
-                d = r.to_dict()
-                rows.append({"id": it.id, "path": str(it.path), "sha256": sha, "caption": caption, **d,
-                             "prompt_version": fp["prompts"], "backend": fp["backend"]})
-                s.explained += r.ok
-                s.failed += not r.ok
-                key = r.stop_reason.split(" (")[0].split(";")[0]
-                s.stop_reasons[key] = s.stop_reasons.get(key, 0) + 1
-                for i in r.iterations:
-                    s.prompt_tokens += i.prompt_tokens
-                    s.completion_tokens += i.completion_tokens
-                    s.generation_seconds += i.seconds
-            order = {it.id: n for n, it in enumerate(batch)}
+    rows: list[dict] = []
+
+    def flush(force: bool = False) -> None:
+        if rows and (force or len(rows) >= batch_size):
             results.append(sorted(rows, key=lambda r: order[r["id"]]))
-            bar.update(len(batch))
+            bar.update(len(rows))
+            rows.clear()
+
+    def readable():
+        for it in todo:
+            try:
+                if it.error:
+                    raise DataError(it.path, it.error)
+                img, sha = load_image_with_digest(it.path)
+            except DataError as e:
+                rows.append({"id": it.id, "path": str(it.path), "sha256": None, "caption": it.caption,
+                             "status": "failed", "error": e.reason, "text": None, "iterations": []})
+                s.unreadable += 1
+                continue
+            caption = it.caption if it.caption is not None else (ocr.read(img, sha) if ocr else "")
+            yield (it, sha, caption), img, sha, caption
+
+    before = explainer.stats["cached"]
+    try:
+        for (it, sha, caption), r in explainer.explain_stream(readable()):
+            rows.append({"id": it.id, "path": str(it.path), "sha256": sha, "caption": caption, **r.to_dict(),
+                         "prompt_version": fp["prompts"], "backend": fp["backend"], "retry": r.backend_failed})
+            s.explained += r.ok
+            s.failed += not r.ok
+            s.server_failures += r.backend_failed
+            key = r.stop_reason.split(" (")[0].split(";")[0]
+            s.stop_reasons[key] = s.stop_reasons.get(key, 0) + 1
+            for i in r.iterations:
+                s.prompt_tokens += i.prompt_tokens
+                s.completion_tokens += i.completion_tokens
+                s.generation_seconds += i.seconds
+            flush()
     except KeyboardInterrupt:
         s.interrupted = True
     finally:
+        flush(force=True)
         bar.close()
+    s.cached = explainer.stats["cached"] - before
     s.seconds = round(time.perf_counter() - t0, 2)
     s.generation_seconds = round(s.generation_seconds, 2)
     return s

@@ -58,7 +58,8 @@ _KEY_ALIASES = {"joke": "implied_joke", "implied_meaning": "implied_joke", "impl
                 "narrative": "narrative_structure", "structure": "narrative_structure",
                 "emotion": "emotional_effect", "emotional_impact": "emotional_effect", "tone": "emotional_effect",
                 "dark_elements": "dark_attributes", "dark_humor_attributes": "dark_attributes",
-                "target_of_the_joke": "target", "butt_of_the_joke": "target", "description": "summary"}
+                "target_of_the_joke": "target", "butt_of_the_joke": "target", "description": "summary",
+                "changes": "revised", "changed": "revised", "revision": "revised"}
 
 
 def _canonical(d: dict) -> dict:
@@ -76,12 +77,12 @@ def json_objects(text: str) -> list[Any]:
     found = []
     for m in re.finditer(r"```(?:json)?\s*(\{.*?\})\s*```", text, re.S):
         try:
-            found.append(json.loads(m.group(1)))
+            found.append(json.loads(m.group(1), strict=False))
         except json.JSONDecodeError:
             pass
     if found:
         return found
-    dec = json.JSONDecoder()
+    dec = json.JSONDecoder(strict=False)  # raw newlines inside strings: small models (and llama.cpp's grammar) write them
     i = 0
     while True:
         i = text.find("{", i)
@@ -134,8 +135,12 @@ def parse_explanation(text: str) -> Explanation:
     raise ParseError("no JSON object with the explanation keys and no labelled sections were found")
 
 
-def parse_critique(text: str) -> tuple[str, Explanation]:
-    """``(critique text, revised explanation)`` from a Role-Reversal answer, or :class:`ParseError`."""
+def parse_critique(text: str, previous: dict | None = None) -> tuple[str, Explanation]:
+    """``(critique text, revised explanation)`` from a Role-Reversal answer, or :class:`ParseError`.
+
+    With ``previous`` (the explanation under critique), the answer may carry only the fields it
+    changes (``{"critique": ..., "changes": {...}}``, prompt v2): they are laid over ``previous``,
+    and no changes at all means the author keeps the explanation as it is."""
     if not text or not text.strip():
         raise ParseError("the answer is empty")
     for obj in json_objects(text):
@@ -147,13 +152,14 @@ def parse_critique(text: str) -> tuple[str, Explanation]:
             if isinstance(revised, str):
                 revised = parse_explanation(revised)
             elif isinstance(revised, dict):
+                if previous is not None:
+                    revised = {**previous, **{k: v for k, v in _canonical(revised).items() if v not in (None, "")}}
                 revised = _validate(revised, "the 'revised' object")
             else:
                 raise ParseError("'revised' is neither an object nor text")
-            crit = c.get("critique", "")
-            if isinstance(crit, dict):
-                crit = "\n".join(f"{LABELS.get(_norm_key(k), k)}: {v}" for k, v in crit.items())
-            return str(crit).strip(), revised
+            return _critique_text(c.get("critique", "")), revised
+        if previous is not None and "critique" in c:  # a critique that changes nothing
+            return _critique_text(c["critique"]), _validate(dict(previous), "the previous explanation")
     # No "revised" key: accept "critique ... then a plain explanation" written any other way.
     m = re.split(r"^\W*revised(?: explanation)?\W*$|\brevised(?: explanation)?\s*:", text, maxsplit=1,
                  flags=re.I | re.M)
@@ -161,3 +167,9 @@ def parse_critique(text: str) -> tuple[str, Explanation]:
         crit = re.sub(r"^\W*critique\W*", "", m[0], flags=re.I).strip()
         return crit, parse_explanation(m[1])
     raise ParseError("no 'revised' explanation found in the answer")
+
+
+def _critique_text(crit) -> str:
+    if isinstance(crit, dict):
+        crit = "\n".join(f"{LABELS.get(_norm_key(k), k)}: {v}" for k, v in crit.items())
+    return str(crit).strip()

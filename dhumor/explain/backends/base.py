@@ -5,6 +5,7 @@ import base64
 import io
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 from PIL import Image
 
@@ -17,6 +18,7 @@ class GenerationRequest:
     json_schema: dict | None = None  # structured output, for backends that can enforce it
     max_tokens: int = 400
     temperature: float = 0.2
+    stop: tuple[str, ...] | None = None  # end the answer at any of these strings (not included)
 
 
 @dataclass
@@ -42,6 +44,17 @@ class Backend(ABC):
     @abstractmethod
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
         """One :class:`Generation` per request, in order; failures are reported in ``Generation.error``."""
+
+    def stream(self, pull: Callable[[int], list[tuple[Any, GenerationRequest]]]) -> Iterator[tuple[Any, Generation]]:
+        """Generate for requests as they come: ``pull(n)`` returns up to ``n`` new ``(key, request)``
+        pairs (none: the caller has nothing more right now), and ``(key, generation)`` pairs come
+        back as answers finish. This default sends batches to :meth:`generate`; backends that can
+        refill a batch while it decodes (continuous batching) override it."""
+        while True:
+            batch = pull(1 << 30)  # all that is ready: generate() batches it its own way
+            if not batch:
+                return
+            yield from zip([k for k, _ in batch], self.generate([r for _, r in batch]))
 
 
 def chat_messages(req: GenerationRequest, with_image: bool, image_part: dict | None = None) -> list[dict]:

@@ -73,7 +73,8 @@ class TransformersGGUFBackend(Backend):
     name = "transformers-gguf"
     supports_images = False
 
-    def __init__(self, model_path: str | None = None, device: str = "cpu", repetition_penalty: float = 1.1):
+    def __init__(self, model_path: str | None = None, device: str = "cpu", repetition_penalty: float = 1.1,
+                 batch_size: int = 8, stop_strings: list[str] | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -93,6 +94,10 @@ class TransformersGGUFBackend(Backend):
             tok.save_pretrained(tmp)
             os.replace(tmp, converted)
         self.tokenizer = AutoTokenizer.from_pretrained(converted)
+        self.tokenizer.padding_side = "left"  # generation appends on the right
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.batch_size, self.stop_strings = max(1, batch_size), stop_strings
         self.model = AutoModelForCausalLM.from_pretrained(converted).to(device).eval()
         self.torch = torch
 
@@ -102,25 +107,44 @@ class TransformersGGUFBackend(Backend):
 
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
         out = []
-        for req in requests:
-            t0 = time.perf_counter()
-            ids = self.tokenizer.apply_chat_template(chat_messages(req, False), add_generation_prompt=True,
-                                                     return_tensors="pt", return_dict=True)
-            with self.torch.inference_mode():
-                gen = self.model.generate(**ids, max_new_tokens=req.max_tokens, do_sample=req.temperature > 0,
-                                          temperature=req.temperature if req.temperature > 0 else None,
-                                          repetition_penalty=self.repetition_penalty,
-                                          pad_token_id=self.tokenizer.eos_token_id)
-            new = gen[0, ids["input_ids"].shape[1]:]
-            out.append(Generation(self.tokenizer.decode(new, skip_special_tokens=True), int(ids["input_ids"].shape[1]),
-                                  int(new.shape[0]), time.perf_counter() - t0))
+        for b in range(0, len(requests), self.batch_size):
+            chunk = requests[b:b + self.batch_size]
+            try:
+                out.extend(self._batch(chunk))
+            except (RuntimeError, ValueError) as e:  # report, go on with the next chunk
+                out.extend(Generation("", error=f"{type(e).__name__}: {str(e)[:300]}") for _ in chunk)
+        return out
+
+    def _batch(self, reqs: list[GenerationRequest]) -> list[Generation]:
+        """One left-padded ``generate`` for several requests (sampling settings of the first)."""
+        t0 = time.perf_counter()
+        tok = self.tokenizer
+        texts = [tok.apply_chat_template(chat_messages(r, False), add_generation_prompt=True, tokenize=False)
+                 for r in reqs]
+        ids = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        t = reqs[0].temperature
+        with self.torch.inference_mode():
+            gen = self.model.generate(**ids, max_new_tokens=max(r.max_tokens for r in reqs), do_sample=t > 0,
+                                      temperature=t if t > 0 else None, repetition_penalty=self.repetition_penalty,
+                                      pad_token_id=tok.pad_token_id, stop_strings=self.stop_strings, tokenizer=tok)
+        new = gen[:, ids["input_ids"].shape[1]:]
+        dt = (time.perf_counter() - t0) / len(reqs)
+        out = []
+        for i, row in enumerate(new):
+            n = int((row != tok.pad_token_id).sum())
+            out.append(Generation(tok.decode(row, skip_special_tokens=True), int(ids["attention_mask"][i].sum()), n, dt))
         return out
 
 
-def offline_backend(model_path: str | None = None, n_threads: int | None = None) -> Backend:
-    """llama.cpp when ``llama-cpp-python`` is installed, else transformers from the same GGUF."""
+def offline_backend(model_path: str | None = None, n_threads: int | None = None, sequences: int = 8) -> Backend:
+    """llama.cpp when ``llama-cpp-python`` is installed (``sequences`` > 1: that many answers decoded
+    together, see :mod:`.llama_batch`), else transformers from the same GGUF."""
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
         return TransformersGGUFBackend(model_path)
+    if sequences > 1:
+        from .llama_batch import LlamaBatchBackend
+
+        return LlamaBatchBackend(model_path, n_seq=sequences, n_threads=n_threads)
     return LlamaCppBackend(model_path, n_threads=n_threads)

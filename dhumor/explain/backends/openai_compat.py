@@ -1,12 +1,19 @@
 """Any OpenAI-compatible chat-completions server: vLLM, Ollama, llama.cpp server, LM Studio, hosted APIs.
 
 Configuration comes from arguments or the environment: ``DHUMOR_OPENAI_BASE_URL`` (or
-``OPENAI_BASE_URL``), ``DHUMOR_OPENAI_MODEL``, ``DHUMOR_OPENAI_API_KEY`` (or ``OPENAI_API_KEY``).
-Requests run with bounded concurrency; connection errors, timeouts, 429 and 5xx are retried with
-exponential backoff (honouring ``Retry-After``).
+``OPENAI_BASE_URL``), ``DHUMOR_OPENAI_MODEL``, ``DHUMOR_OPENAI_API_KEY`` (or ``OPENAI_API_KEY``),
+``DHUMOR_OPENAI_TIMEOUT`` (seconds).
+
+Failure is bounded: each request has a deadline (``timeout``, 60 s by default) that covers every
+retry of it, so a hung server costs about a minute per request, not minutes; connection errors,
+timeouts, truncated or non-JSON answers, 429 and 5xx are retried with exponential backoff inside
+that deadline (honouring ``Retry-After``). After ``breaker_threshold`` consecutive failed requests a
+circuit breaker takes the server as down and every further request fails at once with
+"explanation server down: ..."; such failures are never cached, so a later run retries them.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import threading
@@ -16,28 +23,46 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 
 from .base import Backend, Generation, GenerationRequest, chat_messages, image_data_url
+from .circuit import CircuitBreaker
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 # How servers take a JSON schema: OpenAI and vLLM ("json_schema"), llama.cpp's Python server
 # ("json_object" with "schema"), or not at all. On refusal the backend steps down this list.
 STRUCTURED_STYLES = ("json_schema", "json_object", "none")
+SERVER_DOWN = "explanation server down"
+
+
+class _Failed(Exception):
+    """One attempt failed; ``retry`` says whether another attempt may help."""
+
+    def __init__(self, message: str, retry: bool = True, wait: float | None = None, counts: bool = True):
+        super().__init__(message)
+        self.retry, self.wait, self.counts = retry, wait, counts  # counts: uses up one of max_retries
 
 
 class OpenAIBackend(Backend):
     name = "openai"
 
     def __init__(self, model: str | None = None, base_url: str | None = None, api_key: str | None = None,
-                 timeout: float = 120.0, max_retries: int = 4, concurrency: int = 4, send_images: bool = True,
-                 structured_output: bool = True, image_max_side: int = 1024, backoff: float = 1.0, seed: int | None = 0):
+                 timeout: float | None = None, max_retries: int = 3, concurrency: int = 4, send_images: bool = True,
+                 structured_output: bool = True, image_max_side: int = 1024, backoff: float = 1.0, seed: int | None = 0,
+                 connect_timeout: float = 10.0, breaker_threshold: int = 4, breaker_cooldown: float = 300.0,
+                 max_response_bytes: int = 1_000_000):
         """
         Args:
             model: served model name (``DHUMOR_OPENAI_MODEL``).
             base_url: e.g. ``http://localhost:8000/v1`` (``DHUMOR_OPENAI_BASE_URL`` / ``OPENAI_BASE_URL``).
             api_key: bearer token (``DHUMOR_OPENAI_API_KEY`` / ``OPENAI_API_KEY``); local servers need none.
-            timeout: seconds per request; max_retries: retries of a failed request; concurrency: requests in flight.
+            timeout: deadline in seconds for one request, all its retries included (``DHUMOR_OPENAI_TIMEOUT``,
+                default 60); raise it for slow servers that need longer to generate.
+            max_retries: retries of a failed request (within the deadline); backoff: first retry's wait (doubles).
+            concurrency: requests in flight.
             send_images: attach the meme (needs a vision model); False sends visual cues in the text instead.
             structured_output: ask for JSON-schema output; the request style steps down (json_schema,
                 json_object+schema, none) when the server refuses one.
+            breaker_threshold: consecutive failed requests after which the server is taken as down;
+                breaker_cooldown: seconds before one probe request tries it again.
+            max_response_bytes: a larger answer is an error (a chat answer is a few kB).
         """
         env = os.environ.get
         self.model = model or env("DHUMOR_OPENAI_MODEL")
@@ -46,16 +71,28 @@ class OpenAIBackend(Backend):
             raise ValueError("the openai backend needs a model and a base URL: --model/--base-url, or "
                              "DHUMOR_OPENAI_MODEL and DHUMOR_OPENAI_BASE_URL")
         self.api_key = api_key or env("DHUMOR_OPENAI_API_KEY") or env("OPENAI_API_KEY")
-        self.timeout, self.max_retries, self.concurrency = timeout, max_retries, max(1, concurrency)
+        if timeout is None:
+            try:
+                timeout = float(env("DHUMOR_OPENAI_TIMEOUT") or 60.0)
+            except ValueError:
+                raise ValueError(f"DHUMOR_OPENAI_TIMEOUT must be a number of seconds, not "
+                                 f"{env('DHUMOR_OPENAI_TIMEOUT')!r}") from None
+        self.timeout, self.connect_timeout, self.max_retries = timeout, connect_timeout, max_retries
+        self.concurrency = max(1, concurrency)
         self.supports_images = send_images
+        self.structured_output = structured_output
         self.structured = STRUCTURED_STYLES[0] if structured_output else "none"
         self.image_max_side, self.backoff, self.seed = image_max_side, backoff, seed
+        self.max_response_bytes = max_response_bytes
+        self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown)
         self._local = threading.local()
         self._style_lock = threading.Lock()
 
     def fingerprint(self) -> dict:
+        # Only configured settings: the structured-output style found at run time (self.structured)
+        # changes how a request is sent, not what the run is, and would split one run's cache keys.
         return {"backend": self.name, "model": self.model, "base_url": self.base_url, "images": self.supports_images,
-                "structured": self.structured, "seed": self.seed}
+                "structured_output": self.structured_output, "seed": self.seed}
 
     def _session(self) -> requests.Session:
         s = getattr(self._local, "session", None)
@@ -78,42 +115,72 @@ class OpenAIBackend(Backend):
                                        "json_schema": {"name": "answer", "schema": req.json_schema, "strict": False}}
         elif self.structured == "json_object" and req.json_schema:
             body["response_format"] = {"type": "json_object", "schema": req.json_schema}
+        if req.stop:
+            body["stop"] = list(req.stop)
         return body
 
+    def _attempt(self, url: str, body: dict, deadline: float) -> Generation:
+        """One HTTP attempt, bounded by ``deadline`` (time.monotonic) and ``max_response_bytes``."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _Failed(f"no answer within the {self.timeout:g} s deadline", retry=False)
+        try:
+            with self._session().post(url, json=body, stream=True,
+                                      timeout=(min(self.connect_timeout, left), left)) as r:
+                raw = bytearray()
+                for chunk in r.iter_content(16384):
+                    raw += chunk
+                    if len(raw) > self.max_response_bytes:
+                        raise _Failed(f"answer larger than {self.max_response_bytes} bytes", retry=False)
+                    if time.monotonic() > deadline:
+                        raise _Failed(f"no complete answer within the {self.timeout:g} s deadline", retry=False)
+        except requests.RequestException as e:
+            raise _Failed(f"{type(e).__name__}: {str(e)[:300]}") from None
+        text = raw.decode("utf-8", "replace")
+        if r.status_code != 200:
+            if "response_format" in body and "response_format" in text and r.status_code in (400, 422, 500):
+                self._step_down(body["response_format"]["type"])
+                raise _Failed(f"HTTP {r.status_code}: refused {body['response_format']['type']}", wait=0.0,
+                              counts=False)  # not a retry: the next request is a different one
+            raise _Failed(f"HTTP {r.status_code}: {text[:300]}", retry=r.status_code in RETRY_STATUS,
+                          wait=_retry_after(r))
+        try:
+            data = json.loads(text)
+            content = data["choices"][0]["message"].get("content") or ""
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+            # A proxy's HTML page or a truncated body: the server's fault, worth another try.
+            raise _Failed(f"malformed response ({type(e).__name__}: {str(e)[:100]}): {text[:120]!r}") from None
+        usage = data.get("usage") or {}
+        return Generation(content, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+
     def _one(self, req: GenerationRequest) -> Generation:
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         url = f"{self.base_url}/chat/completions"
-        last, retries = "", 0
+        refused = self.breaker.refusal()
+        if refused:
+            return Generation("", error=f"{SERVER_DOWN}: {self.base_url}: {refused}; rerun to retry")
+        deadline = t0 + self.timeout
+        retries, last = 0, ""
         while True:
-            body = self.payload(req)
-            wait = None
             try:
-                r = self._session().post(url, json=body, timeout=self.timeout)
-            except requests.RequestException as e:
-                last = f"{type(e).__name__}: {e}"
-            else:
-                if r.status_code == 200:
-                    try:
-                        data = r.json()
-                        text = data["choices"][0]["message"].get("content") or ""
-                    except (ValueError, KeyError, IndexError) as e:
-                        return Generation("", seconds=time.perf_counter() - t0,
-                                          error=f"malformed response from {url}: {e}")
-                    usage = data.get("usage") or {}
-                    return Generation(text, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0),
-                                      time.perf_counter() - t0)
-                last = f"HTTP {r.status_code}: {r.text[:300]}"
-                if "response_format" in body and "response_format" in r.text and r.status_code in (400, 422, 500):
-                    self._step_down(body["response_format"]["type"])  # not a retry: a different request
-                    continue
-                if r.status_code not in RETRY_STATUS:
+                g = self._attempt(url, self.payload(req), deadline)
+                g.seconds = time.monotonic() - t0
+                self.breaker.record(None)
+                return g
+            except _Failed as f:
+                last = str(f)
+                if not f.retry or (f.counts and retries >= self.max_retries):
                     break
-                wait = _retry_after(r)
-            if retries >= self.max_retries:
-                break
-            time.sleep(wait if wait is not None else self.backoff * (2 ** retries) * (0.5 + random.random()))
-            retries += 1
-        return Generation("", seconds=time.perf_counter() - t0, error=f"{url}: {last}")
+                wait = f.wait if f.wait is not None else self.backoff * (2 ** retries) * (0.5 + random.random())
+                if time.monotonic() + wait >= deadline:
+                    break
+                time.sleep(wait)
+                retries += f.counts
+        self.breaker.record(last)
+        err = f"{url}: {last}" + (f" (after {retries} retries)" if retries else "")
+        if self.breaker.is_open:
+            err = f"{SERVER_DOWN}: {err}; rerun to retry"
+        return Generation("", seconds=time.monotonic() - t0, error=err)
 
     def _step_down(self, refused: str) -> None:
         """This server wants another structured-output style (or none: the parser copes)."""

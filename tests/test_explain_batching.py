@@ -1,0 +1,143 @@
+"""Batched explanation: iterations of different memes share backend calls, prompt v2's partial
+critiques, streaming results for the demo, and llama.cpp decoding several answers at once."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from dhumor.cache import StageCache
+from dhumor.explain import Explainer, parse_critique
+from dhumor.explain.backends.base import Backend, Generation, GenerationRequest
+from dhumor.explain.backends.llama_batch import JsonEnd
+from dhumor.explain.loop import CHANGES_SCHEMA, LoopInput, RoleReversalLoop
+from dhumor.explain.prompts import Prompts
+
+FULL = {"summary": "A cat at the vet.", "implied_joke": "The 'small procedure' is neutering.",
+        "narrative_structure": "Setup then punchline.", "emotional_effect": "Dread, then laughter.",
+        "dark_attributes": "mutilation", "target": "pet owners"}
+
+
+class EchoBackend(Backend):
+    """Answers by the kind of prompt it gets (explain or critique) and records every call's batch,
+    so a test can see which memes' iterations travelled together."""
+
+    name = "echo"
+
+    def __init__(self, changes_for=lambda user: {"summary": "rewritten " + user[-12:]}):
+        self.batches, self.changes_for = [], changes_for
+
+    def fingerprint(self):
+        return {"backend": self.name}
+
+    def generate(self, reqs):
+        self.batches.append(["critique" if "author and creator" in r.user else "explain" for r in reqs])
+        out = []
+        for r in reqs:
+            if "author and creator" in r.user:
+                out.append(Generation(json.dumps({"critique": "too vague", "changes": self.changes_for(r.user)}), 5, 7))
+            else:
+                out.append(Generation(json.dumps({**FULL, "summary": "cap " + r.user.split("Caption text: ")[1][:8]}), 5, 9))
+        return out
+
+
+def test_partial_critique_is_laid_over_the_previous_explanation():
+    crit, rev = parse_critique(json.dumps({"critique": "target is wrong", "changes": {"target": "vets"}}), FULL)
+    assert crit == "target is wrong" and rev.target == "vets" and rev.summary == FULL["summary"]
+    crit, rev = parse_critique(json.dumps({"critique": "all good", "changes": {}}), FULL)
+    assert rev.model_dump() == FULL
+    crit, rev = parse_critique(json.dumps({"critique": "fine"}), FULL)  # no changes key at all: nothing changes
+    assert rev.model_dump() == FULL
+    with pytest.raises(ValueError, match="revised"):
+        parse_critique(json.dumps({"critique": "fine"}))  # without the previous explanation there is nothing to keep
+
+
+def test_v2_prompts_ask_for_changes_only_and_converge_when_nothing_changes():
+    p = Prompts.load("v2")
+    assert p.settings["critique"] == "changes" and p.id != Prompts.load("v1").id
+    b = EchoBackend(changes_for=lambda user: {})
+    loop = RoleReversalLoop(b, prompts=p, iterations=3)
+    r = loop.run_many([LoopInput(None, "a caption", ["cat"])])[0]
+    assert r.ok and len(r.iterations) == 2 and r.stop_reason.startswith("converged")
+    req = loop._critique(LoopInput(None, "c", ["cat"]), FULL)
+    assert req.json_schema == CHANGES_SCHEMA and req.max_tokens == loop.max_tokens  # critique_tokens 1.0 in v2
+
+
+def test_iterations_of_different_memes_share_backend_calls():
+    # Meme 1's author changes nothing: it converges at iteration 2 and its place goes to meme 3 at once.
+    b = EchoBackend(changes_for=lambda user: {} if "meme number 1" in user else {"summary": "new " + user[-30:]})
+    loop = RoleReversalLoop(b, prompts=Prompts.load("v2"), iterations=3, similarity_threshold=0.99)
+    inputs = [LoopInput(None, f"meme number {i}", ["cat"]) for i in range(5)]
+    events = [(i, r, d, len(r.iterations)) for i, r, d in loop.run_iter(inputs, slots=3)]
+    done = {i: r for i, r, d, _ in events if d}
+    assert sorted(done) == [0, 1, 2, 3, 4] and len(done[1].iterations) == 2
+    assert all(len(done[i].iterations) == 3 for i in (0, 2, 3, 4))
+    assert b.batches[:3] == [["explain"] * 3, ["critique"] * 3, ["critique", "critique", "explain"]]
+    assert max(len(x) for x in b.batches) <= 3
+    assert sum(len(x) for x in b.batches) == 14  # 4 memes x 3 iterations + 1 x 2, no request twice
+    assert [n for i, _, _, n in events if i == 0] == [1, 2, 3]  # yielded after every iteration
+
+
+def test_explain_iter_streams_each_iteration_then_caches(tmp_path):
+    b = EchoBackend()
+    ex = Explainer(b, cache=StageCache(tmp_path / "c.sqlite"), iterations=3, similarity_threshold=1.01,
+                   prompts=Prompts.load("v2"))
+    ex.cues = None  # the test backend needs no visual cues (no image classifier)
+    img = Image.new("RGB", (8, 8))
+    seen = [(len(r.iterations), r.stop_reason) for r in ex.explain_iter(img, "a" * 64, "caption")]
+    assert seen == [(1, ""), (2, ""), (3, "completed 3 iterations")]
+    again = list(ex.explain_iter(img, "a" * 64, "caption"))
+    assert len(again) == 1 and len(again[0].iterations) == 3 and len(b.batches) == 3  # from the cache
+
+
+def test_json_end_detector_ignores_braces_in_strings():
+    j = JsonEnd()
+    assert j.feed('Sure: {"a": "x}y", "b": {"c": "\\"}"}') is None
+    assert j.feed("} trailing") == 1
+
+
+@pytest.fixture(scope="module")
+def llama_batch():
+    pytest.importorskip("llama_cpp")
+    from dhumor.explain.backends.llama_batch import LlamaBatchBackend
+
+    return LlamaBatchBackend(n_seq=3, n_threads=2)
+
+
+def test_llama_batch_decodes_several_answers_and_refills_slots(llama_batch):
+    word = {"type": "object", "properties": {"word": {"type": "string", "maxLength": 12}}, "required": ["word"]}
+    reqs = [GenerationRequest("You answer in JSON.", f"One word for: {c}", json_schema=word, max_tokens=m)
+            for c, m in [("cats", 40), ("monday", 3), ("vets", 40), ("taxes", 40)]]
+    gens = llama_batch.generate(reqs)  # 4 requests, 3 slots: the short one's slot goes to the fourth
+    assert all(g.error is None for g in gens), [g.error for g in gens]
+    assert gens[1].completion_tokens == 3  # cut at max_tokens
+    for g in (gens[0], gens[2], gens[3]):
+        # grammar-constrained, and generation stopped right at the closing brace
+        assert list(json.loads(g.text, strict=False)) == ["word"] and g.text.rstrip().endswith("}") and g.completion_tokens < 40
+    # A request too long for its sequence's context fails alone.
+    huge = GenerationRequest("s", "word " * 3000, max_tokens=10)
+    g_bad, g_ok = llama_batch.generate([huge, reqs[1]])
+    assert g_bad.error and "exceed the context" in g_bad.error and g_ok.error is None
+
+
+def test_llama_batch_continuous_stream_takes_requests_as_slots_free(llama_batch):
+    word = {"type": "object", "properties": {"w": {"type": "string", "maxLength": 6}}, "required": ["w"]}
+    queue = [(i, GenerationRequest("JSON only.", f"A word about {i}", json_schema=word, max_tokens=30)) for i in range(5)]
+    asked = []
+
+    def pull(n):
+        asked.append(n)
+        take, queue[:] = queue[:n], queue[n:]
+        return take
+
+    got = dict(llama_batch.stream(pull))
+    assert sorted(got) == [0, 1, 2, 3, 4] and all(json.loads(g.text, strict=False) for g in got.values())
+    assert asked[0] == 3 and any(0 < n < 3 for n in asked[1:])  # refilled one or two slots at a time
+
+
+def test_parser_accepts_raw_newlines_inside_strings():
+    from dhumor.explain import parse_explanation
+
+    text = json.dumps(FULL).replace("Setup then punchline.", "Setup,\\nthen punchline.").replace("\\n", "\n")
+    assert parse_explanation(text).narrative_structure == "Setup,\nthen punchline."

@@ -1,0 +1,223 @@
+"""The openai backend against real local HTTP servers that misbehave: hang, answer 500, close mid-answer,
+answer HTML, answer 2 MB. Each failure must be bounded in time, reported per row, never cached, and
+retried by the next run; a server that stays down trips the circuit breaker so a batch ends quickly."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from PIL import Image
+
+from dhumor.cache import StageCache
+from dhumor.cli import main
+from dhumor.explain import Explainer
+from dhumor.explain.backends.base import GenerationRequest
+from dhumor.explain.backends.openai_compat import OpenAIBackend
+from dhumor.explain.run import run_explain
+from dhumor.items import Item
+
+FULL = {"summary": "A cat at the vet.", "implied_joke": "The 'small procedure' is neutering.",
+        "narrative_structure": "Setup then punchline.", "emotional_effect": "Dread, then laughter.",
+        "dark_attributes": "mutilation", "target": "pet owners"}
+
+
+class FaultServer:
+    """A chat-completions endpoint on 127.0.0.1 whose behaviour a test sets (``mode``), or scripts
+    request by request (``script``: modes used in turn, then ``mode``)."""
+
+    def __init__(self, mode: str = "ok"):
+        self.mode, self.script, self.requests, self.bodies = mode, [], 0, []
+        self.release = threading.Event()  # set at teardown: hung handlers return
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server._lock:
+                    server.requests += 1
+                    server.bodies.append(body)
+                    mode = server.script.pop(0) if server.script else server.mode
+                getattr(self, "_" + mode)(body)
+
+            def _send(self, code, data: bytes, ctype="application/json", length=None):
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(length if length is not None else len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _ok(self, body):
+                answer = {"choices": [{"message": {"role": "assistant", "content": json.dumps(FULL)}}],
+                          "usage": {"prompt_tokens": 50, "completion_tokens": 60}}
+                self._send(200, json.dumps(answer).encode())
+
+            def _hang(self, body):
+                server.release.wait(60)
+                self.close_connection = True
+
+            def _error500(self, body):
+                self._send(500, b'{"error": "internal error"}')
+
+            def _refuse_schema(self, body):  # llama.cpp's server: no json_schema style
+                if body.get("response_format", {}).get("type") == "json_schema":
+                    self._send(400, b'{"error": "response_format json_schema not supported"}')
+                else:
+                    self._ok(body)
+
+            def _close_midway(self, body):
+                self._send(200, b'{"choices": [{"mess', length=5000)  # promises more, then hangs up
+                self.close_connection = True
+
+            def _html(self, body):
+                self._send(200, b"<html><body>502 Bad Gateway</body></html>", ctype="text/html")
+
+            def _huge(self, body):
+                content = "x" * (2 * 1024 * 1024)
+                self._send(200, json.dumps({"choices": [{"message": {"content": content}}]}).encode())
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = FaultServer()
+    yield s
+    s.close()
+
+
+def _backend(url, **kw) -> OpenAIBackend:
+    kw = {"model": "m", "base_url": url, "backoff": 0.01, "timeout": 3.0, **kw}
+    return OpenAIBackend(**kw)
+
+
+def _req() -> GenerationRequest:
+    return GenerationRequest("system", "explain", json_schema={"type": "object"})
+
+
+def test_a_hung_request_ends_at_its_deadline(server):
+    server.mode = "hang"
+    b = _backend(server.url, timeout=1.0)
+    t = time.monotonic()
+    g = b.generate([_req()])[0]
+    took = time.monotonic() - t
+    assert g.error and "ReadTimeout" in g.error and took < 2.5, (g.error, took)
+    assert server.requests == 1  # the deadline covers the retries too: no second wait
+
+
+@pytest.mark.parametrize("mode,says", [("error500", "HTTP 500"), ("close_midway", "ChunkedEncodingError"),
+                                       ("html", "malformed response")])
+def test_server_faults_are_retried_then_reported(server, mode, says):
+    server.mode = mode
+    g = _backend(server.url, max_retries=2).generate([_req()])[0]
+    assert g.error and says in g.error and "after 2 retries" in g.error, g.error
+    assert server.requests == 3
+
+
+def test_a_transient_fault_is_retried_to_success(server):
+    server.script = ["error500", "close_midway", "html"]
+    g = _backend(server.url, max_retries=3).generate([_req()])[0]
+    assert g.error is None and json.loads(g.text) == FULL and g.completion_tokens == 60
+    assert server.requests == 4
+
+
+def test_a_2mb_answer_is_refused_without_retrying(server):
+    server.mode = "huge"
+    t = time.monotonic()
+    g = _backend(server.url).generate([_req()])[0]
+    assert g.error and "larger than 1000000 bytes" in g.error and server.requests == 1
+    assert time.monotonic() - t < 3
+    # A bigger cap takes it (the answer is then a model's problem: the parser will say so).
+    g = _backend(server.url, max_response_bytes=4_000_000).generate([_req()])[0]
+    assert g.error is None and len(g.text) == 2 * 1024 * 1024
+
+
+def test_cache_key_does_not_follow_the_structured_output_step_down(server, tmp_path):
+    server.mode = "refuse_schema"
+    b = _backend(server.url, send_images=True)
+    ex = Explainer(b, cache=StageCache(tmp_path / "c.sqlite"), iterations=1)
+    key = ex.key("a" * 64, "cap")
+    r = ex.explain(Image.new("RGB", (16, 16), "red"), "a" * 64, "cap")
+    assert r.ok and b.structured == "json_object"  # stepped down mid-run
+    assert ex.key("a" * 64, "cap") == key and ex.cached("a" * 64, "cap") is not None
+    assert [x.get("response_format", {}).get("type") for x in server.bodies] == ["json_schema", "json_object"]
+
+
+def _memes(tmp_path, n):
+    d = tmp_path / "memes"
+    d.mkdir()
+    items = []
+    for i in range(n):
+        p = d / f"meme {i:02d}.png"
+        Image.new("RGB", (24, 24), (i * 10 % 256, 50, 90)).save(p)
+        items.append(Item(p.name, p, caption=f"caption {i}"))
+    return items
+
+
+def test_a_hung_server_trips_the_breaker_and_a_later_run_retries(server, tmp_path):
+    server.mode = "hang"
+    items = _memes(tmp_path, 20)
+    cache, out = StageCache(tmp_path / "c.sqlite"), tmp_path / "expl.jsonl"
+    b = _backend(server.url, timeout=1.0, concurrency=4, breaker_threshold=4)
+    t = time.monotonic()
+    s = run_explain(Explainer(b, cache=cache, iterations=2, batch_size=8), items, str(out), progress=False)
+    took = time.monotonic() - t
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == sorted(i.id for i in items)  # every row accounted for, once
+    assert all(r["status"] == "failed" and r["retry"] for r in rows) and s.failed == s.server_failures == 20
+    down = [r for r in rows if r["error"].startswith("explanation server down: ")]
+    assert len(down) >= 16 and "rerun to retry" in down[-1]["error"]
+    assert server.requests <= 8 and took < 4, (server.requests, took)  # one round of timeouts, then fail fast
+
+    # The server is back: a new run (a new backend, as a new process would have) redoes every row.
+    server.mode = "ok"
+    b2 = _backend(server.url, timeout=5.0)
+    s2 = run_explain(Explainer(b2, cache=cache, iterations=2, batch_size=8), items, str(out), progress=False)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert s2.retried == 20 and s2.explained == 20 and s2.cached == 0
+    assert sorted(r["id"] for r in rows) == sorted(i.id for i in items)
+    assert all(r["status"] == "ok" and not r["retry"] for r in rows)
+
+
+def test_breaker_lets_one_probe_through_after_its_cooldown(server):
+    server.mode = "error500"
+    b = _backend(server.url, max_retries=0, breaker_threshold=2, breaker_cooldown=0.5, concurrency=1)
+    gens = b.generate([_req() for _ in range(5)])
+    assert server.requests == 2 and all("explanation server down" in g.error for g in gens[1:])
+    server.mode = "ok"
+    time.sleep(0.6)
+    g1, g2 = b.generate([_req(), _req()])
+    assert g1.error is None and g2.error is None and server.requests == 4  # the probe closed the breaker
+
+
+def test_explain_command_exits_3_when_rows_fail(tmp_path, monkeypatch, capsys, server):
+    server.mode = "error500"
+    items = _memes(tmp_path, 6)
+    monkeypatch.setenv("DHUMOR_OPENAI_TIMEOUT", "1")
+    out = tmp_path / "expl.jsonl"
+    t = time.monotonic()
+    rc = main(["explain", str(items[0].path.parent), "--out", str(out), "--backend", "openai", "--model", "m",
+               "--base-url", server.url, "--ocr", "none", "--iterations", "1", "--quiet",
+               "--cache", str(tmp_path / "c.sqlite")])
+    assert rc == 3 and time.monotonic() - t < 15
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 6 and all(r["status"] == "failed" and r["retry"] for r in rows)
+    summary = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert summary["failed"] == 6 and summary["server_failures"] == 6
