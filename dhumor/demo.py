@@ -30,11 +30,15 @@ def explanation_markdown(result: dict, has_explainer: bool, used_by_model: bool)
     if not has_explainer:
         return NO_EXPLAINER
     if not trail:
-        return "*No explanation was produced for this meme.*"
+        return "*Explaining the meme…*" if result.get("explanation_pending") else \
+            "*No explanation was produced for this meme.*"
     from .explain.schema import FIELDS, LABELS
 
     parts = []
-    if trail.get("status") != "ok":
+    if result.get("explanation_pending"):
+        n = len(trail.get("iterations") or [])
+        parts.append(f"*Iteration {n} done; the author is revising it…*")
+    elif trail.get("status") != "ok":
         parts.append(f"**The explanation failed:** {trail.get('error') or 'unknown error'}")
     else:
         note = "" if used_by_model else " (shown for review; this checkpoint has no reasoning stream)"
@@ -65,7 +69,9 @@ def redecide(pipe: Pipeline, result: dict, threshold: float) -> dict:
 
 
 def decision_markdown(pipe: Pipeline, result: dict) -> str:
-    dec = result["decision"]
+    dec = result.get("decision")
+    if dec is None:  # the model reads the explanation: it decides once the explanation is final
+        return "## Decision: pending\nthe model reads the explanation; it decides when the explanation is final"
     flagged, p, th = dec["flagged"], dec["probability"], dec["threshold"]
     verb = "FLAG" if flagged else "do not flag"
     return (f"## Decision: {verb}\n{pipe.schema.primary} probability **{p:.2f}** {'≥' if flagged else '<'} "
@@ -75,6 +81,8 @@ def decision_markdown(pipe: Pipeline, result: dict) -> str:
 def label_updates(pipe: Pipeline, result: dict) -> list:
     import gradio as gr
 
+    if not result.get("tasks"):
+        return [gr.update(value=None) for _ in pipe.schema.tasks]
     out = []
     for t in pipe.schema.tasks:
         r = result["tasks"][t.name]
@@ -117,27 +125,33 @@ def build_demo(pipe: Pipeline, review_log: ReviewLog, max_file_mb: float = 10.0,
         return ["", "", *[None for _ in schema.tasks], "", None, status]
 
     def analyze(image_path, caption, threshold, use_caption: bool):
+        """A generator: the page updates at every step (decision, then each explanation iteration)."""
         if not image_path:
-            return _empty_outputs("Upload, paste or pick a meme.")
+            yield _empty_outputs("Upload, paste or pick a meme.")
+            return
         path = Path(image_path)
         size = path.stat().st_size if path.exists() else 0
         if size > max_file_mb * 1024 * 1024:
-            return _empty_outputs(f"**{path.name}** is {size / 2**20:.1f} MB; the limit is {max_file_mb:g} MB.")
+            yield _empty_outputs(f"**{path.name}** is {size / 2**20:.1f} MB; the limit is {max_file_mb:g} MB.")
+            return
         t0 = time.perf_counter()
         try:
-            result = pipe.score_file(path, caption=caption if use_caption else None, threshold=threshold)
+            for result in pipe.stream_file(path, caption=caption if use_caption else None, threshold=threshold):
+                result["filename"] = path.name
+                result["latency"] = round(time.perf_counter() - t0, 3)
+                if result.get("error"):
+                    yield _empty_outputs(f"**This meme could not be scored:** {result['error']}")
+                    return
+                pending = result.get("explanation_pending")
+                status = (f"Explaining… ({result['latency']:.1f} s so far)" if pending
+                          else f"Scored in {result['latency']:.2f} s.")
+                yield [result.get("caption") or "", explanation_markdown(result, has_explainer, used_by_model),
+                       *label_updates(pipe, result), decision_markdown(pipe, result), result, status]
         except DataError as e:
-            return _empty_outputs(f"**Cannot use this file:** {e.reason}")
+            yield _empty_outputs(f"**Cannot use this file:** {e.reason}")
         except Exception as e:  # never a stack trace on the page; the log has it
             log.exception("scoring failed for %s", path)
-            return _empty_outputs(f"**Something went wrong while scoring this meme** ({type(e).__name__}).")
-        result["filename"] = path.name
-        result["latency"] = round(time.perf_counter() - t0, 3)
-        if result.get("error"):
-            return _empty_outputs(f"**This meme could not be scored:** {result['error']}")
-        status = f"Scored in {result['latency']:.2f} s."
-        return [result.get("caption") or "", explanation_markdown(result, has_explainer, used_by_model),
-                *label_updates(pipe, result), decision_markdown(pipe, result), result, status]
+            yield _empty_outputs(f"**Something went wrong while scoring this meme** ({type(e).__name__}).")
 
     def on_threshold(result, threshold):
         if not result:

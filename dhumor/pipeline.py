@@ -314,6 +314,50 @@ class Pipeline:
         item = Item(name, Path(name), caption, explanation)
         return self._one(self.preprocess(item, img, sha256), Path(name), threshold)
 
+    def stream_file(self, path: str | Path, caption: str | None = None,
+                    threshold: float | None = None) -> Iterator[dict]:
+        """:meth:`score_file`, yielding as it goes when an explainer is configured (the demo's page).
+
+        When the model does not read the explanation, the decision comes first and each finished
+        Role-Reversal iteration follows; when it does, each iteration comes as it finishes (decision
+        pending) and the decision last. Every yield is a complete result row; the last is final."""
+        path = Path(path)
+        p = self.preprocess(Item(path.name, path, caption))
+        if p.error and p.error_kind == "input":
+            raise DataError(path, p.error)
+        if self.explainer is None or p.error:
+            yield self.process([p], threshold)[0]
+            return
+        reads_explanation = "reasoning" in self.streams
+        decided = None
+        if not reads_explanation:  # decide now: the explanation is shown for review, not used by the model
+            p.explanation = ""
+            decided = self.process([p], threshold)[0]
+            p.explanation = None
+            yield {**decided, "explanation": None, "explanation_pending": True}
+        t, last = time.perf_counter(), None
+        try:
+            for last in self.explainer.explain_iter(p.image, p.sha256, p.caption or ""):
+                partial = decided or self.postprocess(p, None, threshold)
+                yield {**partial, "explanation_trail": last.to_dict(), "explanation_pending": not last.stop_reason}
+        except Exception as e:  # the backend broke: the row says why, as in a batch
+            p.explanation_error = f"explanation failed: {_describe_exception(e)}"
+        p.timings["explain"] = time.perf_counter() - t
+        if last is not None:
+            p.trail = last.to_dict()
+            if last.ok:
+                p.explanation = last.text
+            else:
+                p.explanation_error = f"explanation failed: {p.trail.get('error') or last.stop_reason}"
+        if reads_explanation:
+            if p.explanation_error:
+                p.error, p.error_kind = p.explanation_error, "transient"
+            yield self.process([p], threshold)[0]
+        else:
+            yield {**decided, "explanation": p.explanation, "explanation_trail": p.trail,
+                   "explanation_error": p.explanation_error,
+                   "timings": {**decided["timings"], "explain": round(p.timings["explain"], 4)}}
+
     def _one(self, p: Prepared, path: Path, threshold: float | None) -> dict:
         if p.error and p.error_kind == "input":
             raise DataError(path, p.error)
