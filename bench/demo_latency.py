@@ -1,4 +1,5 @@
-"""Demo latency in a real browser: time from upload to the decision on the page, p50 and p95.
+"""Demo latency in a real browser, p50 and p95 from upload to: the decision on the page, the first
+finished explanation iteration (streamed), and the whole loop.
 
 Starts `dhumor demo` (cold stage cache), drives Debian's headless Chromium with Selenium, uploads
 each meme in a freshly loaded page and waits for the decision to appear.
@@ -62,7 +63,7 @@ def main(argv=None):
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking"):
         o.add_argument(a)
     d = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=o)
-    lat = []
+    lat: dict[str, list[float]] = {"decision": [], "first_explanation": [], "full": []}
     try:
         for i, f in enumerate([files[0], *files]):  # the first upload warms the models up: not counted
             d.get(url)
@@ -72,22 +73,36 @@ def main(argv=None):
                 time.sleep(0.05)
             t0 = time.perf_counter()
             inp[0].send_keys(str(f.resolve()))
-            failed = False
-            while "Decision" not in d.find_element(By.ID, "decision").text:
+            seen: dict[str, float] = {}
+            while True:
+                now = time.perf_counter() - t0
+                if "decision" not in seen and "Decision:" in d.find_element(By.ID, "decision").text \
+                        and "pending" not in d.find_element(By.ID, "decision").text:
+                    seen["decision"] = now
+                if args.explain != "none" and "first_explanation" not in seen \
+                        and "Iteration" in d.find_element(By.ID, "explanation").text:
+                    seen["first_explanation"] = now  # the page shows a finished Role-Reversal iteration
                 # The status is rendered Markdown: its text has no "**" left.
                 status = d.find_element(By.ID, "status").text
-                if status.startswith(("Cannot use this file", "Something went wrong")):
-                    failed = True  # no decision to time: the meme is left out of the latencies
+                if status.startswith(("Cannot use this file", "Something went wrong", "This meme could not")):
+                    seen = {}  # no decision to time: the meme is left out of the latencies
+                    break
+                if status.startswith("Scored in"):
+                    seen["full"] = now
+                    seen.setdefault("decision", now)
                     break
                 time.sleep(0.05)
-            if i > 0 and not failed:
-                lat.append(time.perf_counter() - t0)
+            if i > 0:
+                for k, v in seen.items():
+                    lat[k].append(v)
     finally:
         d.quit()
         proc.terminate()
-    out = {"explain": args.explain, "memes": len(lat), "p50_seconds": round(float(np.percentile(lat, 50)), 3),
-           "p95_seconds": round(float(np.percentile(lat, 95)), 3), "mean_seconds": round(float(np.mean(lat)), 3),
-           "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+    out = {"explain": args.explain, "memes": len(lat["full"]), "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+    for k, v in lat.items():  # seconds from upload: decision shown, first explanation iteration shown, all done
+        if v:
+            out[k] = {"p50": round(float(np.percentile(v, 50)), 3), "p95": round(float(np.percentile(v, 95)), 3),
+                      "mean": round(float(np.mean(v)), 3)}
     print(json.dumps(out))
     return out
 
