@@ -18,3 +18,6 @@ run() {  # split, extra args; exit 3 (some memes failed, recorded in their rows)
 }
 run val
 run train --limit "$TRAIN_LIMIT"
+# One file for training with the reasoning stream (configs/ablations/with-explanations.yaml reads it):
+# val's rows feed the reported split, train's the training split; ids never collide across splits.
+cat "$OUT/val.jsonl" "$OUT/train.jsonl" > "$OUT/harmeme.jsonl.tmp" && mv "$OUT/harmeme.jsonl.tmp" "$OUT/harmeme.jsonl"

@@ -157,9 +157,9 @@ def main(argv=None):
     global TRAIN, VAL
     TRAIN, VAL = resolve_data_path("train.jsonl", args.data), resolve_data_path("val.jsonl", args.data)
     if not VAL.exists():
-        from dhumor.paths import GET_DATA_HINT
+        from dhumor.paths import get_data_hint
 
-        ap.error(f"{VAL}: not found; {GET_DATA_HINT}")
+        ap.error(f"{VAL}: not found; {get_data_hint(args.data)}")
     quiet()
     rows = []
     for v in args.variants:

@@ -235,7 +235,7 @@ def cmd_data(args) -> int:
     from .data.convert import convert_harmeme
     from .paths import data_root
 
-    out = data_root(args.out)
+    out = data_root(args.out).resolve()
     counts = convert_harmeme(args.src, out)
     for split, c in counts.items():
         levels = ", ".join(f"{k} {v}" for k, v in sorted(c["harmfulness"].items()))
@@ -356,10 +356,12 @@ def cmd_explain(args) -> int:
 
 def cmd_demo(args) -> int:
     from .cache import StageCache
+    from .preflight import check_checkpoint, check_demo, check_explainer, check_ocr
+
+    check_demo()
     from .demo import launch
     from .ocr import create_ocr
     from .pipeline import Pipeline
-    from .preflight import check_checkpoint, check_explainer, check_ocr
     from .review import ReviewLog
 
     check_ocr(args.ocr)
@@ -452,13 +454,16 @@ def _report(command: str, e: BaseException, debug: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The ``dhumor`` command; returns its exit code (see the parser's epilog)."""
+    from_process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging()
     debug = _debug_wanted(argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
         argv = [a for a in argv if a != "--debug"]
+        if from_process:  # LightningCLI reads sys.argv itself; handing it the same list again draws a warning
+            sys.argv[1:] = argv
         try:
-            run_lightning(argv)
+            run_lightning(None if from_process else argv)
         except KeyboardInterrupt:
             return EXIT_INTERRUPTED
         except Exception as e:

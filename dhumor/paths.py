@@ -16,8 +16,13 @@ from pathlib import Path
 
 ENV_DATA = "DHUMOR_DATA"
 DEFAULT_DATA_ROOT = Path("data") / "harmeme-c"
-GET_DATA_HINT = ("get Harm-C with `dhumor data harmeme SRC data/harmeme-c` (SRC: a clone of "
+GET_DATA_HINT = ("get Harm-C with `dhumor data harmeme SRC {root}` (SRC: a clone of "
                  "https://github.com/di-dimitrov/mmf), or point DHUMOR_DATA / --data.root at a folder that has it")
+
+
+def get_data_hint(root: str | os.PathLike | None = None) -> str:
+    """How to put data where the data root (``root``, else the one in use) says it is."""
+    return GET_DATA_HINT.format(root=data_root(root))
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:

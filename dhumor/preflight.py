@@ -106,6 +106,12 @@ def _weights(resolve) -> None:
         raise ConfigError(str(e)) from None
 
 
+def check_demo() -> None:
+    """Gradio, the demo's web framework, is installed."""
+    if not _installed("gradio"):
+        raise ConfigError(f"the demo needs Gradio: {PIP_EXTRA.format(extra='demo')}")
+
+
 def check_input(path: str | Path) -> Path:
     """An input path (image file, folder or manifest) that exists. ``examples``, when no such
     file or folder is here, names the example memes shipped with dhumor."""

@@ -175,3 +175,8 @@ def test_one_meme_one_decision_in_score_evaluate_predict_and_demo(tmp_path, trai
                 assert other["tasks"][task]["label"] == t["label"]
                 for cls, p in t["probs"].items():
                     assert other["tasks"][task]["probs"][cls] == pytest.approx(p, abs=1e-5)  # batch order: float32 noise
+
+
+def test_demo_without_gradio_names_the_extra(tmp_path):
+    p = _run_cli(["demo", "--ocr", "none"], block=("gradio",))
+    assert p.returncode == 2 and "pip install 'dhumor[demo]'" in p.stderr and p.stderr.strip().count("\n") == 0

@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT, SMALL
 from dhumor.cli import run_lightning
 from dhumor.errors import ConfigError
-from dhumor.paths import GET_DATA_HINT
+from dhumor.paths import get_data_hint
 
 
 def _fit(*args):
@@ -35,7 +35,8 @@ def test_a_missing_manifest_names_the_file_and_how_to_get_the_data(tmp_path):
         _fit("--data.root", str(tmp_path), "--trainer.fast_dev_run", "true",
              "--trainer.default_root_dir", str(tmp_path))  # the config's train: train.jsonl
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith(str(tmp_path / "train.jsonl")) and GET_DATA_HINT in msg
+    assert "\n" not in msg and msg.startswith(str(tmp_path / "train.jsonl")) and get_data_hint(tmp_path) in msg
+    assert f"dhumor data harmeme SRC {tmp_path}" in msg  # the fix puts the data where this run looks
 
 
 def test_every_data_option_is_described_in_fit_help(capsys):

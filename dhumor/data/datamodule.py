@@ -22,7 +22,7 @@ from ..features import FeatureExtractor, StreamFeature
 from ..images import load_image
 from ..schema import MISSING, STREAMS, Meme, TaskSchema, get_schema
 from .datasets import FeatureDataset, ImageTextDataset, feature_collate, finetune_collate
-from ..paths import GET_DATA_HINT, data_root, resolve_data_path
+from ..paths import data_root, get_data_hint, resolve_data_path
 from .explanations import attach_explanations, explanations_source
 from .readers import ReadResult, read_manifest
 from .transforms import eval_transform, resize_uint8, train_transform
@@ -166,7 +166,7 @@ class MemeDataModule(L.LightningDataModule):
         hp = self.hparams
         resolved = self.resolve(path)
         if not resolved.exists():
-            raise ConfigError(f"{resolved}: data not found (data root {data_root(hp.root)}); {GET_DATA_HINT}")
+            raise ConfigError(f"{resolved}: data not found (data root {data_root(hp.root)}); {get_data_hint(hp.root)}")
         images = self.resolve(hp.images) if hp.images else None
         res: ReadResult = read_manifest(resolved, hp.format, images, hp.skip_bad)
         if res.schema_name is not None and res.schema_name != self.schema.name:
