@@ -128,7 +128,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise CheckpointError(f"{path}: refused to load (only plain tensors and values are accepted; "
-                                  f"pickled code is never run): {str(e).splitlines()[0][:300]}") from None
+                                  f"pickled code is never run): {(str(e).splitlines() or [type(e).__name__])[0][:300]}") from None
         if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
             raise CheckpointError(f"{path}: not a Lightning checkpoint of a dhumor model")
         try:

@@ -253,6 +253,10 @@ def cmd_evaluate(args) -> int:
     from .pipeline import Pipeline
     from .preflight import check_checkpoint, check_input, check_ocr
 
+    if args.predictions:
+        from .results_file import claim_output
+
+        claim_output(args.predictions, (".jsonl",))  # a bad or busy path is refused before any model loads
     manifest = check_input(resolve_data_path(args.manifest))
     check_ocr(args.ocr)
     ckpt, _ = check_checkpoint(args.checkpoint)
@@ -297,7 +301,9 @@ def cmd_score(args) -> int:
               f"rows but do not change its predictions", file=sys.stderr)
     scorer = Scorer(pipe, results, batch_size=args.batch_size, workers=args.workers, progress=not args.quiet)
     summary = scorer.run(items, retry_errors=args.retry_errors)
-    if summary.already_done == summary.total and not summary.interrupted:
+    if summary.total == 0:
+        print(f"dhumor score: no files found in {source}", file=sys.stderr)
+    elif summary.already_done == summary.total and not summary.interrupted:
         print(f"dhumor score: nothing to do: all {summary.total} memes already have a row in {args.out}", file=sys.stderr)
     if summary.interrupted:
         print(f"dhumor score: interrupted; {summary.scored + summary.failed} rows written this run are kept. "

@@ -74,7 +74,8 @@ class Decider:
 
         The primary task is positive when P(positive) >= threshold; other tasks take their most
         probable class. A gated task (the target of a harmful meme) gets no label when its gate,
-        decided at the same threshold, is negative: gating follows the threshold in use.
+        decided at the same threshold, is negative; a task that grades the decided one (harmfulness)
+        takes its negative class or its most probable positive level: both follow the threshold in use.
         """
         th = self.threshold if threshold is None else float(threshold)
         schema = self.schema
@@ -83,6 +84,11 @@ class Decider:
             p = np.asarray(probs[t.name], dtype=float)
             idx = int(p[1] >= th) if t.name == schema.primary else int(p.argmax())
             tasks[t.name] = {"label": t.classes[idx], "probs": {c: round(float(v), 6) for c, v in zip(t.classes, p)}}
+        for t in schema.tasks:
+            if t.refines and t.refines in tasks:  # grades of the decided task agree with it
+                p = np.asarray(probs[t.name], dtype=float)
+                positive = tasks[t.refines]["label"] == schema.task(t.refines).classes[1]
+                tasks[t.name]["label"] = t.classes[1 + int(p[1:].argmax())] if positive else t.classes[0]
         for t in schema.tasks:
             if t.gate and tasks[t.gate]["label"] != schema.task(t.gate).classes[1]:
                 tasks[t.name]["label"] = None

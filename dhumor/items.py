@@ -76,6 +76,28 @@ def collect_items(source: str | Path, format: str = "auto", images: str | Path |
         return [Item(source.name, source)]
     res = read_manifest(source, format, images, skip_bad=True)
     items = [Item(m.id, m.image, m.caption, m.explanation, labels=dict(m.labels)) for m in res.memes]
+    row_ids = _row_ids(source) if res.skipped else {}
     for e in res.skipped:  # rows that name no usable image still get a row each, with the reason
-        items.append(Item(f"{Path(e.file).name}:{e.row}", Path(e.file), error=e.reason))
+        items.append(Item(row_ids.get(e.row) or f"{Path(e.file).name}:{e.row}", Path(e.file), error=e.reason))
     return items
+
+
+def _row_ids(manifest: Path) -> dict[int, str]:
+    """``{row number: id}`` of a JSONL manifest's rows that declare one (so an error row keeps its meme's id)."""
+    import json
+
+    out: dict[int, str] = {}
+    if manifest.suffix.lower() not in (".jsonl", ".json"):
+        return out
+    try:
+        with open(manifest, encoding="utf-8", errors="replace") as fh:
+            for n, line in enumerate(fh, 1):
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(rec, dict) and rec.get("id"):
+                    out[n] = str(rec["id"])
+    except OSError:
+        pass
+    return out

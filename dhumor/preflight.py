@@ -116,7 +116,7 @@ def check_input(path: str | Path) -> Path:
     """An input path (image file, folder or manifest) that exists. ``examples``, when no such
     file or folder is here, names the example memes shipped with dhumor."""
     p = Path(path).expanduser()
-    if str(path) == "examples" and not p.exists():
+    if str(path) == "examples" and not p.is_dir():
         from .resources import examples_dir
 
         return examples_dir()

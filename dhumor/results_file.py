@@ -202,7 +202,9 @@ def output_files(path: str | Path) -> list[Path]:
 
 
 def _lock_file(path: Path) -> str:
-    return os.path.abspath(path.with_name(path.name + ".lock"))
+    # The file's real path: two names for one file (a symlink, ./x vs x) must meet at one lock.
+    real = Path(os.path.realpath(path))
+    return str(real.with_name(real.name + ".lock"))
 
 
 def _holder(lock: str) -> str:

@@ -25,12 +25,15 @@ class Task:
 
     ``gate`` names a binary task: this task only applies to memes whose gate label is positive
     (the target of a meme that is not harmful does not exist). Gated labels are never guessed.
+    ``refines`` names a binary task this one grades: class 0 is that task's negative, the others
+    its positive levels (harmfulness refines harmful), so its label always agrees with the decision.
     """
 
     name: str
     classes: tuple[str, ...]
     gate: str | None = None
     description: str = ""
+    refines: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -81,7 +84,8 @@ class TaskSchema:
             "name": self.name,
             "primary": self.primary,
             "tasks": [
-                {"name": t.name, "classes": list(t.classes), "gate": t.gate, "description": t.description}
+                {"name": t.name, "classes": list(t.classes), "gate": t.gate, "description": t.description,
+                 **({"refines": t.refines} if t.refines else {})}
                 for t in self.tasks
             ],
         }
@@ -89,7 +93,8 @@ class TaskSchema:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TaskSchema":
         tasks = tuple(
-            Task(name=t["name"], classes=tuple(t["classes"]), gate=t.get("gate"), description=t.get("description", ""))
+            Task(name=t["name"], classes=tuple(t["classes"]), gate=t.get("gate"), description=t.get("description", ""),
+                 refines=t.get("refines"))
             for t in d["tasks"]
         )
         return cls(name=d["name"], tasks=tasks, primary=d["primary"])
@@ -115,7 +120,8 @@ HARMEME = TaskSchema(
     primary="harmful",
     tasks=(
         Task("harmful", ("no", "yes"), description="harmful vs not, derived from harmfulness"),
-        Task("harmfulness", ("not harmful", "somewhat harmful", "very harmful"), description="3-level harmfulness"),
+        Task("harmfulness", ("not harmful", "somewhat harmful", "very harmful"), description="3-level harmfulness",
+             refines="harmful"),
         Task("target", ("individual", "organization", "community", "society"), gate="harmful",
              description="who a harmful meme targets"),
     ),

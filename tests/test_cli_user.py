@@ -180,3 +180,85 @@ def test_one_meme_one_decision_in_score_evaluate_predict_and_demo(tmp_path, trai
 def test_demo_without_gradio_names_the_extra(tmp_path):
     p = _run_cli(["demo", "--ocr", "none"], block=("gradio",))
     assert p.returncode == 2 and "pip install 'dhumor[demo]'" in p.stderr and p.stderr.strip().count("\n") == 0
+
+
+def test_data_harmeme_keeps_subfolders_replaces_stale_files_and_refuses_bad_outputs(tmp_path, capsys):
+    src = write_mmf_fixture(tmp_path / "mmf", {"train": 4, "val": 2, "test": 2})
+    base = src / "data" / "datasets" / "memes" / "defaults"
+    (base / "images" / "sub").mkdir()
+    (base / "images" / "meme_001.png").rename(base / "images" / "sub" / "meme_001.png")
+    rows = [json.loads(line) for line in (base / "annotations" / "train.jsonl").read_text().splitlines()]
+    rows[1]["image"] = "sub/meme_001.png"
+    (base / "annotations" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    (out / "images").mkdir(parents=True)
+    stale = out / "images" / "meme_000.png"
+    stale.write_bytes(b"\0" * (base / "images" / "meme_000.png").stat().st_size)  # same size, wrong bytes
+    assert main(["data", "harmeme", str(src), str(out)]) == 0
+    assert len(read_manifest(out / "train.jsonl").memes) == 4  # every image where the manifest says
+    assert stale.read_bytes() == (base / "images" / "meme_000.png").read_bytes()
+    capsys.readouterr()
+    assert main(["data", "harmeme", str(src), str(base / "annotations")]) == 2
+    assert "inside the source" in capsys.readouterr().err
+    (base / "images" / "meme_002.png").unlink()
+    (base / "images" / "meme_002.png").mkdir()  # a folder named like the image
+    assert main(["data", "harmeme", str(src), str(tmp_path / "o2")]) == 2
+    assert "not a regular file" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+
+
+def test_data_harmeme_into_an_unwritable_place_is_exit_2(tmp_path, capsys):
+    src = write_mmf_fixture(tmp_path / "mmf", {"train": 2, "val": 1, "test": 1})
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert main(["data", "harmeme", str(src), str(blocker / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write the converted data" in err[0]
+
+
+def test_graded_task_and_gated_task_follow_the_threshold():
+    from dhumor.decision import Decider
+    from dhumor.schema import get_schema
+
+    d = Decider(get_schema("harmeme"))
+    probs = {"harmful": [0.45, 0.55], "harmfulness": [0.6, 0.3, 0.1], "target": [0.1, 0.2, 0.3, 0.4]}
+    low = d.describe(probs, threshold=0.5)["tasks"]
+    assert (low["harmful"]["label"], low["harmfulness"]["label"], low["target"]["label"]) == \
+        ("yes", "somewhat harmful", "society")
+    high = d.describe(probs, threshold=0.6)["tasks"]
+    assert (high["harmful"]["label"], high["harmfulness"]["label"], high["target"]["label"]) == \
+        ("no", "not harmful", None)
+
+
+def test_a_manifest_row_without_its_image_keeps_its_id_and_is_not_written_twice(tmp_path, trained):
+    (tmp_path / "images").mkdir()
+    shutil.copy(EXAMPLES / "horse.jpg", tmp_path / "images" / "horse.jpg")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "a", "image": "horse.jpg", "text": "x"}) + "\n"
+                        + json.dumps({"id": "b", "image": "gone.jpg", "text": "y"}) + "\n")
+    out = tmp_path / "r.jsonl"
+    assert _score(manifest, out, ckpt=trained / "export") == 3
+    shutil.copy(EXAMPLES / "horse.jpg", tmp_path / "images" / "gone.jpg")
+    assert _score(manifest, out, ckpt=trained / "export") == 3  # an input error waits for --retry-errors
+    assert _score(manifest, out, "--retry-errors", ckpt=trained / "export") == 0
+    ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert sorted(ids) == ["a", "b"]
+
+
+def test_two_names_for_one_output_meet_at_one_lock(tmp_path):
+    real = tmp_path / "r.jsonl"
+    real.touch()
+    alias = tmp_path / "alias.jsonl"
+    alias.symlink_to(real.name)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dhumor.results_file import claim_output; "
+                               f"claim_output({str(real)!r}); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        from dhumor.errors import ConfigError
+        from dhumor.results_file import claim_output
+
+        with pytest.raises(ConfigError, match="already writing"):
+            claim_output(alias)
+    finally:
+        holder.kill()
+        holder.wait()

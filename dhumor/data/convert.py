@@ -43,16 +43,25 @@ def find_harmeme_source(src: str | Path) -> Path:
 
 
 def _place(src: Path, dst: Path) -> None:
-    """Hard-link (no extra disk) or copy ``src`` to ``dst``, atomically; an existing identical file is kept."""
-    if dst.exists() and dst.stat().st_size == src.stat().st_size:
+    """Hard-link (no extra disk) or copy ``src`` (links followed) to ``dst`` atomically; a ``dst`` that is
+    already the same file or has the same bytes is kept, anything else there is replaced."""
+    import filecmp
+
+    src = src.resolve()
+    if dst.exists() and (os.path.samefile(src, dst) or filecmp.cmp(src, dst, shallow=False)):
         return
+    dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.tmp")
     tmp.unlink(missing_ok=True)
     try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never a half-copied file left behind
+        raise
 
 
 def convert_harmeme(src: str | Path, out: str | Path, splits: tuple[str, ...] = SPLITS) -> dict[str, dict]:
@@ -63,7 +72,6 @@ def convert_harmeme(src: str | Path, out: str | Path, splits: tuple[str, ...] = 
     """
     base = find_harmeme_source(src)
     ann, images = base / "annotations", base / "images"
-    harmfulness, target = HARMEME.task("harmfulness"), HARMEME.task("target")
     read, problems = {}, []
     for split in splits:
         f = ann / f"{split}.jsonl"
@@ -72,6 +80,9 @@ def convert_harmeme(src: str | Path, out: str | Path, splits: tuple[str, ...] = 
             continue
         res = read_harmeme_jsonl(f, images, skip_bad=True)
         problems += [str(e) for e in res.skipped]
+        for m in res.memes:
+            if not m.image.resolve().is_file():
+                problems.append(f"{m.source}: image {m.image} is not a regular file")
         read[split] = (f, res.memes)
     if problems:
         shown = "\n  ".join(problems[:10])
@@ -85,18 +96,34 @@ def convert_harmeme(src: str | Path, out: str | Path, splits: tuple[str, ...] = 
             seen[m.id] = split
 
     out = Path(out).expanduser()
+    real_out, real_base = out.resolve(), base.resolve()
+    if real_out == real_base or real_base in real_out.parents:
+        raise DataError(out, f"is inside the source {base}; write the converted copy somewhere else")
+    try:
+        return _write(read, base, out)
+    except OSError as e:
+        raise DataError(out, f"cannot write the converted data: {e.strerror or e}"
+                             f"{' (' + e.filename + ')' if getattr(e, 'filename', None) else ''}") from None
+
+
+def _write(read: dict, base: Path, out: Path) -> dict[str, dict]:
+    images = base / "images"
+    harmfulness, target = HARMEME.task("harmfulness"), HARMEME.task("target")
     (out / "images").mkdir(parents=True, exist_ok=True)
     counts: dict[str, dict] = {}
     for split, (f, memes) in read.items():
-        for m in memes:
-            _place(m.image, out / "images" / m.image.name)
+        for m in memes:  # the manifest's relative image path is kept (subfolders too)
+            _place(m.image, out / "images" / m.image.relative_to(images))
         lines = f.read_text(encoding="utf-8").splitlines(keepends=True)
         tmp = out / f".{split}.jsonl.tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.writelines(line if line.endswith("\n") else line + "\n" for line in lines if line.strip())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out / f"{split}.jsonl")
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.writelines(line if line.endswith("\n") else line + "\n" for line in lines if line.strip())
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, out / f"{split}.jsonl")
+        finally:
+            tmp.unlink(missing_ok=True)
         levels = Counter(harmfulness.classes[m.labels["harmfulness"]] for m in memes if m.labels["harmfulness"] >= 0)
         targets = Counter(target.classes[m.labels["target"]] for m in memes if m.labels["target"] >= 0)
         counts[split] = {"memes": len(memes), "harmfulness": dict(levels), "target": dict(targets)}
