@@ -60,8 +60,8 @@ def main(argv=None):
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         if args.timeout:
             env["DHUMOR_OPENAI_TIMEOUT"] = str(args.timeout)
-        cmd = [sys.executable, "-m", "dhumor.cli", "explain", str(memes), "--out", str(out), "--backend", "openai",
-               "--model", "m", "--base-url", url, "--ocr", "none", "--quiet", "--cache", str(Path(tmp) / "c.sqlite")]
+        cmd = [sys.executable, "-m", "dhumor.cli", "explain", str(memes), "--out", str(out), "--explain", "openai",
+               "--explain-model", "m", "--base-url", url, "--ocr", "none", "--quiet", "--cache", str(Path(tmp) / "c.sqlite")]
         t0 = time.monotonic()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
         took = time.monotonic() - t0

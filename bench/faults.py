@@ -161,7 +161,7 @@ def non_utf8_explain(b: Bench):
     faultkit.write_bytes_at(src / BAD_NAME, faultkit.png_bytes(seed=98))
     out = src.parent / "e.jsonl"
     with faultkit.RefusingServer() as url:
-        p = b.run("explain", os.fsdecode(src), "--out", str(out), "--backend", "openai", "--model", "m",
+        p = b.run("explain", os.fsdecode(src), "--out", str(out), "--explain", "openai", "--explain-model", "m",
                   "--base-url", url, "--ocr", "none", "--iterations", "1", "--quiet")
     got = [json.loads(l)["id"] for l in out.read_bytes().split(b"\n")[:-1]] if out.exists() else []
     lost, dup = len(set(expected) - set(got)), len(got) - len(set(got))
@@ -440,9 +440,9 @@ def failed_explanation_csv(b: Bench):
         p = b.score(src, out, "--explain", "openai", "--explain-model", "m", "--base-url", url, "--iterations", "1")
     rows = ResultsFile(out, SCHEMA).rows() if out.exists() else []
     shown = sum(1 for r in rows if "403" in r.get("explanation_error", ""))
-    counted = summary(p).get("explanations_failed")
+    counted = summary(p).get("explanation_failed")
     return scored_case(b, out, expected, p, shown == len(expected) and counted == len(expected),
-                       f"explanation_error filled in {shown} rows; summary explanations_failed={counted}")
+                       f"explanation_error filled in {shown} rows; summary explanation_failed={counted}")
 
 
 # ---------------------------------------------------------------- 9. bad --out

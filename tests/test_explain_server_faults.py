@@ -213,7 +213,7 @@ def test_explain_command_exits_3_when_rows_fail(tmp_path, monkeypatch, capsys, s
     monkeypatch.setenv("DHUMOR_OPENAI_TIMEOUT", "1")
     out = tmp_path / "expl.jsonl"
     t = time.monotonic()
-    rc = main(["explain", str(items[0].path.parent), "--out", str(out), "--backend", "openai", "--model", "m",
+    rc = main(["explain", str(items[0].path.parent), "--out", str(out), "--explain", "openai", "--explain-model", "m",
                "--base-url", server.url, "--ocr", "none", "--iterations", "1", "--quiet",
                "--cache", str(tmp_path / "c.sqlite")])
     assert rc == 3 and time.monotonic() - t < 15
