@@ -218,8 +218,16 @@ def build_demo(pipe: Pipeline, review_log: ReviewLog, max_file_mb: float = 10.0,
             export_file = gr.File(label="reviews.csv", elem_id="export-file")
 
         outputs = [caption, explanation, *labels, decision, result_state, status]
-        image.change(lambda img, t: analyze(img, None, t, False), [image, threshold], outputs, api_name="analyze")
-        caption.submit(lambda img, c, t: analyze(img, c, t, True), [image, caption, threshold], outputs,
+        # Named generator functions (not lambdas returning generators): Gradio streams only what it can
+        # see is a generator function.
+        def on_upload(img, t):
+            yield from analyze(img, None, t, False)
+
+        def on_rescore(img, c, t):
+            yield from analyze(img, c, t, True)
+
+        image.change(on_upload, [image, threshold], outputs, api_name="analyze")
+        caption.submit(on_rescore, [image, caption, threshold], outputs,
                        api_name="rescore")
         preset.change(lambda p: presets[p], preset, threshold)
         threshold.change(on_threshold, [result_state, threshold], [decision, *labels, result_state])
