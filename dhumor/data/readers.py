@@ -4,7 +4,7 @@ Every bad row raises a :class:`~dhumor.errors.DataError` naming the file, the ro
 with ``skip_bad=True`` the row is skipped and the error kept in :attr:`ReadResult.skipped`.
 
 >>> from dhumor.data.readers import read_manifest
->>> r = read_manifest("../shared/datasets/harmeme-c/val.jsonl")       # doctest: +SKIP
+>>> r = read_manifest("data/harmeme-c/val.jsonl")                     # doctest: +SKIP
 >>> len(r.memes), r.memes[0].labels                                     # doctest: +SKIP
 (177, {'harmful': 0, 'harmfulness': 0, 'target': -1})
 """
