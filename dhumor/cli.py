@@ -316,8 +316,6 @@ def cmd_score(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    from pathlib import Path
-
     from .results_file import claim_output, output_files
 
     claim_output(args.out, (".jsonl",))

@@ -138,10 +138,10 @@ class Pipeline:
                 log.warning("%s has a reasoning stream but no explainer is configured: the stream is absent for "
                             "every meme (pass --explain BACKEND to feed it)", self.checkpoint)
             return
-        same_kind = trained.get("kind") == used["kind"] or (trained.get("kind") == "column" and used["kind"] != "none")
+        # ``used`` is either no explanations or generated ones: a dataset column never matches it.
         differs = [k for k in ("backend", "model", "prompt_version")
                    if trained.get(k) is not None and used.get(k) is not None and trained.get(k) != used.get(k)]
-        if not same_kind or differs or (trained.get("kind") == "column" and used["kind"] == "explanations"):
+        if trained.get("kind") != used["kind"] or differs:
             log.warning("the reasoning stream of %s was trained on %s; this run feeds it %s: expect different "
                         "predictions", self.checkpoint, _source_text(trained), _source_text(used))
 
