@@ -175,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="explanations .jsonl; rerun with the same --out to resume")
     _add_explainer(x, default="offline")
     x.add_argument("--no-images", action="store_true", help="openai: send visual cues instead of the image")
-    x.add_argument("--prompt-version", default="v1")
+    x.add_argument("--prompt-version", default="v2",
+                   help="prompt files under dhumor/explain/prompts: v2 (critique returns only the fields it "
+                        "changes; about half the tokens) or v1 (the paper's full rewrite)")
     x.add_argument("--max-tokens", type=int, default=400, help="completion tokens per generation")
     x.add_argument("--ocr", default="auto", choices=["auto", "rapidocr", "easyocr", "none"],
                    help="auto: the manifest's captions when it has them, else rapidocr")

@@ -43,12 +43,12 @@ def create_backend(name: str, model: str | None = None, base_url: str | None = N
 
 def create_explainer(name: str, cache: StageCache | None = None, iterations: int | None = None,
                      similarity_threshold: float = 0.9, progress: bool = False, batch_size: int = 8,
-                     prompt_version: str = "v1", max_tokens: int = 400, **backend_kwargs) -> Explainer:
+                     prompt_version: str | None = None, max_tokens: int = 400, **backend_kwargs) -> Explainer:
     """An :class:`Explainer` over the named backend (see :func:`create_backend`)."""
-    from .prompts import Prompts
+    from .prompts import DEFAULT_VERSION, Prompts
 
     backend_kwargs.setdefault("sequences", batch_size)  # offline: decode as many answers as memes in flight
     backend = create_backend(name, **backend_kwargs)
     return Explainer(backend, cache=cache, iterations=iterations or 3, similarity_threshold=similarity_threshold,
-                     progress=progress, batch_size=batch_size, prompts=Prompts.load(prompt_version),
+                     progress=progress, batch_size=batch_size, prompts=Prompts.load(prompt_version or DEFAULT_VERSION),
                      max_tokens=max_tokens)

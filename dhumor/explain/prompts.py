@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PROMPTS_DIR = Path(__file__).parent / "prompts"
-DEFAULT_VERSION = "v1"
+DEFAULT_VERSION = "v2"  # v2: the critique returns only what it changes (bench/explain_throughput.py)
 # settings.json (optional) in a version's folder: how its critique answers are shaped and sized.
 #   critique: "full" (v1: a critique per field + the whole revised explanation) or "changes"
 #             (v2: a one-sentence critique + only the fields it rewrites);
