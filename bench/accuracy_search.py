@@ -58,6 +58,7 @@ CANDIDATES: dict[str, dict] = {
     "retrieval_k10": {"retrieval": {"k": 10}},
     "retrieval_k30": {"retrieval": {"k": 30}},
     "ensemble3": {"ensemble": 3},
+    "ocr_train": {"ocr_train": True},  # OCR-robust: every training meme also with its OCR caption
     # Linear probes (class-balanced logistic regression on the concatenated streams): seconds per fit,
     # so every direction's signal can be measured on this CPU.
     "lin_base": {"head": "linear"},
@@ -70,7 +71,8 @@ CANDIDATES: dict[str, dict] = {
     "lin_concat_caption_retrieval_k10": {"head": "linear", "caption": [MPNET, MINILM], "retrieval": {"k": 10}},
 }
 DEFAULT = {"image": [LITE0], "caption": [MPNET], "retrieval": None, "ensemble": 1, "module": {}, "head": "tcrnet",
-           "linear_C": 0.01}
+           "linear_C": 0.01, "ocr_train": False}
+OCR_ENGINE = "rapidocr"  # what `dhumor score` reads by default
 
 
 def spec(name: str) -> dict:
@@ -99,6 +101,17 @@ class Pooled:
             present = np.array([f.get(stream) is not None for f in feats])
             self.arrays[(stream, encoder)] = (x, present)
         return self.arrays[(stream, encoder)]
+
+
+def ocr_view(memes, cache: StageCache):
+    """The same memes with the caption an OCR engine reads from the image (what serving sees), through
+    the stage cache (`dhumor ocr <manifest>` fills it ahead)."""
+    from dataclasses import replace
+
+    from dhumor.ocr import OCR
+
+    ocr = OCR(OCR_ENGINE, cache)
+    return [replace(m, caption=ocr.read_file(m.image)) for m in memes]
 
 
 def label_matrix(memes) -> np.ndarray:
@@ -209,15 +222,16 @@ def labels_of(memes) -> dict[str, np.ndarray]:
 
 
 def train_predict(s: dict, memes_tr, feats_tr, dims, evals: list, seed: int, split_seed: int,
-                  max_epochs: int) -> tuple[list[dict], dict, dict]:
+                  max_epochs: int, second_view=None) -> tuple[list[dict], dict, dict]:
     """Train ``s['ensemble']`` models (seeds seed*100+j), average their probabilities on each eval set
-    and on the selection split; returns (eval probs, selection probs, selection labels)."""
+    and on the selection split; returns (eval probs, selection probs, selection labels).
+    ``second_view``: OCR-caption features of the training memes (candidates with ``ocr_train``)."""
     over = {**s["module"], "streams": list(dims), "task": "harmeme"}
     outs, sel = [], None
     for j in range(s["ensemble"]):
         member_seed = seed if s["ensemble"] == 1 else seed * 100 + j
         module, sel_memes, sel_feats = train_module(over, memes_tr, feats_tr, dims, member_seed, max_epochs, 64,
-                                                    split_seed=split_seed)
+                                                    split_seed=split_seed, second_view=second_view)
         outs.append([predict_probs(module, m, f, dims) for m, f in evals])
         p = predict_probs(module, sel_memes, sel_feats, dims)
         sel = p if sel is None else {k: sel[k] + p[k] for k in p}
@@ -254,10 +268,12 @@ def linear_predict(s: dict, memes_tr, arrays_tr: dict, evals: list[dict], split_
     return out, sel, labels_of(va)
 
 
-def summarize(probs: dict, labels: dict, sel_probs: dict, sel_labels: dict) -> dict:
+def summarize(probs: dict, labels: dict, sel_probs: dict, sel_labels: dict, ocr_probs: dict | None = None) -> dict:
     """Headline metrics, plus the harmful ECE before and after temperature scaling fitted on the
-    selection split."""
+    selection split; with ``ocr_probs`` (the same memes read with OCR captions) their headline too."""
     m = headline(compute_metrics(SCHEMA, probs, labels))
+    if ocr_probs is not None:
+        m.update({f"ocr_{k}": v for k, v in headline(compute_metrics(SCHEMA, ocr_probs, labels)).items()})
     t = fit_temperature(sel_probs["harmful"], sel_labels["harmful"])
     m["harmful_ece"] = ece(probs["harmful"], labels["harmful"])
     m["temperature"] = t
@@ -265,10 +281,14 @@ def summarize(probs: dict, labels: dict, sel_probs: dict, sel_labels: dict) -> d
     return m
 
 
-def run_cv(name: str, memes, pooled: Pooled, folds: int, max_epochs: int) -> dict:
+def run_cv(name: str, memes, pooled: Pooled, folds: int, max_epochs: int, pooled_ocr: Pooled | None = None) -> dict:
+    """``pooled_ocr``: the OCR view of the same memes; TCRNet candidates are then also scored on the
+    held-out fold's OCR captions (``ocr_*`` metrics), and ``ocr_train`` candidates train on both views."""
     from sklearn.model_selection import StratifiedKFold
 
     s = spec(name)
+    if s["ocr_train"] and (pooled_ocr is None or s["retrieval"]):
+        raise SystemExit(f"{name}: OCR-view training needs --ocr (and no retrieval)")
     y = np.array([m.labels["harmfulness"] for m in memes])
     rows, t0 = [], time.time()
     for f, (tr, te) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=0).split(np.zeros(len(y)), y)):
@@ -276,38 +296,55 @@ def run_cv(name: str, memes, pooled: Pooled, folds: int, max_epochs: int) -> dic
         if s["head"] == "linear":
             a_tr, (a_te,) = build_arrays(s, pooled, tr, [(pooled, te)])
             (probs,), sel, sel_lab = linear_predict(s, mt, a_tr, [a_te], f)
-        else:
-            feats_tr, (feats_te,), dims = build_inputs(s, pooled, tr, [(pooled, te)])
-            (probs,), sel, sel_lab = train_predict(s, mt, feats_tr, dims, [(me, feats_te)], f, f, max_epochs)
-        rows.append(summarize(probs, labels_of(me), sel, sel_lab))
+            rows.append(summarize(probs, labels_of(me), sel, sel_lab))
+            continue
+        ocr = pooled_ocr is not None and not s["retrieval"]
+        evals = [(pooled, te)] + ([(pooled_ocr, te)] if ocr else [])
+        feats_tr, feats_ev, dims = build_inputs(s, pooled, tr, evals)
+        second = build_inputs(s, pooled_ocr, tr, [])[0] if s["ocr_train"] else None
+        probs, sel, sel_lab = train_predict(s, mt, feats_tr, dims, [(me, fe) for fe in feats_ev], f, f, max_epochs,
+                                            second_view=second)
+        rows.append(summarize(probs[0], labels_of(me), sel, sel_lab, ocr_probs=probs[1] if ocr else None))
     return {"candidate": name, "spec": s, "folds": folds, **mean_std(rows), "seconds": round(time.time() - t0, 1)}
 
 
-def run_val(name: str, train, pooled_tr: Pooled, val, pooled_val: Pooled, seeds, max_epochs: int) -> tuple[dict, list]:
+def run_val(name: str, train, pooled_tr: Pooled, val, pooled_val: Pooled, seeds, max_epochs: int,
+            ocr_tr: Pooled | None = None, ocr_val: Pooled | None = None) -> tuple[dict, list]:
+    """``ocr_val``: val with OCR captions (no gold caption: the end-to-end condition), reported as
+    ``ocr_*``; ``ocr_tr``: the OCR view of train, for ``ocr_train`` candidates."""
     s = spec(name)
     all_tr, all_val = np.arange(len(train)), np.arange(len(val))
+    use_ocr = ocr_val is not None and s["head"] != "linear" and not s["retrieval"]
+    if s["ocr_train"] and (ocr_tr is None or not use_ocr):
+        raise SystemExit(f"{name}: OCR-view training needs --ocr (and no retrieval)")
+    second = None
     if s["head"] == "linear":
         a_tr, (a_val,) = build_arrays(s, pooled_tr, all_tr, [(pooled_val, all_val)])
         seeds = seeds[:1]  # deterministic: one run
     else:
-        feats_tr, (feats_val,), dims = build_inputs(s, pooled_tr, all_tr, [(pooled_val, all_val)])
+        evals = [(pooled_val, all_val)] + ([(ocr_val, all_val)] if use_ocr else [])
+        feats_tr, feats_ev, dims = build_inputs(s, pooled_tr, all_tr, evals)
+        second = build_inputs(s, ocr_tr, all_tr, [])[0] if s["ocr_train"] else None
     rows, kept, t0 = [], [], time.time()
     for seed in seeds:
         t1 = time.process_time()
         if s["head"] == "linear":
             (probs,), sel, sel_lab = linear_predict(s, train, a_tr, [a_val], 0)
+            ocr_probs = None
         else:
-            (probs,), sel, sel_lab = train_predict(s, train, feats_tr, dims, [(val, feats_val)], seed, 0,
-                                                   max_epochs)
-        r = summarize(probs, labels_of(val), sel, sel_lab)
+            ps, sel, sel_lab = train_predict(s, train, feats_tr, dims, [(val, fe) for fe in feats_ev], seed, 0,
+                                             max_epochs, second_view=second)
+            probs, ocr_probs = ps[0], (ps[1] if use_ocr else None)
+        r = summarize(probs, labels_of(val), sel, sel_lab, ocr_probs=ocr_probs)
         r["train_cpu_seconds"] = round(time.process_time() - t1, 1)
         rows.append(r)
-        kept.append((probs, sel, sel_lab, r["temperature"]))
+        kept.append((probs, sel, sel_lab, r["temperature"], ocr_probs))
     res = {"candidate": name, "spec": s, "seeds": list(seeds), **mean_std(rows, sample=True),
            "seconds": round(time.time() - t0, 1)}
     # The seeds' models as one ensemble (probabilities averaged; all share the selection split, split seed 0).
     avg = lambda i: {k: np.mean([kp[i][k] for kp in kept], 0) for k in kept[0][i]}  # noqa: E731
-    res["seed_ensemble"] = summarize(avg(0), labels_of(val), avg(1), kept[0][2])
+    res["seed_ensemble"] = summarize(avg(0), labels_of(val), avg(1), kept[0][2],
+                                     ocr_probs=avg(4) if use_ocr else None)
     return res, kept
 
 
@@ -321,7 +358,14 @@ def mean_std(rows: list[dict], sample: bool = False) -> dict:
 # ---------------------------------------------------------------- reporting
 COLS = [("harmful_acc", "harmful acc"), ("harmful_f1", "harmful macro-F1"), ("harmful_auroc", "harmful AUROC"),
         ("harmfulness_f1", "3-level macro-F1"), ("target_f1", "target macro-F1"), ("harmful_ece", "ECE"),
-        ("harmful_ece_calibrated", "ECE (T on selection split)")]
+        ("harmful_ece_calibrated", "ECE (T on selection split)"), ("ocr_harmful_f1", "harmful macro-F1, OCR captions"),
+        ("ocr_harmful_auroc", "harmful AUROC, OCR captions")]
+
+
+def cell(stats: dict, key: str, spread: dict | None = None) -> str:
+    if key not in stats:
+        return "—"  # not measured for this candidate (OCR columns: run with --ocr)
+    return f"{stats[key]:.3f}" + ("" if spread is None else f" ± {spread[key]:.3f}")
 
 
 def table(rows: list[dict]) -> str:
@@ -329,7 +373,7 @@ def table(rows: list[dict]) -> str:
     body = ""
     for r in rows:
         one = len(r["runs"]) == 1  # a deterministic head (linear probe): one run, no spread
-        cells = [f"{r['mean'][k]:.3f}" + ("" if one else f" ± {r['std'][k]:.3f}") for k, _ in COLS]
+        cells = [cell(r["mean"], k, None if one else r["std"]) for k, _ in COLS]
         body += f"| {r['candidate']} | " + " | ".join(cells) + f" | {r['seconds']} |\n"
     return head + body
 
@@ -339,7 +383,7 @@ def ensemble_table(val: dict) -> str:
     for name, r in val.items():
         if "seed_ensemble" in r and len(r["seeds"]) > 1:
             out += f"| {name}, seeds {r['seeds']} averaged | " + " | ".join(
-                f"{r['seed_ensemble'][k]:.3f}" for k, _ in COLS) + " |\n"
+                cell(r["seed_ensemble"], k) for k, _ in COLS) + " |\n"
     return out
 
 
@@ -382,6 +426,9 @@ def main(argv=None):
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--max-epochs", type=int, default=40)
+    ap.add_argument("--ocr", action="store_true",
+                    help="also score TCRNet candidates on OCR captions (held-out fold / val) and allow ocr_train; "
+                         "fill the OCR cache first: dhumor ocr <data>/train.jsonl and val.jsonl")
     ap.add_argument("--out", default=str(ROOT / "bench" / "accuracy_results.json"))
     args = ap.parse_args(argv)
     quiet()
@@ -394,6 +441,7 @@ def main(argv=None):
     cache = StageCache()
     train = read_manifest(data_root() / "train.jsonl").memes
     pooled_tr = Pooled(train, cache)
+    ocr_tr = Pooled(ocr_view(train, cache), cache) if args.ocr else None
 
     def save():
         out.write_text(json.dumps(result, indent=1))
@@ -410,21 +458,22 @@ def main(argv=None):
 
     if args.stage in ("cv", "all"):
         for name in args.only:
-            r = run_cv(name, train, pooled_tr, args.folds, args.max_epochs)
+            r = run_cv(name, train, pooled_tr, args.folds, args.max_epochs, ocr_tr)
             result["cv"][name] = r
             print(json.dumps({"cv": name, "mean": r["mean"], "seconds": r["seconds"]}), flush=True)
             save()
     if args.stage in ("val", "all"):
         val = read_manifest(data_root() / "val.jsonl").memes
         pooled_val = Pooled(val, cache)
+        ocr_val = Pooled(ocr_view(val, cache), cache) if args.ocr else None
         for name in args.report:
-            r, kept = run_val(name, train, pooled_tr, val, pooled_val, args.seeds, args.max_epochs)
+            r, kept = run_val(name, train, pooled_tr, val, pooled_val, args.seeds, args.max_epochs, ocr_tr, ocr_val)
             result["val"][name] = r
             print(json.dumps({"val": name, "mean": r["mean"], "std": r["std"]}), flush=True)
             save()
             if name == (args.final or args.report[-1]):
                 y = labels_of(val)["harmful"]
-                probs, _, _, t = kept[0]
+                probs, _, _, t, _ = kept[0]
                 reliability_png([(probs["harmful"], y, f"{name}, seed {args.seeds[0]}"),
                                  (scale(probs["harmful"], t), y, f"temperature {t:.2f}")],
                                 ROOT / "docs" / "reliability.png")

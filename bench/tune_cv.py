@@ -41,9 +41,13 @@ def headline(m: dict) -> dict:
 
 
 def train_module(overrides: dict, train_memes, train_feats, dims, seed: int, max_epochs: int, batch_size: int,
-                 split_seed: int | None = None):
+                 split_seed: int | None = None, second_view=None):
     """Train a DHumorModule on one part, early stopping on a seeded inner 10% (seeded by ``split_seed``,
-    default ``seed``); the best module (eval mode) and the memes and features of that inner split."""
+    default ``seed``); the best module (eval mode) and the memes and features of that inner split.
+
+    ``second_view``: features of the same memes another way (row-aligned with ``train_feats``, e.g. OCR
+    captions); the inner-train rows are trained on both views, the inner split stays one view, so no
+    meme is on both sides of the split."""
     L.seed_everything(seed, workers=True, verbose=False)
     hp = dict(overrides)
     patience = hp.pop("_patience", 10)
@@ -63,8 +67,10 @@ def train_module(overrides: dict, train_memes, train_feats, dims, seed: int, max
             return out
 
     dm = Counts()
-    dm.train_dataloader = lambda: _loader(module, [train_memes[i] for i in tr_i], [train_feats[i] for i in tr_i],
-                                          batch_size, True)
+    fit_memes, fit_feats = [train_memes[i] for i in tr_i], [train_feats[i] for i in tr_i]
+    if second_view is not None:
+        fit_memes, fit_feats = fit_memes * 2, fit_feats + [second_view[i] for i in tr_i]
+    dm.train_dataloader = lambda: _loader(module, fit_memes, fit_feats, batch_size, True)
     dm.val_dataloader = lambda: _loader(module, [train_memes[i] for i in va_i], [train_feats[i] for i in va_i],
                                         batch_size, False)
     ckpt = L.pytorch.callbacks.ModelCheckpoint(monitor="val/macro_f1", mode="max", save_top_k=1,

@@ -36,9 +36,12 @@ def run_lightning(argv: list[str] | None, run: bool = True):
     from lightning.pytorch.cli import LightningCLI
 
     from .callbacks import ExportBestCheckpoint
-    from .data.datamodule import MemeDataModule
+    from .data.datamodule import PATHS_BY_SUBCOMMAND, MemeDataModule, check_data_exists
     from .model.lit import DHumorModule
     from .prediction_writer import JsonlPredictionWriter
+
+    # "Seed set to N" would come before any one-line configuration error; the seed is in the saved config.
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
 
     class DHumorCLI(LightningCLI):
         def add_arguments_to_parser(self, parser):
@@ -54,8 +57,16 @@ def run_lightning(argv: list[str] | None, run: bool = True):
                 parser.link_arguments(f"model.{k}", f"data.{k}")
 
         def before_instantiate_classes(self):
-            # Retraining (model.init_from): the checkpoint's schema/encoders/streams win, in the data module too.
             cfg = self.config[self.subcommand] if self.subcommand else self.config
+            # Missing data fails here, in one line, before Lightning sets up a trainer and says so at length.
+            data = cfg.get("data") or {}
+            keys = PATHS_BY_SUBCOMMAND.get(self.subcommand, ())
+            if self.subcommand == "validate":  # val, else a split of train
+                keys = ("val",) if data.get("val") else ("train",)
+            for key in keys:
+                if data.get(key):
+                    check_data_exists(data[key], data.get("root"))
+            # Retraining (model.init_from): the checkpoint's schema/encoders/streams win, in the data module too.
             if cfg.get("model") is not None and cfg["model"].get("init_from"):
                 from .model.lit import architecture_from_checkpoint
 

@@ -58,3 +58,35 @@ def test_ece_and_temperature():
     assert acc.ece(acc.scale(probs, t), y) < before / 5
     perfect = np.stack([1 - true_p, true_p], 1)
     assert acc.ece(perfect, y) < 0.03
+
+
+def test_second_view_trains_on_both_views_and_keeps_the_split_single(monkeypatch):
+    """OCR-robust training: inner-train rows come in both views (gold and OCR caption features), while
+    the selection split holds one view only, so no meme sits on both sides of it."""
+    import tune_cv
+    from dhumor.features import StreamFeature
+    from dhumor.schema import Meme
+
+    rng = np.random.default_rng(0)
+    memes, gold, ocr = [], [], []
+    for i in range(40):
+        h = int(i % 2)
+        memes.append(Meme(f"m{i}", None, f"c{i}", labels={"harmful": h, "harmfulness": h, "target": 0 if h else -1}))
+        gold.append({s: StreamFeature(np.zeros((1, 8), np.float16), rng.normal(size=8).astype(np.float16))
+                     for s in ("image", "caption")})
+        ocr.append({"image": gold[-1]["image"],
+                    "caption": StreamFeature(np.zeros((1, 8), np.float16), np.full(8, 7, np.float16))})
+    seen = []
+    real = tune_cv._loader
+    monkeypatch.setattr(tune_cv, "_loader", lambda module, m, f, bs, shuffle: (seen.append((m, f, shuffle)),
+                                                                                 real(module, m, f, bs, shuffle))[1])
+    _, sel_memes, sel_feats = tune_cv.train_module({}, memes, gold, {"image": 8, "caption": 8}, 0, 1, 16,
+                                                   second_view=ocr)
+    train_call = next(c for c in seen if c[2])
+    fit_memes, fit_feats = train_call[0], train_call[1]
+    inner = {m.id for m in fit_memes}
+    assert len(fit_memes) == 2 * len(inner) == 2 * (40 - len(sel_memes))
+    assert not inner & {m.id for m in sel_memes}
+    n_ocr = sum(float(f["caption"].pooled[0]) == 7.0 for f in fit_feats)
+    assert n_ocr == len(inner)  # every inner-train meme once in its OCR view
+    assert all(float(f["caption"].pooled[0]) != 7.0 for f in sel_feats)  # selection: gold view only

@@ -54,3 +54,18 @@ def test_every_data_option_is_described_in_fit_help(capsys):
     assert {"train", "val", "test", "predict", "root", "batch_size", "progress"} <= set(options)
     bare = [k for k, desc in options.items() if desc.startswith("(type:")]
     assert not bare, f"data options without a description: {bare}"
+
+
+def test_missing_data_is_the_only_line_fit_prints(tmp_path):
+    """The check runs before Lightning builds a trainer: no "Seed set", no GPU/TPU lines before it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DHUMOR_DATA": str(tmp_path / "nowhere")}
+    p = subprocess.run([sys.executable, "-c", "import sys; from dhumor.cli import main; sys.exit(main())", "fit",
+                        "--config", str(ROOT / "configs" / "harmeme.yaml")],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert p.returncode == 2
+    lines = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.strip()]
+    assert len(lines) == 1 and "train.jsonl: data not found" in lines[0], lines
