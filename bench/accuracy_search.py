@@ -441,7 +441,9 @@ def main(argv=None):
     cache = StageCache()
     train = read_manifest(data_root() / "train.jsonl").memes
     pooled_tr = Pooled(train, cache)
-    ocr_tr = Pooled(ocr_view(train, cache), cache) if args.ocr else None
+    # The OCR view of train (3,000 OCR reads when not cached) only where something trains or is scored on it.
+    needs_ocr_tr = args.ocr and (args.stage in ("cv", "all") or any(spec(n)["ocr_train"] for n in args.report))
+    ocr_tr = Pooled(ocr_view(train, cache), cache) if needs_ocr_tr else None
 
     def save():
         out.write_text(json.dumps(result, indent=1))
