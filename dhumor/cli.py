@@ -36,7 +36,7 @@ def run_lightning(argv: list[str] | None, run: bool = True):
     from lightning.pytorch.cli import LightningCLI
 
     from .callbacks import ExportBestCheckpoint
-    from .data.datamodule import PATHS_BY_SUBCOMMAND, MemeDataModule, check_data_exists
+    from .data.datamodule import MemeDataModule, check_subcommand_data
     from .model.lit import DHumorModule
     from .prediction_writer import JsonlPredictionWriter
 
@@ -59,13 +59,7 @@ def run_lightning(argv: list[str] | None, run: bool = True):
         def before_instantiate_classes(self):
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             # Missing data fails here, in one line, before Lightning sets up a trainer and says so at length.
-            data = cfg.get("data") or {}
-            keys = PATHS_BY_SUBCOMMAND.get(self.subcommand, ())
-            if self.subcommand == "validate":  # val, else a split of train
-                keys = ("val",) if data.get("val") else ("train",)
-            for key in keys:
-                if data.get(key):
-                    check_data_exists(data[key], data.get("root"))
+            check_subcommand_data(self.subcommand, cfg.get("data") or {})
             # Retraining (model.init_from): the checkpoint's schema/encoders/streams win, in the data module too.
             if cfg.get("model") is not None and cfg["model"].get("init_from"):
                 from .model.lit import architecture_from_checkpoint
@@ -186,9 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="explanations .jsonl; rerun with the same --out to resume")
     _add_explainer(x, default="offline")
     x.add_argument("--no-images", action="store_true", help="openai: send visual cues instead of the image")
-    x.add_argument("--prompt-version", default="v2",
-                   help="prompt files under dhumor/explain/prompts: v2 (critique returns only the fields it "
-                        "changes; about half the tokens) or v1 (the paper's full rewrite)")
+    # None: the explainer's DEFAULT_VERSION (importing it here would load torch before any fail-fast check).
+    x.add_argument("--prompt-version", default=None,
+                   help="prompt files under dhumor/explain/prompts: v2, the default (critique returns only the "
+                        "fields it changes; about half the tokens), or v1 (the paper's full rewrite)")
     x.add_argument("--max-tokens", type=int, default=400, help="completion tokens per generation")
     x.add_argument("--ocr", default="auto", choices=["auto", "rapidocr", "easyocr", "none"],
                    help="auto: the manifest's captions when it has them, else rapidocr")

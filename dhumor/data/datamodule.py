@@ -66,16 +66,21 @@ def mix_extra(train: list[Meme], val: list[Meme] | None, extra: list[Meme], rati
     return train + ex_tr, val + ex_va
 
 
-# The configured paths each Lightning subcommand reads (validate without val reads a split of train).
-PATHS_BY_SUBCOMMAND = {"fit": ("train", "val", "extra"), "validate": ("val",), "test": ("test",),
-                       "predict": ("predict",)}
-
-
-def check_data_exists(path: str, root: str | None = None) -> None:
-    """Raise a one-line :class:`ConfigError` naming the fix when a configured data path is not there."""
+def check_data_exists(path: str, root: str | None = None) -> Path:
+    """The resolved data path; a one-line :class:`ConfigError` naming the fix when it is not there."""
     resolved = resolve_data_path(path, root)
     if not resolved.exists():
         raise ConfigError(f"{resolved}: data not found (data root {data_root(root)}); {get_data_hint(root)}")
+    return resolved
+
+
+def check_subcommand_data(subcommand: str | None, data: dict) -> None:
+    """Check the configured paths a Lightning subcommand will read (``data``: the config's data section)."""
+    keys = {"fit": ("train", "val", "extra"), "test": ("test",), "predict": ("predict",),
+            "validate": ("val",) if data.get("val") else ("train",)}.get(subcommand, ())  # no val: a split of train
+    for key in keys:
+        if data.get(key):
+            check_data_exists(data[key], data.get("root"))
 
 
 class MemeDataModule(L.LightningDataModule):
@@ -176,8 +181,7 @@ class MemeDataModule(L.LightningDataModule):
 
     def _read(self, path: str) -> list[Meme]:
         hp = self.hparams
-        resolved = self.resolve(path)
-        check_data_exists(path, hp.root)
+        resolved = check_data_exists(path, hp.root)
         images = self.resolve(hp.images) if hp.images else None
         res: ReadResult = read_manifest(resolved, hp.format, images, hp.skip_bad)
         if res.schema_name is not None and res.schema_name != self.schema.name:
