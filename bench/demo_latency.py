@@ -25,6 +25,20 @@ import requests
 from dhumor.paths import data_root
 
 ROOT = Path(__file__).resolve().parent.parent
+# Runs in the page: records performance.now() when the decision shows (not pending), when a finished
+# Role-Reversal iteration shows, and when the status says the meme is scored (or failed).
+WATCH = """
+window.__dh = {done: false};
+const txt = id => (document.getElementById(id) || {}).innerText || "";
+const check = () => {
+  const m = window.__dh, now = performance.now(), dec = txt("decision"), st = txt("status");
+  if (!m.decision && dec.includes("Decision:") && !dec.includes("pending")) m.decision = now;
+  if (!m.first_explanation && txt("explanation").includes("Iteration")) m.first_explanation = now;
+  if (!m.done && st.startsWith("Scored in")) { m.full = now; m.done = true; }
+  if (!m.done && /^(Cannot use this file|Something went wrong|This meme could not)/.test(st)) { m.failed = true; m.done = true; }
+};
+new MutationObserver(check).observe(document.body, {subtree: true, childList: true, characterData: true});
+"""
 
 
 def main(argv=None):
@@ -71,27 +85,21 @@ def main(argv=None):
             while not inp:
                 inp = d.find_elements(By.CSS_SELECTOR, "#meme-input input[type=file]")
                 time.sleep(0.05)
-            t0 = time.perf_counter()
+            # The page itself timestamps each milestone (a MutationObserver), so the measurement
+            # needs no tight WebDriver polling, which on a 2-core machine would take CPU from the server.
+            d.execute_script(WATCH)
+            t0 = d.execute_script("return performance.now()")
             inp[0].send_keys(str(f.resolve()))
-            seen: dict[str, float] = {}
-            while True:
-                now = time.perf_counter() - t0
-                if "decision" not in seen and "Decision:" in d.find_element(By.ID, "decision").text \
-                        and "pending" not in d.find_element(By.ID, "decision").text:
-                    seen["decision"] = now
-                if args.explain != "none" and "first_explanation" not in seen \
-                        and "Iteration" in d.find_element(By.ID, "explanation").text:
-                    seen["first_explanation"] = now  # the page shows a finished Role-Reversal iteration
-                # The status is rendered Markdown: its text has no "**" left.
-                status = d.find_element(By.ID, "status").text
-                if status.startswith(("Cannot use this file", "Something went wrong", "This meme could not")):
-                    seen = {}  # no decision to time: the meme is left out of the latencies
-                    break
-                if status.startswith("Scored in"):
-                    seen["full"] = now
-                    seen.setdefault("decision", now)
-                    break
-                time.sleep(0.05)
+            while not d.execute_script("return window.__dh.done"):
+                time.sleep(0.5)
+            marks = d.execute_script("return window.__dh")
+            seen = {k: (marks[k] - t0) / 1000 for k in ("decision", "first_explanation", "full") if marks.get(k)}
+            if marks.get("failed"):
+                seen = {}  # no decision to time: the meme is left out of the latencies
+            elif "full" in seen:
+                seen.setdefault("decision", seen["full"])
+            if args.explain == "none":
+                seen.pop("first_explanation", None)
             if i > 0:
                 for k, v in seen.items():
                     lat[k].append(v)

@@ -3,7 +3,9 @@
 Configurations (all SmolLM2-135M Q8 GGUF, 3 Role-Reversal iterations, no explanation cache):
   sequential-v1   one answer at a time on llama.cpp (the old default), prompts v1
   batched-v1      llama.cpp, N answers decoded together, iterations of different memes interleaved
-  batched-v2      the same with prompts v2 (critique returns only the fields it changes)
+  batched-v2      the same with prompts v2 (critique returns only the fields it changes, each field
+                  capped at the characters v2's settings say: the default)
+  batched-v2-nocap  prompts v2 without the per-field cap (the default before the cap)
   hf-batched-v1   transformers `generate` on the dequantised weights, left-padded batches (--hf)
 
 Memes are a seeded sample of Harm-C *train* (never val), captions from the manifest. Reports
@@ -15,6 +17,7 @@ and, per explanation field, the token-length distribution (to size max_tokens).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -36,7 +39,16 @@ from dhumor.images import load_image_with_digest  # noqa: E402
 from dhumor.paths import resolve_data_path  # noqa: E402
 from dhumor.scoring import collect_items  # noqa: E402
 
-CONFIGS = ("sequential-v1", "batched-v1", "batched-v2", "hf-batched-v1", "hf-batched-v2")
+CONFIGS = ("sequential-v1", "batched-v1", "batched-v2", "batched-v2-nocap", "hf-batched-v1", "hf-batched-v2")
+
+
+def config_prompts(name: str) -> Prompts:
+    """The prompts a configuration names (``...-v2``), without the field cap for ``...-nocap``."""
+    parts = name.split("-")
+    prompts = Prompts.load(next(p for p in parts if p[:1] == "v" and p[1:].isdigit()))
+    if "nocap" in parts:
+        prompts = dataclasses.replace(prompts, settings={**prompts.settings, "field_chars": None})
+    return prompts
 
 
 def make_backend(name: str, threads: int, sequences: int):
@@ -61,7 +73,7 @@ def make_backend(name: str, threads: int, sequences: int):
 def measure(name: str, memes, cache: StageCache, args) -> dict:
     backend = make_backend(name, args.threads, args.sequences)
     ex = Explainer(backend, cache=cache, iterations=3, batch_size=args.sequences,
-                   prompts=Prompts.load(name.rsplit("-", 1)[1]), max_tokens=args.max_tokens)
+                   prompts=config_prompts(name), max_tokens=args.max_tokens)
     t0 = time.perf_counter()
     res = ex.explain_many([m[1] for m in memes], [m[2] for m in memes], [m[3] for m in memes])
     wall = time.perf_counter() - t0
@@ -125,7 +137,7 @@ def main(argv=None):
     print(f"\nHarm-C train memes (seed {args.seed}), 3 iterations, {args.threads} threads, "
           f"{os.cpu_count()}-core CPU; ratios against {base['config']} measured in this run:")
     for r in results:
-        print(f"  {r['config']:<14} {r['memes']:3d} memes {r['memes_per_minute']:6.2f} memes/min ({r['memes_per_minute'] / base['memes_per_minute']:.2f}x)"
+        print(f"  {r['config']:<16} {r['memes']:3d} memes {r['memes_per_minute']:6.2f} memes/min ({r['memes_per_minute'] / base['memes_per_minute']:.2f}x)"
               f"  {r['completion_tokens_per_meme']:7.1f} tokens/meme  {r['tokens_per_second']:6.1f} tokens/s"
               f"  parse {r['parse_first_try']:.2f} first / {r['parse_after_repair']:.2f} after repair"
               f"  ok {r['memes_ok']}/{r['memes']}")

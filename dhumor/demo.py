@@ -226,9 +226,12 @@ def build_demo(pipe: Pipeline, review_log: ReviewLog, max_file_mb: float = 10.0,
         def on_rescore(img, c, t):
             yield from analyze(img, c, t, True)
 
-        image.change(on_upload, [image, threshold], outputs, api_name="analyze")
-        caption.submit(on_rescore, [image, caption, threshold], outputs,
-                       api_name="rescore")
+        # The page says itself what is pending (decision, "Iteration n done…"); Gradio's full overlay
+        # would redraw a timer on every output while a meme streams, CPU a small server shares with
+        # its browser.
+        image.change(on_upload, [image, threshold], outputs, api_name="analyze", show_progress="minimal")
+        caption.submit(on_rescore, [image, caption, threshold], outputs, api_name="rescore",
+                       show_progress="minimal")
         preset.change(lambda p: presets[p], preset, threshold)
         threshold.change(on_threshold, [result_state, threshold], [decision, *labels, result_state])
         record_btn.click(record, [result_state, threshold, verdict, note, moderator], [review_status, reviews],

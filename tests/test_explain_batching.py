@@ -11,8 +11,9 @@ from dhumor.cache import StageCache
 from dhumor.explain import Explainer, parse_critique
 from dhumor.explain.backends.base import Backend, Generation, GenerationRequest
 from dhumor.explain.backends.llama_batch import JsonEnd
-from dhumor.explain.loop import CHANGES_SCHEMA, LoopInput, RoleReversalLoop
+from dhumor.explain.loop import LoopInput, RoleReversalLoop, changes_schema, explanation_schema
 from dhumor.explain.prompts import Prompts
+from dhumor.explain.schema import FIELDS, trim_capped
 
 FULL = {"summary": "A cat at the vet.", "implied_joke": "The 'small procedure' is neutering.",
         "narrative_structure": "Setup then punchline.", "emotional_effect": "Dread, then laughter.",
@@ -61,7 +62,50 @@ def test_v2_prompts_ask_for_changes_only_and_converge_when_nothing_changes():
     r = loop.run_many([LoopInput(None, "a caption", ["cat"])])[0]
     assert r.ok and len(r.iterations) == 2 and r.stop_reason.startswith("converged")
     req = loop._critique(LoopInput(None, "c", ["cat"]), FULL)
-    assert req.json_schema == CHANGES_SCHEMA and req.max_tokens == loop.max_tokens  # critique_tokens 1.0 in v2
+    assert req.json_schema == changes_schema(p.settings["field_chars"]) and req.max_tokens == loop.max_tokens
+
+
+def test_v2_caps_every_field_through_the_schema_and_ends_a_cut_field_at_a_sentence():
+    p = Prompts.load("v2")
+    cap = p.settings["field_chars"]
+    assert isinstance(cap, int) and 20 <= cap <= 400
+    loop = RoleReversalLoop(EchoBackend(), prompts=p)
+    first = loop._first(LoopInput(None, "c", ["cat"])).json_schema
+    assert first == explanation_schema(cap) and all(first["properties"][f]["maxLength"] == cap for f in FIELDS)
+    crit = loop._critique(LoopInput(None, "c", ["cat"]), FULL).json_schema
+    assert crit["properties"]["critique"]["maxLength"] == cap
+    assert all(v["maxLength"] == cap for v in crit["properties"]["changes"]["properties"].values())
+    assert "maxLength" not in str(RoleReversalLoop(EchoBackend(), prompts=Prompts.load("v1"))._first(
+        LoopInput(None, "c", ["cat"])).json_schema)  # v1 keeps the paper's uncapped answers
+
+    class Rambler(EchoBackend):  # writes the summary up to the cap, as a grammar-capped model would
+        def generate(self, reqs):
+            long = ("The cat went to the vet. " * 40)[: cap - 10] + "and then the"
+            return [Generation(json.dumps({**FULL, "summary": long[:cap]}), 5, 9) for _ in reqs]
+
+    r = RoleReversalLoop(Rambler(), prompts=p, iterations=1).run_many([LoopInput(None, "c", ["cat"])])[0]
+    assert r.ok and r.final["summary"].endswith("vet.") and len(r.final["summary"]) < cap
+    assert r.final["target"] == FULL["target"]  # fields under the cap are untouched
+
+
+def test_trim_capped_keeps_text_under_the_cap_and_cuts_at_the_last_sentence():
+    assert trim_capped("One. Two and", 100) == "One. Two and"  # under the cap: as written
+    text = "A first sentence here. A second one ends. Then a third that is cut off in the mid"
+    assert trim_capped(text, len(text)) == "A first sentence here. A second one ends."
+    assert trim_capped("no sentence end at all in this text, just words", 48).endswith("words…")
+    assert trim_capped("Hi. " + "x" * 60, 64) == "Hi. " + "x" * 60 + "…"  # a sentence end too early to keep
+    assert trim_capped("e.g. this", None) == "e.g. this"
+
+
+def test_prompt_settings_reject_a_bad_field_cap(tmp_path):
+    for name in ("system", "explain", "critique", "repair", "image_line_attached", "image_line_cues"):
+        (tmp_path / f"{name}.txt").write_text(name)
+    for bad in ('"300"', "5", "true", "3.5"):
+        (tmp_path / "settings.json").write_text('{"field_chars": %s}' % bad)
+        with pytest.raises(ValueError, match="settings.json: field_chars"):
+            Prompts.load(directory=tmp_path)
+    (tmp_path / "settings.json").write_text('{"field_chars": null}')
+    assert Prompts.load(directory=tmp_path).settings["field_chars"] is None
 
 
 def test_iterations_of_different_memes_share_backend_calls():
@@ -115,6 +159,7 @@ def test_llama_batch_decodes_several_answers_and_refills_slots(llama_batch):
     for g in (gens[0], gens[2], gens[3]):
         # grammar-constrained, and generation stopped right at the closing brace
         assert list(json.loads(g.text, strict=False)) == ["word"] and g.text.rstrip().endswith("}") and g.completion_tokens < 40
+        assert len(json.loads(g.text, strict=False)["word"]) <= 12  # the grammar enforces the schema's maxLength
     # A request too long for its sequence's context fails alone.
     huge = GenerationRequest("s", "word " * 3000, max_tokens=10)
     g_bad, g_ok = llama_batch.generate([huge, reqs[1]])

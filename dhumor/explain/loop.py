@@ -24,17 +24,35 @@ from PIL import Image
 
 from .backends.base import Backend, Generation, GenerationRequest
 from .prompts import Prompts
-from .schema import FIELDS, Explanation, ParseError, parse_critique, parse_explanation
+from .schema import FIELDS, Explanation, ParseError, parse_critique, parse_explanation, trim_capped
 
-_STR = {"type": "string"}
-EXPLANATION_SCHEMA = {"type": "object", "properties": {f: _STR for f in FIELDS}, "required": list(FIELDS)}
-CRITIQUE_SCHEMA = {"type": "object", "required": ["critique", "revised"],
-                   "properties": {"critique": {"type": "object", "properties": {f: _STR for f in FIELDS},
-                                               "required": list(FIELDS)},
-                                  "revised": EXPLANATION_SCHEMA}}
-# prompt v2: a one-sentence critique and only the fields the author rewrites
-CHANGES_SCHEMA = {"type": "object", "required": ["critique", "changes"],
-                  "properties": {"critique": _STR, "changes": {"type": "object", "properties": {f: _STR for f in FIELDS}}}}
+def _string(max_chars: int | None) -> dict:
+    return {"type": "string", "maxLength": max_chars} if max_chars else {"type": "string"}
+
+
+def explanation_schema(field_chars: int | None = None) -> dict:
+    """The explanation's JSON schema; ``field_chars`` caps each field's length (backends that enforce
+    schemas close the string there instead of letting a rambling answer run to ``max_tokens`` and
+    fail to parse)."""
+    return {"type": "object", "properties": {f: _string(field_chars) for f in FIELDS}, "required": list(FIELDS)}
+
+
+def critique_schema(field_chars: int | None = None) -> dict:
+    """Prompts v1: a critique per field and the whole revised explanation."""
+    return {"type": "object", "required": ["critique", "revised"],
+            "properties": {"critique": {"type": "object", "properties": {f: _string(field_chars) for f in FIELDS},
+                                        "required": list(FIELDS)},
+                           "revised": explanation_schema(field_chars)}}
+
+
+def changes_schema(field_chars: int | None = None) -> dict:
+    """Prompts v2: a one-sentence critique and only the fields the author rewrites."""
+    return {"type": "object", "required": ["critique", "changes"],
+            "properties": {"critique": _string(field_chars),
+                           "changes": {"type": "object", "properties": {f: _string(field_chars) for f in FIELDS}}}}
+
+
+EXPLANATION_SCHEMA = explanation_schema()  # uncapped, as prompts v1 ask
 
 
 @dataclass
@@ -103,6 +121,9 @@ class RoleReversalLoop:
         self.backend, self.prompts = backend, prompts or Prompts.load()
         self.iterations, self.threshold = iterations, similarity_threshold
         self.max_repairs, self.max_tokens, self.temperature = max_repairs, max_tokens, temperature
+        self.field_chars = chars = self.prompts.settings.get("field_chars")
+        self.explanation_schema = explanation_schema(chars)
+        self.critique_schema = (changes_schema if self.prompts.settings["critique"] == "changes" else critique_schema)(chars)
 
     def settings(self) -> dict:
         return {"prompts": self.prompts.id, "iterations": self.iterations, "threshold": self.threshold,
@@ -122,13 +143,12 @@ class RoleReversalLoop:
 
     def _first(self, x: LoopInput) -> GenerationRequest:
         user = self.prompts.render("explain", image_line=self._image_line(x), caption=_one_line(x.caption))
-        return self._request(x, user, EXPLANATION_SCHEMA)
+        return self._request(x, user, self.explanation_schema)
 
     def _critique(self, x: LoopInput, previous: dict) -> GenerationRequest:
         user = self.prompts.render("critique", image_line=self._image_line(x), caption=_one_line(x.caption),
                                    previous=json.dumps(previous, ensure_ascii=False, indent=1))
-        changes = self.prompts.settings["critique"] == "changes"
-        req = self._request(x, user, CHANGES_SCHEMA if changes else CRITIQUE_SCHEMA)
+        req = self._request(x, user, self.critique_schema)
         # v1: a critique per field plus a full revised explanation; v2: only what changes
         req.max_tokens = round(self.prompts.settings["critique_tokens"] * self.max_tokens)
         return req
@@ -156,6 +176,8 @@ class RoleReversalLoop:
                 exp, crit = parse_explanation(g.text), None
             else:
                 crit, exp = parse_critique(g.text, job.previous)
+            if self.field_chars:  # a field the cap cut mid-sentence ends at its last full sentence
+                exp = exp.model_copy(update={f: trim_capped(getattr(exp, f), self.field_chars) for f in FIELDS})
             r.explanation, r.text, r.critique = exp.model_dump(), exp.render(), crit
             r.error, r.repaired = None, job.attempt > 0
             return True

@@ -12,8 +12,11 @@ DEFAULT_VERSION = "v2"  # v2: the critique returns only what it changes (bench/e
 # settings.json (optional) in a version's folder: how its critique answers are shaped and sized.
 #   critique: "full" (v1: a critique per field + the whole revised explanation) or "changes"
 #             (v2: a one-sentence critique + only the fields it rewrites);
-#   critique_tokens: the critique answer's token cap, as a multiple of the explanation's.
-DEFAULT_SETTINGS = {"critique": "full", "critique_tokens": 2.0}
+#   critique_tokens: the critique answer's token cap, as a multiple of the explanation's;
+#   field_chars: the most characters one field (and the critique) may have, enforced through the JSON
+#             schema by backends that constrain output (llama.cpp's grammar, vLLM/llama-server's
+#             response_format); null: no cap.
+DEFAULT_SETTINGS = {"critique": "full", "critique_tokens": 2.0, "field_chars": None}
 _NAMES = ("system", "explain", "critique", "repair", "image_line_attached", "image_line_cues")
 
 
@@ -37,6 +40,9 @@ class Prompts:
             settings.update(json.loads((d / "settings.json").read_text()))
         if settings["critique"] not in ("full", "changes"):
             raise ValueError(f"{d / 'settings.json'}: critique must be 'full' or 'changes', not {settings['critique']!r}")
+        chars = settings["field_chars"]
+        if chars is not None and (not isinstance(chars, int) or isinstance(chars, bool) or chars < 20):
+            raise ValueError(f"{d / 'settings.json'}: field_chars must be null or a whole number >= 20, not {chars!r}")
         return cls(version if not directory else d.name, {n: (d / f"{n}.txt").read_text().strip() for n in _NAMES},
                    settings)
 

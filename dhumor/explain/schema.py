@@ -50,6 +50,18 @@ class Explanation(BaseModel):
         return "\n".join(f"{LABELS[f]}: {getattr(self, f)}" for f in FIELDS if getattr(self, f))
 
 
+def trim_capped(text: str, max_chars: int | None) -> str:
+    """A field the schema's length cap cut off mid-sentence, ended at its last full sentence instead
+    (or marked with an ellipsis when no sentence ends in its second half); other text unchanged."""
+    text = text.strip()
+    if not max_chars or len(text) < max_chars - 2:  # the cap was not reached (the parser strips spaces)
+        return text
+    ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text)]
+    if ends and ends[-1] >= max_chars // 2:
+        return text[: ends[-1]]
+    return text.rstrip(" ,;:-") + "…"
+
+
 def _norm_key(k: str) -> str:
     return re.sub(r"[^a-z]+", "_", k.strip().lower()).strip("_")
 
