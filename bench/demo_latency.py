@@ -48,6 +48,7 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--explain", default="none")
     ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="the demo's llama.cpp threads (default: all)")
     args = ap.parse_args(argv)
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
@@ -64,6 +65,8 @@ def main(argv=None):
            "--explain", args.explain]
     if args.checkpoint:
         cmd += ["--checkpoint", args.checkpoint]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / "log", "w"))
     url = f"http://127.0.0.1:{port}/"
     for _ in range(600):
@@ -106,7 +109,7 @@ def main(argv=None):
     finally:
         d.quit()
         proc.terminate()
-    out = {"explain": args.explain, "memes": len(lat["full"]), "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+    out = {"explain": args.explain, "threads": args.threads or "all", "memes": len(lat["full"]), "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
     for k, v in lat.items():  # seconds from upload: decision shown, first explanation iteration shown, all done
         if v:
             out[k] = {"p50": round(float(np.percentile(v, 50)), 3), "p95": round(float(np.percentile(v, 95)), 3),

@@ -92,6 +92,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (also: DHUMOR_DEBUG=1)")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {n}")
+    return n
+
+
 def _add_explainer(p: argparse.ArgumentParser, default: str = "none") -> None:
     """The explanation options, named the same in every subcommand."""
     p.add_argument("--explain", default=default, choices=["none", "offline", "openai", "transformers"],
@@ -105,6 +115,9 @@ def _add_explainer(p: argparse.ArgumentParser, default: str = "none") -> None:
     p.add_argument("--iterations", type=int, default=3, help="Role-Reversal loop iterations (1 = explain only)")
     p.add_argument("--similarity-threshold", type=float, default=0.9,
                    help="stop the loop early when a revision is at least this similar to the previous one (0-1)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="offline: CPU threads for llama.cpp (default: all; a demo sharing the machine with other "
+                        "work may answer sooner with fewer)")
 
 
 def _add_decision(p: argparse.ArgumentParser) -> None:
@@ -189,7 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: the manifest's captions when it has them, else rapidocr")
     x.add_argument("--batch-size", type=int, default=8, help="memes per generation batch")
     x.add_argument("--concurrency", type=int, default=4, help="openai: requests in flight")
-    x.add_argument("--threads", type=int, default=None, help="offline: CPU threads for llama.cpp (default: all)")
     x.add_argument("--shard", default=None, help="i/n: only shard i of n")
     x.add_argument("--order", default="input", choices=["input", "shuffle"],
                    help="shuffle: a seeded random order, so that a partial run is a random sample")
@@ -236,7 +248,7 @@ def _explainer_from_args(args, cache, **extra):
 
     return create_explainer(args.explain, cache=cache, iterations=args.iterations,
                             similarity_threshold=args.similarity_threshold, model=args.explain_model,
-                            base_url=args.base_url, **extra)
+                            base_url=args.base_url, threads=args.threads, **extra)
 
 
 def cmd_data(args) -> int:
@@ -355,7 +367,7 @@ def cmd_explain(args) -> int:
             it.caption = it.caption or ""
     explainer = _explainer_from_args(args, cache, batch_size=args.batch_size, prompt_version=args.prompt_version,
                                      max_tokens=args.max_tokens, concurrency=args.concurrency,
-                                     send_images=not args.no_images, threads=args.threads)
+                                     send_images=not args.no_images)
     summary = run_explain(explainer, items, args.out, ocr=ocr, batch_size=args.batch_size, progress=not args.quiet)
     if summary.already_done == summary.total and not summary.interrupted:
         print(f"dhumor explain: nothing to do: all {summary.total} memes already have a row in {args.out}",

@@ -140,6 +140,15 @@ def test_help_shows_defaults_and_one_name_per_concept():
         assert "--threshold " not in text and "--model " not in text
     assert "--decision-threshold" in score and "--decision-threshold" in demo
     assert "(default: rapidocr)" in score
+    assert all("--threads" in text for text in (score, explain, demo))  # llama.cpp threads, wherever it explains
+
+
+def test_threads_must_be_a_positive_whole_number(capsys):
+    for cmd in (["demo"], ["explain", "x", "--out", "y.jsonl"], ["score", "x", "--out", "y.jsonl"]):
+        for bad, why in (("0", "must be 1 or more"), ("two", "expected a whole number")):
+            with pytest.raises(SystemExit) as e:
+                main([*cmd, "--threads", bad])
+            assert e.value.code == 2 and why in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- one inference path
