@@ -95,12 +95,38 @@ def test_trim_capped_keeps_text_under_the_cap_and_cuts_at_the_last_sentence():
     assert trim_capped("no sentence end at all in this text, just words", 48).endswith("words…")
     assert trim_capped("Hi. " + "x" * 60, 64) == "Hi. " + "x" * 60 + "…"  # a sentence end too early to keep
     assert trim_capped("e.g. this", None) == "e.g. this"
+    quoted = ("He called it \"art.\" " * 8)[:70] + "and then"  # a full stop inside closing quotes ends a sentence
+    assert trim_capped(quoted, len(quoted)).endswith('art."')
+    longer = "Too long. " * 30 + "from a backend that ignores the cap"
+    assert trim_capped(longer, 100) == longer.strip()  # not stopped at the cap: nothing to repair
+    cut = trim_capped("no sentence end at all in this text, just words", 48)
+    assert trim_capped(cut, 48) == cut  # a field kept from the previous iteration gains no second ellipsis
+
+
+def test_a_capped_field_kept_by_later_critiques_is_not_trimmed_again():
+    p = Prompts.load("v2")
+    cap = p.settings["field_chars"]
+
+    class Capped(EchoBackend):  # explanation: a summary stopped by the cap with no sentence end
+        def generate(self, reqs):
+            out = []
+            for r in reqs:
+                if "author and creator" in r.user:
+                    out.append(Generation(json.dumps({"critique": "target", "changes": {"target": r.user[-20:]}}), 5, 7))
+                else:
+                    out.append(Generation(json.dumps({**FULL, "summary": ("word " * 100)[:cap]}), 5, 9))
+            return out
+
+    r = RoleReversalLoop(Capped(), prompts=p, iterations=3, similarity_threshold=1.01).run_many(
+        [LoopInput(None, "c", ["cat"])])[0]
+    assert r.ok and len(r.iterations) == 3
+    assert [it.explanation["summary"].count("…") for it in r.iterations] == [1, 1, 1]
 
 
 def test_prompt_settings_reject_a_bad_field_cap(tmp_path):
     for name in ("system", "explain", "critique", "repair", "image_line_attached", "image_line_cues"):
         (tmp_path / f"{name}.txt").write_text(name)
-    for bad in ('"300"', "5", "true", "3.5"):
+    for bad in ('"300"', "5", "true", "3.5", "1001"):
         (tmp_path / "settings.json").write_text('{"field_chars": %s}' % bad)
         with pytest.raises(ValueError, match="settings.json: field_chars"):
             Prompts.load(directory=tmp_path)
@@ -186,3 +212,13 @@ def test_parser_accepts_raw_newlines_inside_strings():
 
     text = json.dumps(FULL).replace("Setup then punchline.", "Setup,\\nthen punchline.").replace("\\n", "\n")
     assert parse_explanation(text).narrative_structure == "Setup,\nthen punchline."
+
+
+def test_llama_batch_refuses_a_schema_it_cannot_turn_into_a_grammar(llama_batch):
+    # llama.cpp gives up on a grammar spelling out 2,000 characters; that request fails alone and
+    # visibly instead of decoding unconstrained.
+    huge = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 2000}}, "required": ["a"]}
+    bad, ok = llama_batch.generate([GenerationRequest("s", "u", json_schema=huge, max_tokens=5),
+                                    GenerationRequest("s", "say hi", max_tokens=3)])
+    assert bad.error and "could not build a grammar" in bad.error and bad.completion_tokens == 0
+    assert ok.error is None and ok.completion_tokens == 3

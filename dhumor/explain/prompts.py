@@ -41,8 +41,10 @@ class Prompts:
         if settings["critique"] not in ("full", "changes"):
             raise ValueError(f"{d / 'settings.json'}: critique must be 'full' or 'changes', not {settings['critique']!r}")
         chars = settings["field_chars"]
-        if chars is not None and (not isinstance(chars, int) or isinstance(chars, bool) or chars < 20):
-            raise ValueError(f"{d / 'settings.json'}: field_chars must be null or a whole number >= 20, not {chars!r}")
+        # Above ~1000 llama.cpp refuses (or crashes on) the grammar that spells the cap out character by character.
+        if chars is not None and (not isinstance(chars, int) or isinstance(chars, bool) or not 20 <= chars <= 1000):
+            raise ValueError(f"{d / 'settings.json'}: field_chars must be null or a whole number from 20 to 1000, "
+                             f"not {chars!r}")
         return cls(version if not directory else d.name, {n: (d / f"{n}.txt").read_text().strip() for n in _NAMES},
                    settings)
 

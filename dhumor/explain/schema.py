@@ -50,13 +50,19 @@ class Explanation(BaseModel):
         return "\n".join(f"{LABELS[f]}: {getattr(self, f)}" for f in FIELDS if getattr(self, f))
 
 
+_SENTENCE_END = re.compile(r"[.!?。！？…][\"'”’)\]]*(?=\s|$)")
+
+
 def trim_capped(text: str, max_chars: int | None) -> str:
     """A field the schema's length cap cut off mid-sentence, ended at its last full sentence instead
-    (or marked with an ellipsis when no sentence ends in its second half); other text unchanged."""
+    (or marked with an ellipsis when no sentence ends in its second half). Only text that stopped
+    right at the cap is touched: shorter text, and longer text from a backend that does not enforce
+    the schema, stay as written; so does text already ended with an ellipsis (a field kept from the
+    previous iteration)."""
     text = text.strip()
-    if not max_chars or len(text) < max_chars - 2:  # the cap was not reached (the parser strips spaces)
+    if not max_chars or not (max_chars - 2 <= len(text) <= max_chars) or text.endswith("…"):
         return text
-    ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text)]
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
     if ends and ends[-1] >= max_chars // 2:
         return text[: ends[-1]]
     return text.rstrip(" ,;:-") + "…"

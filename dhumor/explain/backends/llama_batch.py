@@ -150,6 +150,9 @@ class LlamaBatchBackend(Backend):
         if req.json_schema:
             g = self._grammar(req.json_schema)
             grammar = self._lc.llama_sampler_init_grammar(self.vocab, g._grammar.encode(), g._root.encode())
+            if not grammar:  # llama.cpp could not build it: decoding unconstrained would hide that
+                chain.close()
+                raise ValueError("llama.cpp could not build a grammar from this request's JSON schema")
         return _Sampler(self._lc, chain, grammar, self.n_vocab)
 
     def _tokens(self, req: GenerationRequest) -> list[int]:

@@ -138,7 +138,9 @@ class OpenAIBackend(Backend):
             raise _Failed(f"{type(e).__name__}: {str(e)[:300]}") from None
         text = raw.decode("utf-8", "replace")
         if r.status_code != 200:
-            if "response_format" in body and "response_format" in text and r.status_code in (400, 422, 500):
+            # "grammar": llama-server names the grammar it could not build from the schema, not the field
+            if "response_format" in body and ("response_format" in text or "grammar" in text.lower()) \
+                    and r.status_code in (400, 422, 500):
                 self._step_down(body["response_format"]["type"])
                 raise _Failed(f"HTTP {r.status_code}: refused {body['response_format']['type']}", wait=0.0,
                               counts=False)  # not a retry: the next request is a different one
