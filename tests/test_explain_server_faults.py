@@ -73,6 +73,13 @@ class FaultServer:
                 else:
                     self._ok(body)
 
+            def _refuse_grammar(self, body):  # llama-server that cannot build a grammar from a schema's maxLength
+                if "maxLength" in json.dumps(body.get("response_format", {})):
+                    self._send(400, b'{"error": {"code": 400, "message": "Failed to initialize samplers: '
+                                    b'failed to parse grammar", "type": "invalid_request_error"}}')
+                else:
+                    self._ok(body)
+
             def _close_midway(self, body):
                 self._send(200, b'{"choices": [{"mess', length=5000)  # promises more, then hangs up
                 self.close_connection = True
@@ -158,6 +165,17 @@ def test_cache_key_does_not_follow_the_structured_output_step_down(server, tmp_p
     assert r.ok and b.structured == "json_object"  # stepped down mid-run
     assert ex.key("a" * 64, "cap") == key and ex.cached("a" * 64, "cap") is not None
     assert [x.get("response_format", {}).get("type") for x in server.bodies] == ["json_schema", "json_object"]
+
+
+def test_a_server_that_cannot_parse_the_capped_schema_gets_a_plainer_request(server, tmp_path):
+    # Prompts v2 put maxLength into the schema; a server whose grammar builder refuses it answers 400
+    # naming the grammar, not response_format. The request steps down instead of failing every meme.
+    server.mode = "refuse_grammar"
+    b = _backend(server.url, send_images=True)
+    ex = Explainer(b, cache=StageCache(tmp_path / "c.sqlite"), iterations=1)
+    r = ex.explain(Image.new("RGB", (16, 16), "red"), "a" * 64, "cap")
+    assert r.ok and b.structured != "json_schema"
+    assert "maxLength" in json.dumps(server.bodies[0]["response_format"]) and len(server.bodies) >= 2
 
 
 def _memes(tmp_path, n):
