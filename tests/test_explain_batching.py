@@ -62,7 +62,13 @@ def test_v2_prompts_ask_for_changes_only_and_converge_when_nothing_changes():
     r = loop.run_many([LoopInput(None, "a caption", ["cat"])])[0]
     assert r.ok and len(r.iterations) == 2 and r.stop_reason.startswith("converged")
     req = loop._critique(LoopInput(None, "c", ["cat"]), FULL)
-    assert req.json_schema == changes_schema(p.settings["field_chars"]) and req.max_tokens == loop.max_tokens
+    assert req.json_schema == changes_schema(p.settings["field_chars"])
+    # the token cap fits six fields at the character cap (critique_tokens 1.0 in v2)
+    assert req.max_tokens == max(loop.max_tokens, 6 * p.settings["field_chars"] // 3 + 64)
+    assert loop._first(LoopInput(None, "c", ["cat"])).max_tokens == req.max_tokens > loop.max_tokens
+    assert loop.settings()["fields_tokens"] == req.max_tokens  # part of the cache key
+    v1 = RoleReversalLoop(b, prompts=Prompts.load("v1"))
+    assert v1._first(LoopInput(None, "c", ["cat"])).max_tokens == 400 and "fields_tokens" not in v1.settings()
 
 
 def test_v2_caps_every_field_through_the_schema_and_ends_a_cut_field_at_a_sentence():

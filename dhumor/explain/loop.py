@@ -122,12 +122,17 @@ class RoleReversalLoop:
         self.iterations, self.threshold = iterations, similarity_threshold
         self.max_repairs, self.max_tokens, self.temperature = max_repairs, max_tokens, temperature
         self.field_chars = chars = self.prompts.settings.get("field_chars")
+        # Capped fields bound the answer, but six of them at the cap can need more than max_tokens
+        # (about 3 characters a token when the model rambles): cut off there, the JSON never closes and
+        # the answer fails. The token cap grows to what the capped fields need.
+        self.fields_tokens = len(FIELDS) * chars // 3 + 64 if chars else 0
         self.explanation_schema = explanation_schema(chars)
         self.critique_schema = (changes_schema if self.prompts.settings["critique"] == "changes" else critique_schema)(chars)
 
     def settings(self) -> dict:
         return {"prompts": self.prompts.id, "iterations": self.iterations, "threshold": self.threshold,
                 "max_repairs": self.max_repairs, "max_tokens": self.max_tokens, "temperature": self.temperature,
+                **({"fields_tokens": self.fields_tokens} if self.fields_tokens else {}),
                 "backend": self.backend.fingerprint()}
 
     # ------------------------------------------------------------ prompts
@@ -139,7 +144,7 @@ class RoleReversalLoop:
     def _request(self, x: LoopInput, user: str, schema: dict) -> GenerationRequest:
         return GenerationRequest(system=self.prompts.render("system"), user=user,
                                  image=x.image if self.backend.supports_images else None, json_schema=schema,
-                                 max_tokens=self.max_tokens, temperature=self.temperature)
+                                 max_tokens=max(self.max_tokens, self.fields_tokens), temperature=self.temperature)
 
     def _first(self, x: LoopInput) -> GenerationRequest:
         user = self.prompts.render("explain", image_line=self._image_line(x), caption=_one_line(x.caption))
@@ -150,7 +155,7 @@ class RoleReversalLoop:
                                    previous=json.dumps(previous, ensure_ascii=False, indent=1))
         req = self._request(x, user, self.critique_schema)
         # v1: a critique per field plus a full revised explanation; v2: only what changes
-        req.max_tokens = round(self.prompts.settings["critique_tokens"] * self.max_tokens)
+        req.max_tokens = max(round(self.prompts.settings["critique_tokens"] * self.max_tokens), self.fields_tokens)
         return req
 
     def _repair(self, req: GenerationRequest, raw: str, error: str, kind: str) -> GenerationRequest:
