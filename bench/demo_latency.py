@@ -101,8 +101,6 @@ def main(argv=None):
                 seen = {}  # no decision to time: the meme is left out of the latencies
             elif "full" in seen:
                 seen.setdefault("decision", seen["full"])
-            if args.explain == "none":
-                seen.pop("first_explanation", None)
             if i > 0:
                 for k, v in seen.items():
                     lat[k].append(v)

@@ -24,7 +24,7 @@ from dhumor.paths import resolve_data_path  # noqa: E402
 
 
 def requests_for(n: int, tokens: int, seed: int, grammar: bool) -> list[GenerationRequest]:
-    from dhumor.explain.loop import EXPLANATION_SCHEMA
+    from dhumor.explain.loop import explanation_schema
 
     rows = [json.loads(line) for line in resolve_data_path("train.jsonl").read_text().splitlines() if line.strip()]
     random.Random(seed).shuffle(rows)
@@ -32,7 +32,7 @@ def requests_for(n: int, tokens: int, seed: int, grammar: bool) -> list[Generati
     cues = p.render("image_line_cues", cues="nothing recognisable")
     return [GenerationRequest(p.render("system"), p.render("explain", image_line=cues,
                                                            caption=" / ".join(r["text"].split("\n"))),
-                              json_schema=EXPLANATION_SCHEMA if grammar else None, max_tokens=tokens,
+                              json_schema=explanation_schema() if grammar else None, max_tokens=tokens,
                               temperature=0.0) for r in rows[:n]]
 
 

@@ -52,9 +52,6 @@ def changes_schema(field_chars: int | None = None) -> dict:
                            "changes": {"type": "object", "properties": {f: _string(field_chars) for f in FIELDS}}}}
 
 
-EXPLANATION_SCHEMA = explanation_schema()  # uncapped, as prompts v1 ask
-
-
 @dataclass
 class LoopInput:
     image: Image.Image | None
@@ -126,6 +123,9 @@ class RoleReversalLoop:
         # (about 3 characters a token when the model rambles): cut off there, the JSON never closes and
         # the answer fails. The token cap grows to what the capped fields need.
         self.fields_tokens = len(FIELDS) * chars // 3 + 64 if chars else 0
+        # v1: a critique per field plus a full revised explanation; v2: only what changes
+        self.explain_tokens = max(max_tokens, self.fields_tokens)
+        self.critique_tokens = max(round(self.prompts.settings["critique_tokens"] * max_tokens), self.fields_tokens)
         self.explanation_schema = explanation_schema(chars)
         self.critique_schema = (changes_schema if self.prompts.settings["critique"] == "changes" else critique_schema)(chars)
 
@@ -141,22 +141,19 @@ class RoleReversalLoop:
             return self.prompts.render("image_line_attached")
         return self.prompts.render("image_line_cues", cues=", ".join(x.visual_cues or []) or "nothing recognisable")
 
-    def _request(self, x: LoopInput, user: str, schema: dict) -> GenerationRequest:
+    def _request(self, x: LoopInput, user: str, schema: dict, max_tokens: int) -> GenerationRequest:
         return GenerationRequest(system=self.prompts.render("system"), user=user,
                                  image=x.image if self.backend.supports_images else None, json_schema=schema,
-                                 max_tokens=max(self.max_tokens, self.fields_tokens), temperature=self.temperature)
+                                 max_tokens=max_tokens, temperature=self.temperature)
 
     def _first(self, x: LoopInput) -> GenerationRequest:
         user = self.prompts.render("explain", image_line=self._image_line(x), caption=_one_line(x.caption))
-        return self._request(x, user, self.explanation_schema)
+        return self._request(x, user, self.explanation_schema, self.explain_tokens)
 
     def _critique(self, x: LoopInput, previous: dict) -> GenerationRequest:
         user = self.prompts.render("critique", image_line=self._image_line(x), caption=_one_line(x.caption),
                                    previous=json.dumps(previous, ensure_ascii=False, indent=1))
-        req = self._request(x, user, self.critique_schema)
-        # v1: a critique per field plus a full revised explanation; v2: only what changes
-        req.max_tokens = max(round(self.prompts.settings["critique_tokens"] * self.max_tokens), self.fields_tokens)
-        return req
+        return self._request(x, user, self.critique_schema, self.critique_tokens)
 
     def _repair(self, req: GenerationRequest, raw: str, error: str, kind: str) -> GenerationRequest:
         keys = ", ".join(FIELDS) if kind == "explain" else (
