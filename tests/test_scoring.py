@@ -25,6 +25,22 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(l) for l in path.read_text().splitlines()]
 
 
+def _distinct_memes(src: Path, n: int) -> list[str]:
+    """``n`` images that differ in content, so that every one costs a real feature extraction (copies of
+    one file would hit the feature cache after the first and finish in milliseconds, racing the signal)."""
+    from PIL import Image
+
+    src.mkdir()
+    base = Image.open(ROOT / "examples" / "horse.jpg").convert("RGB")
+    names = []
+    for i in range(n):
+        img = base.copy()
+        img.paste((i * 37 % 256, i * 91 % 256, i * 13 % 256), (0, 0, 24, 24))
+        names.append(f"m{i:03d}.jpg")
+        img.save(src / names[-1], quality=90)
+    return names
+
+
 def _score(ckpt, src, out, *extra):
     return main(["score", str(src), "--checkpoint", str(ckpt), "--out", str(out), "--quiet", *extra])
 
@@ -148,10 +164,8 @@ def _wait_rows(out: Path, n: int, proc, timeout=120):
 
 def test_sigkill_and_resume_exactly_once(trained, tmp_path):
     src = tmp_path / "s"
-    src.mkdir()
     n = 60
-    for i in range(n):
-        shutil.copy(ROOT / "examples" / ("horse.jpg" if i % 2 else "rocket.jpg"), src / f"m{i:02d}.jpg")
+    names = _distinct_memes(src, n)
     out = tmp_path / "r.jsonl"
     rng = random.Random(0)
     kills = 0
@@ -167,15 +181,14 @@ def test_sigkill_and_resume_exactly_once(trained, tmp_path):
     p = _start(trained / "export", src, out)
     assert p.wait(300) == 0, p.stderr.read().decode()[-2000:]
     rows = _rows(out)
-    assert sorted(r["id"] for r in rows) == sorted(f"m{i:02d}.jpg" for i in range(n))  # exactly once each
+    assert sorted(r["id"] for r in rows) == names  # exactly once each
     assert all(r["error"] is None for r in rows)
 
 
 def test_ctrl_c_stops_cleanly(trained, tmp_path):
     src = tmp_path / "s"
-    src.mkdir()
-    for i in range(40):
-        shutil.copy(ROOT / "examples" / "horse.jpg", src / f"m{i:02d}.jpg")
+    n = 200
+    _distinct_memes(src, n)
     out = tmp_path / "r.jsonl"
     p = _start(trained / "export", src, out)
     assert _wait_rows(out, 3, p)
@@ -183,4 +196,4 @@ def test_ctrl_c_stops_cleanly(trained, tmp_path):
     assert p.wait(60) == 130
     assert "Run the same command again" in p.stderr.read().decode()
     rows = _rows(out)  # every line is a complete row
-    assert 3 <= len(rows) < 40 and len({r["id"] for r in rows}) == len(rows)
+    assert 3 <= len(rows) < n and len({r["id"] for r in rows}) == len(rows)
