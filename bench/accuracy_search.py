@@ -59,6 +59,15 @@ CANDIDATES: dict[str, dict] = {
     "retrieval_k30": {"retrieval": {"k": 30}},
     "ensemble3": {"ensemble": 3},
     "ocr_train": {"ocr_train": True},  # OCR-robust: every training meme also with its OCR caption
+    # Token sequences instead of pooled vectors (Lite0's 7x7 feature map, MPNet's caption tokens): TCRNet's
+    # cross-attention reads every token; ~4x the pooled head's time per epoch here.
+    "tokens": {"module": {"inputs": "tokens"}},
+    # Fine-tuning the encoders' top layers from cached lower-layer states (bench/partial_finetune.py):
+    # {stream: top layers/blocks trained}; the encoders' learning rate in "module".
+    "ft_caption1": {"finetune": {"caption": 1}, "module": {"encoder_lr": 3e-5}},
+    "ft_caption2": {"finetune": {"caption": 2}, "module": {"encoder_lr": 3e-5}},
+    "ft_image1": {"finetune": {"image": 1}, "module": {"encoder_lr": 1e-4}},
+    "ft_both1": {"finetune": {"caption": 1, "image": 1}, "module": {"encoder_lr": 3e-5}},
     # Linear probes (class-balanced logistic regression on the concatenated streams): seconds per fit,
     # so every direction's signal can be measured on this CPU.
     "lin_base": {"head": "linear"},
@@ -71,7 +80,7 @@ CANDIDATES: dict[str, dict] = {
     "lin_concat_caption_retrieval_k10": {"head": "linear", "caption": [MPNET, MINILM], "retrieval": {"k": 10}},
 }
 DEFAULT = {"image": [LITE0], "caption": [MPNET], "retrieval": None, "ensemble": 1, "module": {}, "head": "tcrnet",
-           "linear_C": 0.01, "ocr_train": False}
+           "linear_C": 0.01, "ocr_train": False, "finetune": None}
 OCR_ENGINE = "rapidocr"  # what `dhumor score` reads by default
 
 
@@ -86,7 +95,7 @@ class Pooled:
     """Pooled frozen features of every (stream, encoder) pair, for one list of memes (row order)."""
 
     def __init__(self, memes, cache: StageCache):
-        self.memes, self.cache, self.arrays = memes, cache, {}
+        self.memes, self.cache, self.arrays, self.feats = memes, cache, {}, {}
 
     def get(self, stream: str, encoder: str) -> tuple[np.ndarray, np.ndarray]:
         """(N, D) float32 vectors and an (N,) bool "present" mask."""
@@ -100,7 +109,21 @@ class Pooled:
                           for f in feats])
             present = np.array([f.get(stream) is not None for f in feats])
             self.arrays[(stream, encoder)] = (x, present)
+            self.feats[(stream, encoder)] = [f.get(stream) for f in feats]
         return self.arrays[(stream, encoder)]
+
+    def lower(self, stream: str, encoder: str, k: int) -> list[StreamFeature | None]:
+        """Per meme, the cached states entering the encoder's top ``k`` layers (bench/partial_finetune.py)."""
+        from partial_finetune import lower_features
+
+        if (stream, encoder, k) not in self.feats:
+            self.feats[(stream, encoder, k)] = lower_features(self.memes, stream, encoder, k, self.cache)
+        return self.feats[(stream, encoder, k)]
+
+    def features(self, stream: str, encoder: str) -> list[StreamFeature | None]:
+        """Per meme, the cached feature with its token sequence (None: no input for the stream)."""
+        self.get(stream, encoder)
+        return self.feats[(stream, encoder)]
 
 
 def ocr_view(memes, cache: StageCache):
@@ -172,7 +195,35 @@ def build_arrays(s: dict, pooled_tr: Pooled, rows_tr: np.ndarray, evals: list[tu
 
 
 def build_inputs(s: dict, pooled_tr: Pooled, rows_tr: np.ndarray, evals: list[tuple[Pooled, np.ndarray]]):
-    """:func:`build_arrays` as StreamFeature dicts (what the LightningModule's collate reads), and the widths."""
+    """:func:`build_arrays` as StreamFeature dicts (what the LightningModule's collate reads), and the widths.
+    Token-input candidates get each stream's cached token sequence (one encoder per stream)."""
+    if s["finetune"]:
+        if s["retrieval"] or len(s["image"]) > 1 or len(s["caption"]) > 1 or s["ocr_train"]:
+            raise SystemExit("partial fine-tuning: one encoder per stream, no retrieval, no OCR-view training")
+        streams = {st: s[st][0] for st in ("image", "caption") if s[st]}
+
+        def ft_rows(p: Pooled, r):
+            per = {}
+            for st, e in streams.items():
+                if st in s["finetune"]:
+                    per[st] = p.lower(st, e, s["finetune"][st])
+                else:  # the cached pooled vector; a one-token stand-in keeps the token batch small
+                    x, present = p.get(st, e)
+                    per[st] = [StreamFeature(np.zeros((1, x.shape[1]), np.float16), x[i]) if present[i] else None
+                               for i in range(len(x))]
+            return [{st: per[st][i] for st in streams if per[st][i] is not None} for i in r]
+        return (ft_rows(pooled_tr, rows_tr), [ft_rows(p, r) for p, r in evals],
+                {st: pooled_tr.get(st, e)[0].shape[1] for st, e in streams.items()})
+    if s["module"].get("inputs") == "tokens":
+        if s["retrieval"] or len(s["image"]) > 1 or len(s["caption"]) > 1:
+            raise SystemExit("token inputs: one encoder per stream, no retrieval")
+        streams = {st: s[st][0] for st in ("image", "caption") if s[st]}
+
+        def rows(p: Pooled, r):
+            per = {st: p.features(st, e) for st, e in streams.items()}
+            return [{st: per[st][i] for st in streams if per[st][i] is not None} for i in r]
+        return (rows(pooled_tr, rows_tr), [rows(p, r) for p, r in evals],
+                {st: pooled_tr.get(st, e)[0].shape[1] for st, e in streams.items()})
     tr, ev = build_arrays(s, pooled_tr, rows_tr, evals)
     return to_feats(tr), [to_feats(d) for d in ev], {k: v.shape[1] for k, v in tr.items()}
 
@@ -227,6 +278,12 @@ def train_predict(s: dict, memes_tr, feats_tr, dims, evals: list, seed: int, spl
     and on the selection split; returns (eval probs, selection probs, selection labels).
     ``second_view``: OCR-caption features of the training memes (candidates with ``ocr_train``)."""
     over = {**s["module"], "streams": list(dims), "task": "harmeme"}
+    if s["finetune"]:
+        from partial_finetune import PartialFinetuneModule
+
+        first = next(f for f in feats_tr if all(st in f for st in dims))
+        over.update(_module_class=PartialFinetuneModule, top_layers=s["finetune"],
+                    _feature_dims={st: first[st].tokens.shape[1] for st in dims})
     outs, sel = [], None
     for j in range(s["ensemble"]):
         member_seed = seed if s["ensemble"] == 1 else seed * 100 + j
@@ -449,7 +506,8 @@ def main(argv=None):
         out.write_text(json.dumps(result, indent=1))
         md = ["# Issue 13: accuracy search on Harm-C (`python bench/accuracy_search.py`)", "",
               f"Machine: {result['machine']}. Candidates: see CANDIDATES in bench/accuracy_search.py.", "",
-              f"## 5-fold cross-validation on Harm-C train (choices made here), mean ± std over folds", "",
+              f"## {args.folds}-fold cross-validation on Harm-C train (choices made here; at most {args.max_epochs} "
+              f"epochs, early stopping on a seeded 10% of each training part), mean ± std over folds", "",
               table(list(result["cv"].values())), "",
               "## Harm-C val (reported, never used to choose), seeds 0 1 2, mean ± sample std "
               "(linear probes are deterministic: one run)", "",

@@ -52,7 +52,10 @@ def train_module(overrides: dict, train_memes, train_feats, dims, seed: int, max
     hp = dict(overrides)
     patience = hp.pop("_patience", 10)
     streams = hp.setdefault("streams", ["image", "caption"])
-    module = DHumorModule(input_dims={s: dims[s] for s in streams}, **hp)
+    module_class = hp.pop("_module_class", DHumorModule)  # e.g. bench/partial_finetune.py's module
+    feature_dims = hp.pop("_feature_dims", None)  # widths of the cached features when they differ from the inputs'
+    module = module_class(input_dims={s: dims[s] for s in streams}, **hp)
+    module.feature_dims = feature_dims
     schema = module.schema
     tr, va = split_train_val(train_memes, 0.1, seed if split_seed is None else split_seed, schema.primary)
     pos = {id(m): i for i, m in enumerate(train_memes)}
@@ -87,8 +90,9 @@ def train_module(overrides: dict, train_memes, train_feats, dims, seed: int, max
 
 
 def _loader(module, memes, feats, batch_size: int, shuffle: bool) -> DataLoader:
-    dims = module.hparams.input_dims
-    collate = feature_collate(module.schema, dims, module.hparams.inputs == "tokens")
+    dims = getattr(module, "feature_dims", None) or module.hparams.input_dims
+    tokens = module.hparams.inputs == "tokens" or getattr(module, "needs_tokens", False)
+    collate = feature_collate(module.schema, dims, tokens)
     return DataLoader(FeatureDataset(memes, feats), batch_size=batch_size, shuffle=shuffle, collate_fn=collate)
 
 

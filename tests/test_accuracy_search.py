@@ -90,3 +90,33 @@ def test_second_view_trains_on_both_views_and_keeps_the_split_single(monkeypatch
     n_ocr = sum(float(f["caption"].pooled[0]) == 7.0 for f in fit_feats)
     assert n_ocr == len(inner)  # every inner-train meme once in its OCR view
     assert all(float(f["caption"].pooled[0]) != 7.0 for f in sel_feats)  # selection: gold view only
+
+
+def test_partial_finetune_split_reproduces_the_encoders():
+    """Lower part (cached once) then trainable top = the full pretrained encoder; only the top trains."""
+    import torch
+
+    pf = pytest.importorskip("partial_finetune")
+    from dhumor.encoders.modules import build_encoder
+    from dhumor.encoders.registry import get_entry
+
+    full = build_encoder(get_entry("all-mpnet-base-v2")).eval()
+    low, top = pf.LowerMPNet("all-mpnet-base-v2", 2).eval(), pf.MPNetTop("all-mpnet-base-v2", 2).eval()
+    tok = full.tokenize(["a caption long enough to need padding on the other row", "short"])
+    with torch.no_grad():
+        want = full(tok["input_ids"], tok["attention_mask"]).pooled
+        o = low(tok["input_ids"], tok["attention_mask"])
+        n = int(o.mask[1].sum())  # the cache stores real tokens only: the short row alone, unpadded
+        got = torch.cat([top(o.tokens[:1], o.mask[:1]), top(o.tokens[1:, :n], o.mask[1:, :n])])
+    assert torch.allclose(want, got, atol=1e-5)
+    assert len(top.encoder.layer) == 2
+
+    img = build_encoder(get_entry("efficientnet-lite0")).eval()
+    li, lt = pf.LowerLite("efficientnet-lite0", 1).eval(), pf.LiteTop("efficientnet-lite0", 1).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        o = li(x)
+        assert torch.allclose(img(x).pooled, lt(o.tokens, o.mask), atol=1e-5)
+    lt.train()
+    lt(o.tokens, o.mask).sum().backward()
+    assert all(p.grad is not None for p in lt.parameters() if p.requires_grad)

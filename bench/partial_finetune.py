@@ -1,0 +1,137 @@
+"""Fine-tuning the top layers of the offline encoders on a CPU, from cached lower-layer states.
+
+A full forward of MPNet-base and EfficientNet-Lite0 per training step costs ~22 s per batch of 32
+here; the frozen lower layers give the same output every epoch, so they run once: their output (the
+hidden states entering MPNet's top ``k`` layers, the feature map entering Lite0's top ``k`` blocks)
+goes to the stage cache through :class:`~dhumor.features.FeatureExtractor` (a lower-part module and
+a salt), and each step runs only the top layers and TCRNet. Issue 13's "fine-tune the offline
+encoders" direction, measured by ``bench/accuracy_search.py`` (candidates ``ft_*``).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from dhumor.encoders.modules import EfficientNetLiteEncoder, EncoderOutput, TextEncoder
+from dhumor.encoders.registry import get_entry
+from dhumor.features import FeatureExtractor
+from dhumor.model.lit import DHumorModule
+from dhumor.model.tcrnet import StreamInput
+
+SALT = "bench-partial-finetune-v1"
+
+
+# ---------------------------------------------------------------- the frozen lower part (cached)
+class LowerMPNet(TextEncoder):
+    """MPNet up to (not including) its top ``k`` layers: those hidden states are the tokens."""
+
+    def __init__(self, name: str, k: int):
+        super().__init__(get_entry(name), pretrained=True)
+        self.k = k
+
+    def forward(self, input_ids, attention_mask):
+        out = self.net(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        h = out.hidden_states[len(out.hidden_states) - 1 - self.k]
+        mask = attention_mask.bool()
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return EncoderOutput(h, mask, (h * m).sum(1) / m.sum(1).clamp(min=1.0))
+
+
+class LowerLite(EfficientNetLiteEncoder):
+    """EfficientNet-Lite's stem and all but its top ``k`` blocks: that feature map is the tokens."""
+
+    def __init__(self, name: str, k: int):
+        super().__init__(get_entry(name), pretrained=True)
+        self.k = k
+
+    def forward(self, pixel_values):
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(pixel_values)))
+        for block in list(net._blocks)[:len(net._blocks) - self.k]:
+            x = block(x)  # eval: no drop-connect
+        tokens = x.flatten(2).transpose(1, 2)
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return EncoderOutput(tokens, mask, tokens.mean(1))
+
+
+def lower_features(memes, stream: str, encoder: str, k: int, cache) -> list:
+    """Per meme, the cached lower-part StreamFeature of ``stream`` (None when the meme has no input)."""
+    lower = (LowerLite if stream == "image" else LowerMPNet)(encoder, k).eval()
+    for p in lower.parameters():
+        p.requires_grad_(False)
+    fx = FeatureExtractor({stream: encoder}, cache, modules={encoder: lower}, salt=f"{SALT}-{stream}-top{k}",
+                          progress=True)
+    feats, errors = fx.extract(memes, [stream])
+    if errors:
+        raise SystemExit(f"{len(errors)} unusable images, e.g. {next(iter(errors.values()))}")
+    return [f.get(stream) for f in feats]
+
+
+# ---------------------------------------------------------------- the trainable top part
+class MPNetTop(nn.Module):
+    """MPNet's top ``k`` layers (pretrained), mean-pooled like all-mpnet-base-v2's sentence vector."""
+
+    def __init__(self, name: str, k: int):
+        super().__init__()
+        full = TextEncoder(get_entry(name), pretrained=True).net
+        self.config = full.config
+        self.encoder = copy.deepcopy(full.encoder)
+        self.encoder.layer = self.encoder.layer[len(self.encoder.layer) - k:]
+        del full
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        from transformers.masking_utils import create_bidirectional_mask
+
+        att = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask.long())
+        h = self.encoder(hidden, attention_mask=att)[0]
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+class LiteTop(nn.Module):
+    """EfficientNet-Lite's top ``k`` blocks and head convolution (pretrained), mean-pooled (1280-d)."""
+
+    def __init__(self, name: str, k: int):
+        super().__init__()
+        net = EfficientNetLiteEncoder(get_entry(name), pretrained=True).net
+        n = len(net._blocks)
+        self.blocks = nn.ModuleList(list(net._blocks)[n - k:])
+        self.rates = [net._global_params.drop_connect_rate * (n - k + i) / n for i in range(k)]
+        self.conv_head, self.bn1, self.swish = net._conv_head, net._bn1, net._swish
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, n, c = tokens.shape
+        side = int(round(n ** 0.5))
+        x = tokens.transpose(1, 2).reshape(b, c, side, side)
+        for block, rate in zip(self.blocks, self.rates):
+            x = block(x, drop_connect_rate=rate if self.training else None)
+        return self.swish(self.bn1(self.conv_head(x))).mean((2, 3))
+
+
+class PartialFinetuneModule(DHumorModule):
+    """TCRNet on pooled vectors, where the streams in ``top_layers`` are computed by trainable top layers
+    of their encoder from cached lower-layer tokens (the other streams read their cached pooled vector).
+    The top layers sit in ``encoders``, so they train at ``encoder_lr``."""
+
+    def __init__(self, top_layers: dict[str, int] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.top_layers = dict(top_layers or {})
+        for stream, k in self.top_layers.items():
+            name = self.encoder_names[stream]
+            self.encoders[f"top_{stream}"] = (LiteTop if stream == "image" else MPNetTop)(name, k)
+
+    needs_tokens = True  # the batch must carry token sequences (tune_cv's loader reads this)
+
+    def stream_inputs(self, batch: dict) -> dict[str, StreamInput]:
+        out = {}
+        for s, v in batch["streams"].items():
+            if s not in self.stream_names:
+                continue
+            pooled = v["pooled"]
+            if s in self.top_layers:
+                pooled = self.encoders[f"top_{s}"](v["tokens"], v["mask"])
+                pooled = torch.where(v["present"][:, None], pooled, torch.zeros_like(pooled))
+            out[s] = StreamInput(pooled=pooled, tokens=None, mask=None, present=v["present"])
+        return out
