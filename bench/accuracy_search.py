@@ -479,7 +479,9 @@ def main(argv=None):
     ap.add_argument("--report", nargs="*", default=["base", "concat_caption", "concat_image", "retrieval_k10",
                                                     "ensemble3"],
                     help="candidates trained on all of train and reported on val")
-    ap.add_argument("--final", default=None, help="the candidate whose reliability diagram goes to docs/")
+    ap.add_argument("--final", default=None,
+                    help="the candidate whose reliability diagram goes to docs/ (default: the last reported; "
+                         "none: no diagram)")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--max-epochs", type=int, default=40)
@@ -531,7 +533,7 @@ def main(argv=None):
             result["val"][name] = r
             print(json.dumps({"val": name, "mean": r["mean"], "std": r["std"]}), flush=True)
             save()
-            if name == (args.final or args.report[-1]):
+            if args.final != "none" and name == (args.final or args.report[-1]):
                 y = labels_of(val)["harmful"]
                 probs, _, _, t, _ = kept[0]
                 reliability_png([(probs["harmful"], y, f"{name}, seed {args.seeds[0]}"),

@@ -135,3 +135,56 @@ class PartialFinetuneModule(DHumorModule):
                 pooled = torch.where(v["present"][:, None], pooled, torch.zeros_like(pooled))
             out[s] = StreamInput(pooled=pooled, tokens=None, mask=None, present=v["present"])
         return out
+
+
+def main(argv=None):
+    """Seconds per training step of each top part on real cached states (the CV's cost per epoch):
+    ``python bench/partial_finetune.py --steps 5`` (DHUMOR_DATA: the Harm-C folder)."""
+    import argparse
+    import random
+    import time
+
+    import numpy as np
+
+    from dhumor.cache import StageCache
+    from dhumor.data.readers import read_manifest
+    from dhumor.paths import data_root
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--parts", nargs="+", default=["caption:1", "caption:2", "image:1"])
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    memes = read_manifest(data_root() / "train.jsonl").memes
+    cache = StageCache()
+    rng = random.Random(0)
+    for part in args.parts:
+        stream, k = part.split(":")
+        enc = "efficientnet-lite0" if stream == "image" else "all-mpnet-base-v2"
+        feats = [f for f in lower_features(memes, stream, enc, int(k), cache) if f is not None]
+        top = (LiteTop if stream == "image" else MPNetTop)(enc, int(k)).train()
+        opt = torch.optim.AdamW(top.parameters(), lr=1e-5)
+        times = []
+        for step in range(args.steps + 1):
+            batch = rng.sample(feats, args.batch_size)
+            n = max(f.tokens.shape[0] for f in batch)
+            x = torch.zeros(len(batch), n, batch[0].tokens.shape[1])
+            mask = torch.zeros(len(batch), n, dtype=torch.bool)
+            for i, f in enumerate(batch):
+                x[i, :len(f.tokens)] = torch.from_numpy(f.tokens.astype(np.float32))
+                mask[i, :len(f.tokens)] = True
+            t0 = time.perf_counter()
+            top(x, mask).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            if step:  # the first step warms up allocators
+                times.append(time.perf_counter() - t0)
+        per = float(np.median(times))
+        epoch = per * (0.8 * 0.9 * len(memes)) / args.batch_size  # a 5-fold training part less its 10% selection
+        print(f"{part}: {per:.2f} s per step of {args.batch_size} (median of {args.steps}), "
+              f"≈ {epoch / 60:.1f} min per CV epoch of the top part alone", flush=True)
+
+
+if __name__ == "__main__":
+    main()
