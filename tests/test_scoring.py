@@ -150,7 +150,14 @@ def _start(ckpt, src, out, *extra):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "dhumor.cli", "score", str(src), "--checkpoint", str(ckpt),
                              "--out", str(out), "--ocr", "none", "--batch-size", "1", "--quiet", *extra],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
+                            preexec_fn=_default_sigint)
+
+
+def _default_sigint():
+    # A test run started in the background (`cmd &` in a script) inherits SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler: the child must get the disposition an operator's terminal gives.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_rows(out: Path, n: int, proc, timeout=120):
