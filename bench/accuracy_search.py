@@ -95,7 +95,7 @@ class Pooled:
     """Pooled frozen features of every (stream, encoder) pair, for one list of memes (row order)."""
 
     def __init__(self, memes, cache: StageCache):
-        self.memes, self.cache, self.arrays, self.feats = memes, cache, {}, {}
+        self.memes, self.cache, self.arrays, self.feats, self.lowers = memes, cache, {}, {}, {}
 
     def get(self, stream: str, encoder: str) -> tuple[np.ndarray, np.ndarray]:
         """(N, D) float32 vectors and an (N,) bool "present" mask."""
@@ -116,9 +116,9 @@ class Pooled:
         """Per meme, the cached states entering the encoder's top ``k`` layers (bench/partial_finetune.py)."""
         from partial_finetune import lower_features
 
-        if (stream, encoder, k) not in self.feats:
-            self.feats[(stream, encoder, k)] = lower_features(self.memes, stream, encoder, k, self.cache)
-        return self.feats[(stream, encoder, k)]
+        if (stream, encoder, k) not in self.lowers:
+            self.lowers[(stream, encoder, k)] = lower_features(self.memes, stream, encoder, k, self.cache)
+        return self.lowers[(stream, encoder, k)]
 
     def features(self, stream: str, encoder: str) -> list[StreamFeature | None]:
         """Per meme, the cached feature with its token sequence (None: no input for the stream)."""
@@ -194,33 +194,29 @@ def build_arrays(s: dict, pooled_tr: Pooled, rows_tr: np.ndarray, evals: list[tu
     return tr, ev
 
 
+def stream_features(s: dict, p: Pooled, stream: str, encoder: str) -> list[StreamFeature | None]:
+    """Per meme, what a token-reading candidate gets for one stream: the states entering the fine-tuned top
+    layers, the cached token sequence (token inputs), or the pooled vector with a one-token stand-in (a
+    frozen stream of a fine-tuning candidate: keeps the token batch small)."""
+    if s["finetune"] and stream in s["finetune"]:
+        return p.lower(stream, encoder, s["finetune"][stream])
+    if not s["finetune"]:
+        return p.features(stream, encoder)
+    x, present = p.get(stream, encoder)
+    return [StreamFeature(np.zeros((1, x.shape[1]), np.float16), x[i]) if present[i] else None for i in range(len(x))]
+
+
 def build_inputs(s: dict, pooled_tr: Pooled, rows_tr: np.ndarray, evals: list[tuple[Pooled, np.ndarray]]):
     """:func:`build_arrays` as StreamFeature dicts (what the LightningModule's collate reads), and the widths.
-    Token-input candidates get each stream's cached token sequence (one encoder per stream)."""
-    if s["finetune"]:
+    Token-input and fine-tuning candidates get token sequences instead (:func:`stream_features`)."""
+    if s["finetune"] or s["module"].get("inputs") == "tokens":
         if s["retrieval"] or len(s["image"]) > 1 or len(s["caption"]) > 1 or s["ocr_train"]:
-            raise SystemExit("partial fine-tuning: one encoder per stream, no retrieval, no OCR-view training")
-        streams = {st: s[st][0] for st in ("image", "caption") if s[st]}
-
-        def ft_rows(p: Pooled, r):
-            per = {}
-            for st, e in streams.items():
-                if st in s["finetune"]:
-                    per[st] = p.lower(st, e, s["finetune"][st])
-                else:  # the cached pooled vector; a one-token stand-in keeps the token batch small
-                    x, present = p.get(st, e)
-                    per[st] = [StreamFeature(np.zeros((1, x.shape[1]), np.float16), x[i]) if present[i] else None
-                               for i in range(len(x))]
-            return [{st: per[st][i] for st in streams if per[st][i] is not None} for i in r]
-        return (ft_rows(pooled_tr, rows_tr), [ft_rows(p, r) for p, r in evals],
-                {st: pooled_tr.get(st, e)[0].shape[1] for st, e in streams.items()})
-    if s["module"].get("inputs") == "tokens":
-        if s["retrieval"] or len(s["image"]) > 1 or len(s["caption"]) > 1:
-            raise SystemExit("token inputs: one encoder per stream, no retrieval")
+            raise SystemExit("token inputs / partial fine-tuning: one encoder per stream, no retrieval, "
+                             "no OCR-view training")
         streams = {st: s[st][0] for st in ("image", "caption") if s[st]}
 
         def rows(p: Pooled, r):
-            per = {st: p.features(st, e) for st, e in streams.items()}
+            per = {st: stream_features(s, p, st, e) for st, e in streams.items()}
             return [{st: per[st][i] for st in streams if per[st][i] is not None} for i in r]
         return (rows(pooled_tr, rows_tr), [rows(p, r) for p, r in evals],
                 {st: pooled_tr.get(st, e)[0].shape[1] for st, e in streams.items()})

@@ -14,6 +14,7 @@ import copy
 import torch
 from torch import nn
 
+from dhumor.data.datasets import _pad_stream
 from dhumor.encoders.modules import EfficientNetLiteEncoder, EncoderOutput, TextEncoder
 from dhumor.encoders.registry import get_entry
 from dhumor.features import FeatureExtractor
@@ -21,6 +22,13 @@ from dhumor.model.lit import DHumorModule
 from dhumor.model.tcrnet import StreamInput
 
 SALT = "bench-partial-finetune-v1"
+
+
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """all-mpnet-base-v2's mean pooling over the real tokens. (TextEncoder's own copy stays where it is: its
+    source is part of every feature cache key, and moving it would recompute every user's features.)"""
+    m = mask.unsqueeze(-1).to(tokens.dtype)
+    return (tokens * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
 # ---------------------------------------------------------------- the frozen lower part (cached)
@@ -35,8 +43,7 @@ class LowerMPNet(TextEncoder):
         out = self.net(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         h = out.hidden_states[len(out.hidden_states) - 1 - self.k]
         mask = attention_mask.bool()
-        m = mask.unsqueeze(-1).to(h.dtype)
-        return EncoderOutput(h, mask, (h * m).sum(1) / m.sum(1).clamp(min=1.0))
+        return EncoderOutput(h, mask, masked_mean(h, mask))
 
 
 class LowerLite(EfficientNetLiteEncoder):
@@ -85,9 +92,7 @@ class MPNetTop(nn.Module):
         from transformers.masking_utils import create_bidirectional_mask
 
         att = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask.long())
-        h = self.encoder(hidden, attention_mask=att)[0]
-        m = mask.unsqueeze(-1).to(h.dtype)
-        return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return masked_mean(self.encoder(hidden, attention_mask=att)[0], mask)
 
 
 class LiteTop(nn.Module):
@@ -168,14 +173,9 @@ def main(argv=None):
         times = []
         for step in range(args.steps + 1):
             batch = rng.sample(feats, args.batch_size)
-            n = max(f.tokens.shape[0] for f in batch)
-            x = torch.zeros(len(batch), n, batch[0].tokens.shape[1])
-            mask = torch.zeros(len(batch), n, dtype=torch.bool)
-            for i, f in enumerate(batch):
-                x[i, :len(f.tokens)] = torch.from_numpy(f.tokens.astype(np.float32))
-                mask[i, :len(f.tokens)] = True
+            padded = _pad_stream(batch, batch[0].tokens.shape[1], with_tokens=True)  # what the training collate does
             t0 = time.perf_counter()
-            top(x, mask).pow(2).mean().backward()
+            top(padded["tokens"], padded["mask"]).pow(2).mean().backward()
             opt.step()
             opt.zero_grad()
             if step:  # the first step warms up allocators

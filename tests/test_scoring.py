@@ -26,8 +26,8 @@ def _rows(path: Path) -> list[dict]:
 
 
 def _distinct_memes(src: Path, n: int) -> list[str]:
-    """``n`` images that differ in content, so that every one costs a real feature extraction (copies of
-    one file would hit the feature cache after the first and finish in milliseconds, racing the signal)."""
+    """``n`` images that differ in content, so that every one costs a real feature extraction and a signal
+    lands mid-batch (copies of one file hit the feature cache after the first and finish in milliseconds)."""
     from PIL import Image
 
     src.mkdir()
