@@ -150,3 +150,39 @@ def test_compiled_fit_trains_exports_clean_weights_and_reloads(tmp_path, harmeme
         a, b = trained(batch), reloaded(batch)  # one epoch: the selected weights are the last ones
     for task in a:
         np.testing.assert_allclose(a[task].numpy(), b[task].numpy(), rtol=0, atol=1e-5)
+
+
+def test_calibrating_an_older_export_recovers_what_fit_fitted(trained, tmp_path):
+    """bench/calibrate_checkpoint.py gives an export without calibration (the shipped checkpoint
+    predates it) what fit itself would have written: the held-out split rebuilt from the recorded
+    config, the same temperatures and presets; the weights untouched."""
+    import sys
+
+    from dhumor.checkpoint import write_checkpoint
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import calibrate_checkpoint
+
+    meta, state = read_checkpoint(trained / "export")
+    older = write_checkpoint(state, {k: v for k, v in meta.items() if k not in ("calibration", "thresholds")},
+                             tmp_path / "older")
+    assert Pipeline.from_checkpoint(older).decider.temperatures == {}
+    calibrate_checkpoint.main([str(older), "--out", str(tmp_path / "now")])
+    now, now_state = read_checkpoint(tmp_path / "now")
+    for task, cal in meta["calibration"].items():
+        assert now["calibration"][task]["temperature"] == pytest.approx(cal["temperature"], rel=1e-3)
+    assert now["thresholds"] == meta["thresholds"]
+    assert now["metrics"]["calibration_split"] == meta["metrics"]["calibration_split"]
+    assert all(torch.equal(now_state[k], state[k]) for k in state)
+    with pytest.raises(SystemExit, match="calibrated already"):  # never calibrated twice
+        calibrate_checkpoint.main([str(tmp_path / "now"), "--out", str(tmp_path / "again")])
+
+
+def test_the_shipped_checkpoint_applies_its_temperatures():
+    from dhumor.resources import SHIPPED_CHECKPOINT
+
+    pipe = Pipeline.from_checkpoint(SHIPPED_CHECKPOINT)
+    meta, _ = read_checkpoint(SHIPPED_CHECKPOINT)
+    assert set(pipe.decider.temperatures) == {t.name for t in pipe.schema.tasks} == set(meta["calibration"])
+    raw = {"harmful": np.array([0.1, 0.9])}
+    assert pipe.decider.calibrate(raw)["harmful"][1] < 0.9  # T > 1 there: raw probabilities were over-confident

@@ -1,0 +1,74 @@
+"""Can an ECE target be measured on a split this size? A checkpoint's harmful-task expected
+calibration error on a labelled manifest (Harm-C val: 177 memes) with a bootstrap interval, beside
+the ECE that a *perfectly calibrated* model shows on the same memes: labels drawn from the model's
+own probabilities, so any ECE it reads is binning noise. An observed ECE inside that noise band
+cannot be told apart from perfect calibration at this size.
+
+    DHUMOR_DATA=/path/to/harmeme-c python bench/ece_noise.py [--checkpoint DIR] [--manifest val.jsonl]
+
+ECE as in bench/accuracy_search.py (top-label confidence, 15 equal-width bins); the probabilities
+are the pipeline's, i.e. after the checkpoint's stored temperature.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from accuracy_search import ece
+from harmeme_results import VAL, quiet
+
+
+def harmful_probs(checkpoint: str | None, manifest: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(P(classes) of the primary task per meme, gold class index per meme, class names)."""
+    from dhumor.data.readers import read_manifest
+    from dhumor.evaluation import evaluate
+    from dhumor.pipeline import Pipeline
+
+    pipe = Pipeline.from_checkpoint(checkpoint)
+    task = next(t for t in pipe.schema.tasks if t.name == pipe.schema.primary)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows_file = Path(tmp) / "rows.jsonl"
+        evaluate(pipe, manifest, predictions=rows_file)
+        rows = {r["id"]: r for r in map(json.loads, rows_file.read_text().splitlines())}
+    gold = {m.id: m.labels[task.name] for m in read_manifest(manifest).memes}
+    ids = [i for i in gold if i in rows and not rows[i]["error"]]
+    probs = np.array([[rows[i]["tasks"][task.name]["probs"][c] for c in task.classes] for i in ids])
+    labels = np.array([gold[i] for i in ids])
+    return probs, labels, list(task.classes)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", default=None, help="default: the shipped checkpoint")
+    ap.add_argument("--manifest", default=str(VAL))
+    ap.add_argument("--draws", type=int, default=2000, help="bootstrap resamples and simulated label sets")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="also write the numbers to this JSON file")
+    args = ap.parse_args(argv)
+    quiet()
+    probs, labels, classes = harmful_probs(args.checkpoint, Path(args.manifest))
+    rng = np.random.default_rng(args.seed)
+    n = len(labels)
+    observed = ece(probs, labels)
+    boot = np.array([ece(probs[i], labels[i]) for i in (rng.integers(0, n, n) for _ in range(args.draws))])
+    # A perfectly calibrated model: each meme's label drawn from the model's own probabilities.
+    cum = probs.cumsum(1)
+    perfect = np.array([ece(probs, (rng.random((n, 1)) > cum).sum(1).clip(max=len(classes) - 1))
+                        for _ in range(args.draws)])
+    out = {"manifest": args.manifest, "memes": n, "classes": classes, "draws": args.draws, "seed": args.seed,
+           "ece": round(observed, 4),
+           "ece_bootstrap_95": [round(float(q), 4) for q in np.quantile(boot, [0.025, 0.975])],
+           "perfectly_calibrated_ece_mean": round(float(perfect.mean()), 4),
+           "perfectly_calibrated_ece_95th": round(float(np.quantile(perfect, 0.95)), 4),
+           "share_of_perfect_draws_over_0.05": round(float((perfect > 0.05).mean()), 3)}
+    print(json.dumps(out, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
