@@ -19,6 +19,7 @@ import numpy as np
 from dhumor.checkpoint import read_checkpoint, write_checkpoint
 from dhumor.data.datamodule import split_train_val
 from dhumor.data.readers import read_manifest
+from dhumor.errors import DataError
 from dhumor.items import Item
 from dhumor.model.calibration import fit_calibration
 from dhumor.paths import resolve_data_path
@@ -30,7 +31,10 @@ def selection_split(meta: dict, data: str | None, primary: str) -> tuple[list, s
     cfg = meta["config"]["data"]
     if cfg.get("val"):
         raise SystemExit("this checkpoint was selected on a separate val manifest; calibrate on that with fit")
-    train = read_manifest(resolve_data_path(cfg["train"], data or cfg.get("root"))).memes
+    try:
+        train = read_manifest(resolve_data_path(cfg["train"], data or cfg.get("root"))).memes
+    except DataError as e:  # the data is elsewhere: say where it was looked for and how to point at it
+        raise SystemExit(f"{e} (the train manifest the checkpoint was trained on; pass --data DIR or set DHUMOR_DATA)")
     _, held_out = split_train_val(train, cfg["val_fraction"], cfg["split_seed"], primary)
     return held_out, f"held-out {cfg['val_fraction']:.0%} of train (split_seed {cfg['split_seed']})"
 
