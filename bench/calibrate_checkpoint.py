@@ -24,6 +24,7 @@ from dhumor.items import Item
 from dhumor.model.calibration import fit_calibration
 from dhumor.paths import resolve_data_path
 from dhumor.pipeline import Pipeline
+from dhumor.schema import get_schema
 
 
 def selection_split(meta: dict, data: str | None, primary: str) -> tuple[list, str]:
@@ -46,11 +47,11 @@ def main(argv=None):
     ap.add_argument("--data", default=None, help="Harm-C folder (default $DHUMOR_DATA, else data/harmeme-c)")
     args = ap.parse_args(argv)
     meta, state = read_checkpoint(args.checkpoint)
+    if meta.get("calibration"):
+        raise SystemExit(f"{args.checkpoint} is calibrated already: {meta['calibration']}")
+    schema = get_schema(meta["schema"])
+    memes, split = selection_split(meta, args.data, schema.primary)  # the data is found before a model loads
     pipe = Pipeline.from_checkpoint(args.checkpoint)
-    if pipe.decider.temperatures:
-        raise SystemExit(f"{args.checkpoint} is calibrated already: {meta.get('calibration')}")
-    schema = pipe.schema
-    memes, split = selection_split(meta, args.data, schema.primary)
     prepared = [pipe.preprocess(Item(m.id, m.image, m.caption or "")) for m in memes]
     if bad := [p for p in prepared if p.error]:
         raise SystemExit(f"{bad[0].item.path}: {bad[0].error}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,23 +21,16 @@ from accuracy_search import ece
 from harmeme_results import VAL, quiet
 
 
-def harmful_probs(checkpoint: str | None, manifest: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(P(classes) of the primary task per meme, gold class index per meme, class names)."""
+def primary_probs(checkpoint: str | None, manifest: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(P(classes) of the primary task per scored meme, its gold class index, the class names)."""
     from dhumor.data.readers import read_manifest
-    from dhumor.evaluation import evaluate
     from dhumor.pipeline import Pipeline
 
     pipe = Pipeline.from_checkpoint(checkpoint)
-    task = next(t for t in pipe.schema.tasks if t.name == pipe.schema.primary)
-    with tempfile.TemporaryDirectory() as tmp:
-        rows_file = Path(tmp) / "rows.jsonl"
-        evaluate(pipe, manifest, predictions=rows_file)
-        rows = {r["id"]: r for r in map(json.loads, rows_file.read_text().splitlines())}
-    gold = {m.id: m.labels[task.name] for m in read_manifest(manifest).memes}
-    ids = [i for i in gold if i in rows and not rows[i]["error"]]
-    probs = np.array([[rows[i]["tasks"][task.name]["probs"][c] for c in task.classes] for i in ids])
-    labels = np.array([gold[i] for i in ids])
-    return probs, labels, list(task.classes)
+    task = pipe.schema.task(pipe.schema.primary)
+    memes = read_manifest(manifest).memes
+    pred = pipe.predict_memes(memes)  # the manifest's captions, the checkpoint's temperature
+    return pred.probs[task.name], np.array([memes[i].labels[task.name] for i in pred.kept]), list(task.classes)
 
 
 def main(argv=None):
@@ -50,7 +42,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="also write the numbers to this JSON file")
     args = ap.parse_args(argv)
     quiet()
-    probs, labels, classes = harmful_probs(args.checkpoint, Path(args.manifest))
+    probs, labels, classes = primary_probs(args.checkpoint, Path(args.manifest))
     rng = np.random.default_rng(args.seed)
     n = len(labels)
     observed = ece(probs, labels)
