@@ -112,7 +112,8 @@ def _add_explainer(p: argparse.ArgumentParser, default: str = "none") -> None:
                         "offline: another GGUF file")
     p.add_argument("--base-url", default=None, help="openai-compatible server, e.g. http://localhost:8000/v1 "
                                                     "(default: $DHUMOR_OPENAI_BASE_URL)")
-    p.add_argument("--iterations", type=int, default=3, help="Role-Reversal loop iterations (1 = explain only)")
+    p.add_argument("--iterations", type=_positive_int, default=3,
+                   help="Role-Reversal loop iterations (1 = explain only)")
     p.add_argument("--similarity-threshold", type=float, default=0.9,
                    help="stop the loop early when a revision is at least this similar to the previous one (0-1)")
     p.add_argument("--threads", type=_positive_int, default=None,
@@ -373,9 +374,13 @@ def cmd_explain(args) -> int:
         print(f"dhumor explain: nothing to do: all {summary.total} memes already have a row in {args.out}",
               file=sys.stderr)
     print(json.dumps(summary.to_dict()), file=sys.stderr)
+    if summary.server_failures:
+        print(f"dhumor explain: {summary.server_failures} memes were not fully explained because the server failed "
+              f"(rows marked \"retry\"); rerun the same command to redo them", file=sys.stderr)
     if summary.interrupted:
         return EXIT_INTERRUPTED
-    return EXIT_ROWS_FAILED if (summary.failed or summary.unreadable) else EXIT_OK
+    # A row cut short by the server (a later iteration failed; marked "retry") is not final either.
+    return EXIT_ROWS_FAILED if (summary.failed or summary.unreadable or summary.server_failures) else EXIT_OK
 
 
 def cmd_demo(args) -> int:

@@ -51,9 +51,11 @@ def check_explainer(backend: str | None, model: str | None = None, base_url: str
         elif not Path(model).is_file():
             raise ConfigError(f"--explain-model {model}: no such GGUF file")
     elif backend == "openai":
-        if not (base_url or os.environ.get("DHUMOR_OPENAI_BASE_URL")):
-            raise ConfigError("the openai explainer needs a server: pass --base-url http://HOST:PORT/v1 "
-                              "or set DHUMOR_OPENAI_BASE_URL")
+        from . import openai_settings
+
+        if not _installed("requests"):
+            raise ConfigError(f"the openai explainer needs requests: {PIP_EXTRA.format(extra='explain')}")
+        openai_settings.check(model, base_url)
     elif backend == "transformers":
         if not model:
             raise ConfigError("the transformers explainer needs --explain-model (a hub id or a local VLM directory)")

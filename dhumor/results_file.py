@@ -19,6 +19,7 @@ shard and ``dhumor merge`` already do that, with no shared file to fight over.)
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import fcntl
@@ -435,13 +436,17 @@ class ResultsFile:
         self.lock()
         keep = [raw for _, raw, row in self._records() if row["id"] not in ids]
         tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            if self.csv:
-                fh.write((",".join(self.columns) + "\n").encode())
-            fh.writelines(raw + b"\n" for raw in keep)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "wb") as fh:
+                if self.csv:
+                    fh.write((",".join(self.columns) + "\n").encode())
+                fh.writelines(raw + b"\n" for raw in keep)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)  # the file is as it was; no half-written copy beside it
+            raise self._cannot_write(e) from None
 
     # ------------------------------------------------------------ writing
     def _encode(self, rows: Iterable[dict]) -> str:
@@ -460,12 +465,25 @@ class ResultsFile:
             return
         self.lock()
         data = self._encode(rows).encode("utf-8")
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise self._cannot_write(e) from None
+        try:
+            size = os.fstat(fd).st_size  # the lock is held: nobody else appends
             view = memoryview(data)
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
             os.fsync(fd)
+        except OSError as e:
+            # A full disk mid-row: cut back to the last whole row, so no half-written row stays.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise self._cannot_write(e) from None
         finally:
             os.close(fd)
+
+    def _cannot_write(self, e: OSError) -> ConfigError:
+        return ConfigError(f"{self.path}: cannot write results ({e.strerror or e}): free space or give another "
+                           f"--out, then rerun the same command (rows already written are kept)")

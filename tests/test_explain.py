@@ -17,6 +17,7 @@ from PIL import Image
 
 from dhumor.cache import StageCache
 from dhumor.cli import main
+from dhumor.errors import ConfigError
 from dhumor.explain import Explainer, ParseError, parse_critique, parse_explanation
 from dhumor.explain.backends.base import Backend, Generation
 from dhumor.explain.loop import LoopInput, RoleReversalLoop, similarity
@@ -270,7 +271,7 @@ def test_openai_config_from_environment(monkeypatch):
     b = OpenAIBackend()
     assert (b.base_url, b.model, b._session().headers["Authorization"]) == ("http://h:1/v1", "qwen", "Bearer sk-test")
     monkeypatch.delenv("DHUMOR_OPENAI_MODEL")
-    with pytest.raises(ValueError, match="needs a model"):
+    with pytest.raises(ConfigError, match="needs the served model"):
         OpenAIBackend()
 
 

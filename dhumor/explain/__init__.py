@@ -34,7 +34,7 @@ def create_backend(name: str, model: str | None = None, base_url: str | None = N
                              send_images=send_images, timeout=timeout)
     if name == "transformers":
         if not model:
-            raise ValueError("the transformers backend needs --model (a hub id or a local directory of a VLM)")
+            raise ValueError("the transformers backend needs --explain-model (a hub id or a local directory of a VLM)")
         from .backends.transformers_vlm import TransformersVLMBackend
 
         return TransformersVLMBackend(model, batch_size=batch_size)
@@ -49,6 +49,6 @@ def create_explainer(name: str, cache: StageCache | None = None, iterations: int
 
     backend_kwargs.setdefault("sequences", batch_size)  # offline: decode as many answers as memes in flight
     backend = create_backend(name, **backend_kwargs)
-    return Explainer(backend, cache=cache, iterations=iterations or 3, similarity_threshold=similarity_threshold,
+    return Explainer(backend, cache=cache, iterations=3 if iterations is None else iterations, similarity_threshold=similarity_threshold,
                      progress=progress, batch_size=batch_size, prompts=Prompts.load(prompt_version or DEFAULT_VERSION),
                      max_tokens=max_tokens)

@@ -60,12 +60,15 @@ def run_explain(explainer: Explainer, items: Sequence[Item], out: str, ocr=None,
     the backend was down are retried by the next run (replaced, never duplicated)."""
     results = ResultsFile(out, None)
     results.repair()
-    retry = {r["id"] for r in results.rows() if r.get("retry")}
+    # Rows that failed for the server's sake are redone, but only those of memes this run covers:
+    # a rerun with --limit or --shard keeps the others' rows for a later run to redo.
+    wanted = {it.id for it in items}
+    retry = {r["id"] for r in results.rows() if r.get("retry")} & wanted
     if retry:
         results.drop_ids(retry)
     done = results.done_ids()
     todo = [it for it in items if it.id not in done]
-    s = ExplainSummary(total=len(items), already_done=len(items) - len(todo), retried=len(retry & {i.id for i in todo}))
+    s = ExplainSummary(total=len(items), already_done=len(items) - len(todo), retried=len(retry))
     t0 = time.perf_counter()
     fp = explainer.settings
     order = {it.id: n for n, it in enumerate(items)}

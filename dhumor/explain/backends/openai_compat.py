@@ -5,7 +5,9 @@ Configuration comes from arguments or the environment: ``DHUMOR_OPENAI_BASE_URL`
 ``DHUMOR_OPENAI_TIMEOUT`` (seconds).
 
 Failure is bounded: each request has a deadline (``timeout``, 60 s by default) that covers every
-retry of it, so a hung server costs about a minute per request, not minutes; connection errors,
+retry of it, so a hung server costs about a minute per request, not minutes. The deadline holds
+whatever the server does: a watchdog shuts the request's socket when it passes, so an answer
+dripped a byte at a time, slow headers or a chain of slow redirects end there too. Connection errors,
 timeouts, truncated or non-JSON answers, 429 and 5xx are retried with exponential backoff inside
 that deadline (honouring ``Retry-After``). After ``breaker_threshold`` consecutive failed requests a
 circuit breaker takes the server as down and every further request fails at once with
@@ -14,7 +16,6 @@ circuit breaker takes the server as down and every further request fails at once
 from __future__ import annotations
 
 import json
-import os
 import random
 import threading
 import time
@@ -22,10 +23,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
+from ... import openai_settings
 from .base import Backend, Generation, GenerationRequest, chat_messages, image_data_url
 from .circuit import CircuitBreaker
+from .deadline import DeadlineWatchdog, deadline_session
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+# Request errors that no retry can fix: the URL or a header (the API key) is malformed.
+NOT_RETRIED = (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema,
+               requests.exceptions.InvalidHeader)
 # How servers take a JSON schema: OpenAI and vLLM ("json_schema"), llama.cpp's Python server
 # ("json_object" with "schema"), or not at all. On refusal the backend steps down this list.
 STRUCTURED_STYLES = ("json_schema", "json_object", "none")
@@ -64,19 +70,10 @@ class OpenAIBackend(Backend):
                 breaker_cooldown: seconds before one probe request tries it again.
             max_response_bytes: a larger answer is an error (a chat answer is a few kB).
         """
-        env = os.environ.get
-        self.model = model or env("DHUMOR_OPENAI_MODEL")
-        self.base_url = (base_url or env("DHUMOR_OPENAI_BASE_URL") or env("OPENAI_BASE_URL") or "").rstrip("/")
-        if not self.model or not self.base_url:
-            raise ValueError("the openai backend needs a model and a base URL: --model/--base-url, or "
-                             "DHUMOR_OPENAI_MODEL and DHUMOR_OPENAI_BASE_URL")
-        self.api_key = api_key or env("DHUMOR_OPENAI_API_KEY") or env("OPENAI_API_KEY")
-        if timeout is None:
-            try:
-                timeout = float(env("DHUMOR_OPENAI_TIMEOUT") or 60.0)
-            except ValueError:
-                raise ValueError(f"DHUMOR_OPENAI_TIMEOUT must be a number of seconds, not "
-                                 f"{env('DHUMOR_OPENAI_TIMEOUT')!r}") from None
+        self.model = openai_settings.model(model)
+        self.base_url = openai_settings.base_url(base_url)
+        self.api_key = openai_settings.api_key(api_key)
+        timeout = openai_settings.timeout(timeout)
         self.timeout, self.connect_timeout, self.max_retries = timeout, connect_timeout, max_retries
         self.concurrency = max(1, concurrency)
         self.supports_images = send_images
@@ -87,6 +84,7 @@ class OpenAIBackend(Backend):
         self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown)
         self._local = threading.local()
         self._style_lock = threading.Lock()
+        self._watchdog = DeadlineWatchdog()
 
     def fingerprint(self) -> dict:
         # Only configured settings: the structured-output style found at run time (self.structured)
@@ -97,7 +95,7 @@ class OpenAIBackend(Backend):
     def _session(self) -> requests.Session:
         s = getattr(self._local, "session", None)
         if s is None:
-            s = self._local.session = requests.Session()
+            s = self._local.session = deadline_session()
             if self.api_key:
                 s.headers["Authorization"] = f"Bearer {self.api_key}"
         return s
@@ -124,18 +122,23 @@ class OpenAIBackend(Backend):
         left = deadline - time.monotonic()
         if left <= 0:
             raise _Failed(f"no answer within the {self.timeout:g} s deadline", retry=False)
+        late = _Failed(f"no complete answer within the {self.timeout:g} s deadline", retry=False)
         try:
-            with self._session().post(url, json=body, stream=True,
-                                      timeout=(min(self.connect_timeout, left), left)) as r:
+            with self._watchdog.watch(deadline) as watch, \
+                    self._session().post(url, json=body, stream=True,
+                                         timeout=(min(self.connect_timeout, left), left)) as r:
                 raw = bytearray()
                 for chunk in r.iter_content(16384):
                     raw += chunk
                     if len(raw) > self.max_response_bytes:
                         raise _Failed(f"answer larger than {self.max_response_bytes} bytes", retry=False)
                     if time.monotonic() > deadline:
-                        raise _Failed(f"no complete answer within the {self.timeout:g} s deadline", retry=False)
+                        raise late
         except requests.RequestException as e:
-            raise _Failed(f"{type(e).__name__}: {str(e)[:300]}") from None
+            if watch.expired:  # the watchdog shut the socket: the deadline, not the network, ended it
+                raise late from None
+            raise _Failed(self._redact(f"{type(e).__name__}: {str(e)[:300]}"),
+                          retry=not isinstance(e, NOT_RETRIED)) from None
         text = raw.decode("utf-8", "replace")
         if r.status_code != 200:
             # "grammar": llama-server names the grammar it could not build from the schema, not the field
@@ -146,16 +149,15 @@ class OpenAIBackend(Backend):
                               counts=False)  # not a retry: the next request is a different one
             raise _Failed(f"HTTP {r.status_code}: {text[:300]}", retry=r.status_code in RETRY_STATUS,
                           wait=_retry_after(r))
-        try:
-            data = json.loads(text)
-            content = data["choices"][0]["message"].get("content") or ""
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-            # A proxy's HTML page or a truncated body: the server's fault, worth another try.
-            raise _Failed(f"malformed response ({type(e).__name__}: {str(e)[:100]}): {text[:120]!r}") from None
-        usage = data.get("usage") or {}
-        return Generation(content, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+        # A proxy's HTML page, a truncated body or an answer of another shape: the server's fault,
+        # worth another try (an empty answer too: a model that is up says something).
+        return _read_answer(text)
 
-    def _one(self, req: GenerationRequest) -> Generation:
+    def _redact(self, text: str) -> str:
+        """Never let the API key reach a results file or a log."""
+        return text.replace(self.api_key, "***") if self.api_key else text
+
+    def _one(self, req: GenerationRequest, cancel: threading.Event | None = None) -> Generation:
         t0 = time.monotonic()
         url = f"{self.base_url}/chat/completions"
         refused = self.breaker.refusal()
@@ -176,7 +178,10 @@ class OpenAIBackend(Backend):
                 wait = f.wait if f.wait is not None else self.backoff * (2 ** retries) * (0.5 + random.random())
                 if time.monotonic() + wait >= deadline:
                     break
-                time.sleep(wait)
+                if cancel is not None and cancel.wait(wait):  # interrupted: no more attempts
+                    return Generation("", seconds=time.monotonic() - t0, error="interrupted")
+                if cancel is None:
+                    time.sleep(wait)
                 retries += f.counts
         self.breaker.record(last)
         err = f"{url}: {last}" + (f" (after {retries} retries)" if retries else "")
@@ -192,14 +197,53 @@ class OpenAIBackend(Backend):
 
     def generate(self, requests_: list[GenerationRequest]) -> list[Generation]:
         if len(requests_) == 1 or self.concurrency == 1:
-            return [self._one(r) for r in requests_]
-        with ThreadPoolExecutor(self.concurrency) as pool:
-            return list(pool.map(self._one, requests_))
+            return [self._one(r) for r in requests_]  # Ctrl-C interrupts this thread's socket read itself
+        cancel = threading.Event()
+        pool = ThreadPoolExecutor(self.concurrency)
+        try:
+            return list(pool.map(lambda r: self._one(r, cancel), requests_))
+        except BaseException:
+            # Ctrl-C reaches only this thread: end the workers' requests now instead of waiting
+            # for each to finish or time out (leaving a `with` pool would wait for them).
+            cancel.set()
+            self._watchdog.expire_all()
+            raise
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _read_answer(text: str) -> Generation:
+    """The answer's text and token counts, or a retried failure naming what is wrong with it."""
+    def bad(why: str) -> _Failed:
+        return _Failed(f"malformed response ({why}): {text[:120]!r}")
+
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:  # RecursionError: a deeply nested answer
+        raise bad(f"not JSON: {type(e).__name__}") from None
+    try:
+        content = data["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError) as e:
+        raise bad(f"no choices[0].message.content: {type(e).__name__}: {str(e)[:60]}") from None
+    if not isinstance(content, str):
+        raise bad(f"content is {type(content).__name__}, not text")
+    if not content.strip():
+        raise bad("empty answer")
+    usage = data.get("usage")
+    usage = usage if isinstance(usage, dict) else {}
+    return Generation(content, _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")))
+
+
+def _count(v) -> int:
+    """A token count as the server reported it; anything but a whole number counts as 0 (unknown)."""
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
 
 
 def _retry_after(r: requests.Response) -> float | None:
+    """The server's ``Retry-After`` in seconds, within 0-60 (an HTTP date or junk: None, plain backoff)."""
     v = r.headers.get("Retry-After")
     try:
-        return min(60.0, float(v)) if v else None
+        wait = float(v) if v else None
     except ValueError:
         return None
+    return None if wait is None or wait != wait else min(60.0, max(0.0, wait))
