@@ -103,8 +103,9 @@ def _positive_int(text: str) -> int:
 
 
 def _add_explainer(p: argparse.ArgumentParser, default: str = "none") -> None:
-    """The explanation options, named the same in every subcommand."""
-    p.add_argument("--explain", default=default, choices=["none", "offline", "openai", "transformers"],
+    """The explanation options, named the same in every subcommand (``dhumor explain`` has no "none")."""
+    choices = ["offline", "openai", "transformers"] if default != "none" else ["none", "offline", "openai", "transformers"]
+    p.add_argument("--explain", default=default, choices=choices,
                    help="explanation backend (Role-Reversal loop); 'offline' is SmolLM2-135M on llama.cpp, a weak "
                         "text-only stand-in for a VLM")
     p.add_argument("--explain-model", default=None,
@@ -128,8 +129,15 @@ def _add_decision(p: argparse.ArgumentParser) -> None:
                    help="threshold on the primary task's probability (default: the checkpoint's balanced preset)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the fix (exit 2), like every other configuration error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="dhumor", formatter_class=_HelpFormatter,
         description="Dark-humor understanding for memes. Training: dhumor fit|validate|test|predict --config FILE "
                     "(LightningCLI; `dhumor fit --help`).",
@@ -198,7 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--prompt-version", default=None,
                    help="prompt files under dhumor/explain/prompts: v2, the default (critique returns only the "
                         "fields it changes; about half the tokens), or v1 (the paper's full rewrite)")
-    x.add_argument("--max-tokens", type=int, default=400, help="completion tokens per generation")
+    x.add_argument("--max-tokens", type=_positive_int, default=400,
+                   help="completion tokens per generation; with prompts v2 at least what six capped fields need "
+                        "(664 tokens), so the JSON can always close")
     x.add_argument("--ocr", default="auto", choices=["auto", "rapidocr", "easyocr", "none"],
                    help="auto: the manifest's captions when it has them, else rapidocr")
     x.add_argument("--batch-size", type=int, default=8, help="memes per generation batch")
@@ -346,8 +356,6 @@ def cmd_explain(args) -> int:
     from .ocr import create_ocr
     from .preflight import check_explainer, check_input, check_ocr
 
-    if args.explain == "none":
-        raise ConfigError("dhumor explain needs an explanation backend: --explain offline|openai|transformers")
     shard = parse_shard(args.shard)
     source = check_input(args.input)
     check_explainer(args.explain, args.explain_model, args.base_url)

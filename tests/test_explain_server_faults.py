@@ -457,3 +457,15 @@ def test_a_full_disk_is_one_line_and_leaves_no_half_written_file(tmp_path, serve
             assert sorted(r["id"] for r in rows) == sorted(i.id for i in items)
     except faultkit.Unavailable as e:
         pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--iterations", "0"], "--iterations: must be 1 or more, not 0"),  # before: silently ran 3
+    (["--explain", "none"], "invalid choice: 'none'"),
+    (["--max-tokens", "-5"], "--max-tokens: must be 1 or more"),
+])
+def test_explain_usage_errors_are_one_line(tmp_path, capsys, argv, says):
+    with pytest.raises(SystemExit) as e:
+        main(["explain", "examples", "--out", str(tmp_path / "e.jsonl"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and says in err and len(err.splitlines()) == 1, err
