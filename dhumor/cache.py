@@ -238,8 +238,9 @@ class StageCache:
 
     @staticmethod
     def pack_json(obj: Any) -> bytes:
-        return json.dumps(obj, ensure_ascii=False, sort_keys=True).encode()
+        # surrogatepass: a model's answer may carry a lone surrogate ("\\ud800" in its JSON)
+        return json.dumps(obj, ensure_ascii=False, sort_keys=True).encode("utf-8", "surrogatepass")
 
     @staticmethod
     def unpack_json(data: bytes) -> Any:
-        return json.loads(data.decode())
+        return json.loads(data.decode("utf-8", "surrogatepass"))

@@ -7,6 +7,7 @@ The library never imports this module.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -489,6 +490,26 @@ def _report(command: str, e: BaseException, debug: bool) -> int:
     return EXIT_INTERNAL
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (a scheduler, `kill`, a container stop) ends a run like Ctrl-C: finished rows are written,
+    the summary printed, exit 130; not a silent death that drops what is done but not yet written."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield  # not ours to change (a thread, or an embedding program with its own handler)
+        return
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``dhumor`` command; returns its exit code (see the parser's epilog)."""
     from_process = argv is None
@@ -514,7 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "quiet", False):
         os.environ["TQDM_DISABLE"] = "1"  # every progress bar, the libraries' included
     try:
-        return COMMANDS[args.command](args)
+        with _sigterm_interrupts():
+            return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except Exception as e:

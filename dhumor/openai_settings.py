@@ -28,10 +28,17 @@ def base_url(arg: str | None) -> str:
             why = "it names no host"
         elif parts.port == 0:
             why = "port 0 is not a server's port"
+        elif parts.query or parts.fragment or "?" in url or "#" in url:
+            why = "a base URL has no ?query or #fragment; pass an API key through DHUMOR_OPENAI_API_KEY"
+        elif parts.path.rstrip("/").endswith("/chat/completions"):
+            why = "give the base, e.g. http://HOST:PORT/v1; dhumor adds /chat/completions"
     except ValueError as e:  # a bad port number or a broken IPv6 literal
         why = str(e)
     if why:
-        raise ConfigError(f"explanation server URL {url!r} is not usable ({why}): pass --base-url "
+        # The URL as typed may carry a secret (a ?key=, a user:password@): shown up to its path only.
+        shown = url.split("?")[0].split("#")[0]
+        shown = shown.split("://", 1)[0] + "://" + shown.split("://", 1)[1].rsplit("@", 1)[-1] if "://" in shown else shown
+        raise ConfigError(f"explanation server URL {shown!r} is not usable ({why}): pass --base-url "
                           f"http://HOST:PORT/v1 (or fix DHUMOR_OPENAI_BASE_URL)")
     return url.rstrip("/")
 
@@ -62,10 +69,11 @@ def timeout(arg: float | None) -> float:
 
 def api_key(arg: str | None) -> str | None:
     """``arg``, else ``$DHUMOR_OPENAI_API_KEY``, else ``$OPENAI_API_KEY`` (None: local servers need none).
-    A key with spaces or control characters (a pasted newline) is refused without showing it."""
+    A key with spaces, control or non-ASCII characters (a pasted newline) is refused without showing it
+    (HTTP headers carry ASCII)."""
     key = arg or os.environ.get("DHUMOR_OPENAI_API_KEY") or os.environ.get("OPENAI_API_KEY")
-    if key and (not key.isprintable() or any(c.isspace() for c in key)):
-        raise ConfigError("the explanation server's API key contains whitespace or control characters "
+    if key and (not key.isascii() or not key.isprintable() or any(c.isspace() for c in key)):
+        raise ConfigError("the explanation server's API key contains whitespace, control or non-ASCII characters "
                           "(a pasted newline?): fix DHUMOR_OPENAI_API_KEY / OPENAI_API_KEY")
     return key or None
 

@@ -118,15 +118,18 @@ class FaultServer:
                 self.end_headers()
                 self._drip(b'{"choices": [' + b" " * 99990)
 
+            def _drip_header_lines(self, body):  # a status line, then a header line every 0.2 s
+                self._drip(b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 200, step=8)
+
             def _drip_headers(self, body):
                 self._drip(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + b"X-Slow: " + b"a" * 5000)
 
-            def _drip(self, data: bytes):
-                for i in range(len(data)):
+            def _drip(self, data: bytes, step: int = 1):
+                for i in range(0, len(data), step):
                     if server.release.wait(0.2):
                         break
                     try:
-                        self.wfile.write(data[i:i + 1])
+                        self.wfile.write(data[i:i + step])
                         self.wfile.flush()
                     except OSError:  # the client gave up: what the test wants
                         break
@@ -181,7 +184,7 @@ def test_a_hung_request_ends_at_its_deadline(server):
     assert server.requests == 1  # the deadline covers the retries too: no second wait
 
 
-@pytest.mark.parametrize("mode", ["drip_body", "drip_headers", "slow_redirect"])
+@pytest.mark.parametrize("mode", ["drip_body", "drip_headers", "drip_header_lines", "slow_redirect"])
 def test_a_server_that_drips_ends_at_the_deadline_too(server, mode):
     # Each socket read returns in time, so a per-read timeout never fires: only the watchdog that
     # shuts the socket at the deadline ends these (before it: 227 s for a dripped answer, 124 s for
@@ -359,6 +362,9 @@ def _explain_cmd(items, out, server_url, *extra, cache=None):
     ({"DHUMOR_OPENAI_TIMEOUT": "nan"}, None, "above 0"),
     ({"DHUMOR_OPENAI_TIMEOUT": "inf"}, None, "at most 3600"),
     ({"DHUMOR_OPENAI_API_KEY": "sk-SECRET123\n"}, None, "API key contains whitespace"),
+    ({"DHUMOR_OPENAI_API_KEY": "sk-€SECRET"}, None, "non-ASCII"),
+    ({}, "http://127.0.0.1:8000/v1?key=SECRET", "no ?query"),
+    ({}, "http://127.0.0.1:8000/v1/chat/completions", "dhumor adds /chat/completions"),
 ])
 def test_a_bad_server_setting_is_one_line_before_anything_runs(tmp_path, monkeypatch, capsys, server, env, arg, says):
     for k, v in env.items():
@@ -469,3 +475,91 @@ def test_explain_usage_errors_are_one_line(tmp_path, capsys, argv, says):
         main(["explain", "examples", "--out", str(tmp_path / "e.jsonl"), *argv])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and says in err and len(err.splitlines()) == 1, err
+
+
+
+class SocksDrip:
+    """A real SOCKS5 proxy on 127.0.0.1 that accepts the CONNECT, then answers any request with
+    headers and a body dripped a byte every 0.2 s."""
+
+    def __init__(self):
+        import socket
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"socks5://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while not self.stop.is_set():
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(c,), daemon=True).start()
+
+    def _handle(self, c):
+        try:
+            c.recv(262)
+            c.sendall(b"\x05\x00")  # no authentication
+            c.recv(1024)  # CONNECT
+            c.sendall(b"\x05\x00\x00\x01\x7f\x00\x00\x01\x00\x50")
+            c.recv(1 << 20)
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+            while not self.stop.wait(0.2):
+                c.sendall(b" ")
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+    def close(self):
+        self.stop.set()
+        self.sock.close()
+
+
+def test_the_deadline_holds_behind_a_socks_proxy(monkeypatch):
+    pytest.importorskip("socks")  # PySocks: without it requests cannot use a SOCKS proxy at all
+    proxy = SocksDrip()
+    try:
+        monkeypatch.setenv("ALL_PROXY", proxy.url)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        t = time.monotonic()
+        g = _backend("http://10.255.255.1:8000/v1", timeout=1.5).generate([_req()])[0]
+        took = time.monotonic() - t
+    finally:
+        proxy.close()
+    assert g.error and "deadline" in g.error and took < 3.0, (g.error, took)
+
+
+@pytest.mark.parametrize("content,rc", [('{"summary": [' * 5000, 3),  # nested past the recursion limit
+                                        ("\\ud800 " + json.dumps(FULL), 0)])  # a lone surrogate
+def test_odd_content_is_that_rows_problem_not_the_batchs(tmp_path, server, content, rc):
+    server.mode = "raw"
+    server.raw_answer = ('{"choices": [{"message": {"content": "%s"}}]}'
+                         % content.replace('"', '\\"')).encode()
+    items, out = _memes(tmp_path, 3), tmp_path / "expl.jsonl"
+    assert main(_explain_cmd(items, out, server.url, "--iterations", "1")) == rc  # before: exit 1 / exit 2
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3
+
+
+def test_sigterm_ends_a_run_like_ctrl_c(tmp_path, server):
+    server.mode = "hang"
+    items, out = _memes(tmp_path, 12), tmp_path / "expl.jsonl"
+    env = {**os.environ, "DHUMOR_OPENAI_TIMEOUT": "100", "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "dhumor.cli", *_explain_cmd(items, out, server.url)], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        t0 = time.monotonic()
+        while server.requests < 4 and time.monotonic() - t0 < 60:
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        rc = p.wait(30)
+    finally:
+        p.kill()
+    err = p.stderr.read().decode()
+    assert rc == 130 and '"interrupted": true' in err, (rc, err[-1500:])  # before: killed at once (143), no summary
+    assert not (tmp_path / "expl.jsonl.lock").exists() or rc == 130

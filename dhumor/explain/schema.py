@@ -96,7 +96,7 @@ def json_objects(text: str) -> list[Any]:
     for m in re.finditer(r"```(?:json)?\s*(\{.*?\})\s*```", text, re.S):
         try:
             found.append(json.loads(m.group(1), strict=False))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: nested past Python's limit
             pass
     if found:
         return found
@@ -112,6 +112,8 @@ def json_objects(text: str) -> list[Any]:
             i = end
         except json.JSONDecodeError:
             i += 1
+        except RecursionError:  # nested past Python's limit: every later "{" is inside the same nest
+            break
     return found
 
 

@@ -9,6 +9,7 @@ once the deadline passes: the blocked read fails at once and the request ends wi
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import threading
 import time
@@ -116,6 +117,16 @@ class _WatchedHTTPSPool(_NotesConnections, HTTPSConnectionPool):
 _POOLS = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
 
 
+@functools.lru_cache(maxsize=None)
+def _socks_pools() -> dict | None:
+    try:
+        from urllib3.contrib.socks import SOCKSHTTPConnectionPool, SOCKSHTTPSConnectionPool
+    except ImportError:  # no PySocks: requests cannot use a SOCKS proxy at all
+        return None
+    return {"http": type("_WatchedSOCKSHTTPPool", (_NotesConnections, SOCKSHTTPConnectionPool), {}),
+            "https": type("_WatchedSOCKSHTTPSPool", (_NotesConnections, SOCKSHTTPSConnectionPool), {})}
+
+
 class _WatchedAdapter(HTTPAdapter):
     def init_poolmanager(self, *args, **kwargs):
         super().init_poolmanager(*args, **kwargs)
@@ -123,8 +134,9 @@ class _WatchedAdapter(HTTPAdapter):
 
     def proxy_manager_for(self, proxy, **kwargs):
         manager = super().proxy_manager_for(proxy, **kwargs)
-        if not proxy.lower().startswith("socks"):  # SOCKS pools are their own classes: per-read timeouts only
-            manager.pool_classes_by_scheme = _POOLS
+        pools = _socks_pools() if proxy.lower().startswith("socks") else _POOLS  # SOCKS pools are their own classes
+        if pools:
+            manager.pool_classes_by_scheme = pools
         return manager
 
 

@@ -16,10 +16,10 @@ circuit breaker takes the server as down and every further request fails at once
 from __future__ import annotations
 
 import json
+import queue
 import random
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
@@ -134,6 +134,8 @@ class OpenAIBackend(Backend):
                         raise _Failed(f"answer larger than {self.max_response_bytes} bytes", retry=False)
                     if time.monotonic() > deadline:
                         raise late
+            if watch.expired:  # the watchdog shut the socket and the read took that as the end
+                raise late
         except requests.RequestException as e:
             if watch.expired:  # the watchdog shut the socket: the deadline, not the network, ended it
                 raise late from None
@@ -198,18 +200,42 @@ class OpenAIBackend(Backend):
     def generate(self, requests_: list[GenerationRequest]) -> list[Generation]:
         if len(requests_) == 1 or self.concurrency == 1:
             return [self._one(r) for r in requests_]  # Ctrl-C interrupts this thread's socket read itself
+        # Daemon threads rather than a ThreadPoolExecutor: the interpreter joins an executor's workers
+        # at exit, so a Ctrl-C would wait for every request still connecting or stuck in a read.
         cancel = threading.Event()
-        pool = ThreadPoolExecutor(self.concurrency)
+        todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for i in range(len(requests_)):
+            todo.put(i)
+        out: list[Generation | None] = [None] * len(requests_)
+        crashed: list[BaseException] = []
+
+        def work() -> None:
+            while not cancel.is_set():
+                try:
+                    i = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    out[i] = self._one(requests_[i], cancel)
+                except BaseException as e:  # a bug: re-raised in the caller's thread below
+                    crashed.append(e)
+                    cancel.set()
+
+        threads = [threading.Thread(target=work, name="dhumor-openai", daemon=True)
+                   for _ in range(min(self.concurrency, len(requests_)))]
+        for t in threads:
+            t.start()
         try:
-            return list(pool.map(lambda r: self._one(r, cancel), requests_))
+            for t in threads:
+                t.join()
         except BaseException:
-            # Ctrl-C reaches only this thread: end the workers' requests now instead of waiting
-            # for each to finish or time out (leaving a `with` pool would wait for them).
+            # Ctrl-C reaches only this thread: end the workers' requests now.
             cancel.set()
             self._watchdog.expire_all()
             raise
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+        if crashed:
+            raise crashed[0]
+        return out  # type: ignore[return-value]
 
 
 def _read_answer(text: str) -> Generation:
@@ -227,6 +253,8 @@ def _read_answer(text: str) -> Generation:
         raise bad(f"no choices[0].message.content: {type(e).__name__}: {str(e)[:60]}") from None
     if not isinstance(content, str):
         raise bad(f"content is {type(content).__name__}, not text")
+    # A lone surrogate ("\\ud800" in the JSON) is not text any file or cache can hold: make it visible.
+    content = content.encode("utf-8", "replace").decode("utf-8")
     if not content.strip():
         raise bad("empty answer")
     usage = data.get("usage")
