@@ -105,7 +105,8 @@ def _positive_int(text: str) -> int:
 
 def _add_explainer(p: argparse.ArgumentParser, default: str = "none") -> None:
     """The explanation options, named the same in every subcommand (``dhumor explain`` has no "none")."""
-    choices = ["offline", "openai", "transformers"] if default != "none" else ["none", "offline", "openai", "transformers"]
+    backends = ["offline", "openai", "transformers"]
+    choices = backends if default != "none" else ["none", *backends]
     p.add_argument("--explain", default=default, choices=choices,
                    help="explanation backend (Role-Reversal loop); 'offline' is SmolLM2-135M on llama.cpp, a weak "
                         "text-only stand-in for a VLM")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
@@ -36,8 +37,7 @@ def base_url(arg: str | None) -> str:
         why = str(e)
     if why:
         # The URL as typed may carry a secret (a ?key=, a user:password@): shown up to its path only.
-        shown = url.split("?")[0].split("#")[0]
-        shown = shown.split("://", 1)[0] + "://" + shown.split("://", 1)[1].rsplit("@", 1)[-1] if "://" in shown else shown
+        shown = re.sub(r"//[^/]*@", "//", re.split(r"[?#]", url, maxsplit=1)[0])
         raise ConfigError(f"explanation server URL {shown!r} is not usable ({why}): pass --base-url "
                           f"http://HOST:PORT/v1 (or fix DHUMOR_OPENAI_BASE_URL)")
     return url.rstrip("/")

@@ -161,6 +161,7 @@ class OpenAIBackend(Backend):
 
     def _one(self, req: GenerationRequest, cancel: threading.Event | None = None) -> Generation:
         t0 = time.monotonic()
+        cancel = cancel or threading.Event()  # the caller's own thread: Ctrl-C interrupts the wait itself
         url = f"{self.base_url}/chat/completions"
         refused = self.breaker.refusal()
         if refused:
@@ -180,10 +181,8 @@ class OpenAIBackend(Backend):
                 wait = f.wait if f.wait is not None else self.backoff * (2 ** retries) * (0.5 + random.random())
                 if time.monotonic() + wait >= deadline:
                     break
-                if cancel is not None and cancel.wait(wait):  # interrupted: no more attempts
+                if cancel.wait(wait):  # interrupted: no more attempts
                     return Generation("", seconds=time.monotonic() - t0, error="interrupted")
-                if cancel is None:
-                    time.sleep(wait)
                 retries += f.counts
         self.breaker.record(last)
         err = f"{url}: {last}" + (f" (after {retries} retries)" if retries else "")
