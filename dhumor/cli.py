@@ -399,6 +399,7 @@ def cmd_demo(args) -> int:
 
     check_demo()
     from .demo import launch
+    from .model_thread import ModelThread
     from .ocr import create_ocr
     from .pipeline import Pipeline
     from .review import ReviewLog
@@ -408,10 +409,16 @@ def cmd_demo(args) -> int:
     ckpt, _ = check_checkpoint(args.checkpoint)
     review_log = ReviewLog(args.review_log)
     cache = StageCache(args.cache)
-    explainer = _explainer_from_args(args, cache) if args.explain != "none" else None
-    pipe = Pipeline.from_checkpoint(ckpt, cache=cache, device=args.device, ocr=create_ocr(args.ocr, cache),
-                                    explainer=explainer, threshold=args.decision_threshold)
-    launch(pipe, review_log, host=args.host, port=args.port, max_file_mb=args.max_file_mb, queue=args.queue)
+
+    def load() -> Pipeline:
+        explainer = _explainer_from_args(args, cache) if args.explain != "none" else None
+        return Pipeline.from_checkpoint(ckpt, cache=cache, device=args.device, ocr=create_ocr(args.ocr, cache),
+                                        explainer=explainer, threshold=args.decision_threshold)
+
+    models = ModelThread()  # models load and run on one thread (dhumor/model_thread.py says why)
+    pipe = models.call(load)
+    launch(pipe, review_log, host=args.host, port=args.port, max_file_mb=args.max_file_mb, queue=args.queue,
+           models=models)
     return EXIT_OK
 
 

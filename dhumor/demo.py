@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
+from .model_thread import ModelThread
 from .pipeline import Pipeline
 from .resources import EXAMPLES_DIR
 from .review import VERDICTS, ReviewLog
@@ -113,13 +114,14 @@ def _safe_image_class():
 
 
 def build_demo(pipe: Pipeline, review_log: ReviewLog, max_file_mb: float = 10.0,
-               examples_dir: Path | None = EXAMPLES_DIR, queue: str | None = None):
+               examples_dir: Path | None = EXAMPLES_DIR, queue: str | None = None, models: ModelThread | None = None):
     import gradio as gr
 
     schema = pipe.schema
     presets = pipe.presets
     has_explainer = pipe.explainer is not None
     used_by_model = "reasoning" in pipe.streams
+    models = models or ModelThread()  # every model call on one thread: dhumor/model_thread.py says why
 
     def _empty_outputs(status: str):
         return ["", "", *[None for _ in schema.tasks], "", None, status]
@@ -136,7 +138,8 @@ def build_demo(pipe: Pipeline, review_log: ReviewLog, max_file_mb: float = 10.0,
             return
         t0 = time.perf_counter()
         try:
-            for result in pipe.stream_file(path, caption=caption if use_caption else None, threshold=threshold):
+            for result in models.iterate(pipe.stream_file(path, caption=caption if use_caption else None,
+                                                          threshold=threshold)):
                 result["filename"] = path.name
                 result["latency"] = round(time.perf_counter() - t0, 3)
                 if result.get("error"):
@@ -240,15 +243,16 @@ def build_demo(pipe: Pipeline, review_log: ReviewLog, max_file_mb: float = 10.0,
     if queue is not None:  # the review queue (dhumor/review_queue.py) as a second tab
         from .review_queue import build_queue_tab
 
-        demo = gr.TabbedInterface([demo, build_queue_tab(pipe, review_log, queue)], ["Score a meme", "Review queue"],
+        demo = gr.TabbedInterface([demo, build_queue_tab(pipe, review_log, queue, models)], ["Score a meme", "Review queue"],
                                   title="dhumor — dark humor moderation")
     demo.queue(default_concurrency_limit=1, max_size=64)  # one model, many users: requests wait their turn
     return demo
 
 
 def launch(pipe: Pipeline, review_log: ReviewLog, host: str = "127.0.0.1", port: int = 7860,
-           max_file_mb: float = 10.0, block: bool = True, queue: str | None = None):
-    demo = build_demo(pipe, review_log, max_file_mb=max_file_mb, queue=queue)
+           max_file_mb: float = 10.0, block: bool = True, queue: str | None = None, models: ModelThread | None = None):
+    """Serve the demo; ``models``: the thread ``pipe`` was loaded on, if it was (its models then run there)."""
+    demo = build_demo(pipe, review_log, max_file_mb=max_file_mb, queue=queue, models=models)
     demo.launch(server_name=host, server_port=port, max_file_size=f"{int(max_file_mb * 1024)}kb", prevent_thread_lock=not block,
                 show_error=False, allowed_paths=[str(EXAMPLES_DIR)])
     return demo

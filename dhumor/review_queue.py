@@ -160,8 +160,9 @@ def _keyboard_js(schema: TaskSchema) -> str:
 }""".replace("PRIM", prim).replace("NEXT", repr(nxt) if nxt else "null")
 
 
-def build_queue_tab(pipe, review_log: ReviewLog, source: str | None = None):
-    """The review queue page (a ``gr.Blocks``); the demo shows it as its second tab."""
+def build_queue_tab(pipe, review_log: ReviewLog, source: str | None = None, models=None):
+    """The review queue page (a ``gr.Blocks``); the demo shows it as its second tab. ``models``: the
+    demo's :class:`~dhumor.model_thread.ModelThread`, on which a folder given as queue is scored."""
     import gradio as gr
 
     from .demo import explanation_markdown
@@ -173,7 +174,8 @@ def build_queue_tab(pipe, review_log: ReviewLog, source: str | None = None):
     def get_queue(src: str, order: str, seed: float) -> ReviewQueue:
         key = (src, order, int(seed))
         if key not in cache:
-            path, rows = load_queue_rows(src, pipe, review_log)
+            load = models.call if models is not None else (lambda f, *a: f(*a))
+            path, rows = load(load_queue_rows, src, pipe, review_log)
             cache[key] = ReviewQueue(rows, path, review_log, schema, order, int(seed))
         return cache[key]
 

@@ -1,0 +1,107 @@
+"""Every model call of the demo on one thread (dhumor/model_thread.py says why: PyTorch and llama.cpp
+share libgomp, which stops spin-waiting once several threads own OpenMP teams)."""
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from dhumor.cache import StageCache
+from dhumor.model_thread import ModelThread
+
+from test_explain_server_faults import FaultServer
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "dhumor" / "assets" / "examples" / "horse.jpg"
+
+
+def test_calls_and_generator_steps_run_on_one_thread_in_order():
+    models = ModelThread()
+    seen = []
+
+    def gen():
+        for i in range(3):
+            seen.append((i, threading.current_thread()))
+            yield i
+
+    assert models.call(lambda: threading.current_thread()).name.startswith("dhumor-models")
+    assert list(models.iterate(gen())) == [0, 1, 2]
+    threads = {t for _, t in seen}
+    assert len(threads) == 1 and threads.pop().name.startswith("dhumor-models")
+    # A call made from the model thread itself runs in place instead of waiting on itself forever.
+    assert models.call(lambda: models.call(lambda: 7)) == 7
+    models.shutdown()
+
+
+def test_exceptions_come_back_and_closing_closes_the_generator_on_the_model_thread():
+    models = ModelThread()
+    with pytest.raises(ZeroDivisionError):
+        models.call(lambda: 1 / 0)
+
+    def failing():
+        yield 1
+        raise ValueError("broken meme")
+
+    it = models.iterate(failing())
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="broken meme"):
+        next(it)
+
+    closed_on = []
+
+    def endless():
+        try:
+            while True:
+                yield 0
+        finally:
+            closed_on.append(threading.current_thread().name)
+
+    it = models.iterate(endless())
+    next(it)
+    it.close()  # a client that went away
+    assert closed_on and closed_on[0].startswith("dhumor-models")
+    models.shutdown()
+
+
+def test_the_demo_runs_each_step_of_a_request_on_its_model_thread(tmp_path):
+    """Through Gradio's own request handling (its worker threads), every step of scoring and
+    explaining a meme runs on the demo's model thread, for every request."""
+    from gradio_client import Client, handle_file
+
+    from dhumor.demo import build_demo
+    from dhumor.explain import create_explainer
+    from dhumor.pipeline import Pipeline
+    from dhumor.review import ReviewLog
+
+    srv = FaultServer()
+    models = ModelThread()
+    try:
+        cache = StageCache(tmp_path / "c.sqlite")
+        pipe = models.call(lambda: Pipeline.from_checkpoint(
+            cache=cache, explainer=create_explainer("openai", cache=cache, iterations=2, model="m", base_url=srv.url)))
+        threads, stream = [], pipe.stream_file
+
+        def recorded(*a, **kw):
+            for step in stream(*a, **kw):
+                threads.append(threading.current_thread().name)
+                yield step
+
+        pipe.stream_file = recorded
+        demo = build_demo(pipe, ReviewLog(tmp_path / "r.sqlite"), models=models)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+        try:
+            client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+            for caption in ("WHEN THE VET SAYS", "A SECOND MEME"):
+                out = client.predict(handle_file(str(EXAMPLE)), caption, 0.5, api_name="/rescore")
+                assert out[-1].startswith("Scored in"), out[-1]
+        finally:
+            demo.close()
+        assert len(threads) >= 4  # two memes: a decision and at least one explanation step each
+        assert set(threads) == {models.call(lambda: threading.current_thread().name)}
+    finally:
+        models.shutdown()
+        srv.close()
