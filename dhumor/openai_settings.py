@@ -79,8 +79,14 @@ def api_key(arg: str | None) -> str | None:
 
 
 def check(arg_model: str | None, arg_base_url: str | None) -> None:
-    """Every setting of the openai backend is usable (raises :class:`ConfigError` naming the fix)."""
-    base_url(arg_base_url)
-    model(arg_model)
-    timeout(None)
-    api_key(None)
+    """Every setting of the openai backend is usable; else one :class:`ConfigError` naming every
+    problem and its fix (not one per run)."""
+    problems = []
+    for read in (lambda: base_url(arg_base_url), lambda: model(arg_model), lambda: timeout(None),
+                 lambda: api_key(None)):
+        try:
+            read()
+        except ConfigError as e:
+            problems.append(str(e))
+    if problems:
+        raise ConfigError("; and ".join(problems))

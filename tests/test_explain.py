@@ -269,7 +269,8 @@ def test_openai_config_from_environment(monkeypatch):
     monkeypatch.setenv("DHUMOR_OPENAI_MODEL", "qwen")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     b = OpenAIBackend()
-    assert (b.base_url, b.model, b._session().headers["Authorization"]) == ("http://h:1/v1", "qwen", "Bearer sk-test")
+    with b._session() as session:
+        assert (b.base_url, b.model, session.headers["Authorization"]) == ("http://h:1/v1", "qwen", "Bearer sk-test")
     monkeypatch.delenv("DHUMOR_OPENAI_MODEL")
     with pytest.raises(ConfigError, match="needs the served model"):
         OpenAIBackend()

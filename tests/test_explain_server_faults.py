@@ -37,6 +37,7 @@ class FaultServer:
 
     def __init__(self, mode: str = "ok"):
         self.mode, self.script, self.requests, self.bodies = mode, [], 0, []
+        self.peers: set = set()  # client (host, port) pairs: one per TCP connection
         self.raw_answer = b""  # what mode "raw" answers with (status 200)
         self.release = threading.Event()  # set at teardown: hung handlers return
         self._lock = threading.Lock()
@@ -53,6 +54,7 @@ class FaultServer:
                 with server._lock:
                     server.requests += 1
                     server.bodies.append(body)
+                    server.peers.add(self.client_address)
                     mode = server.script.pop(0) if server.script else server.mode
                 getattr(self, "_" + mode)(body)
 
@@ -247,6 +249,13 @@ def test_a_transient_fault_is_retried_to_success(server):
     assert server.requests == 4
 
 
+def test_connections_are_kept_alive_across_batches(server):
+    b = _backend(server.url, concurrency=4)
+    for _ in range(3):
+        assert all(g.error is None for g in b.generate([_req() for _ in range(4)]))
+    assert server.requests == 12 and len(server.peers) <= 4, server.peers  # was a new connection per request
+
+
 def test_a_2mb_answer_is_refused_without_retrying(server):
     server.mode = "huge"
     t = time.monotonic()
@@ -376,6 +385,17 @@ def test_a_bad_server_setting_is_one_line_before_anything_runs(tmp_path, monkeyp
     assert rc == 2 and says in err and len(err.splitlines()) == 1, err
     assert "SECRET" not in err and time.monotonic() - t < 5
     assert server.requests == 0 and not out.exists()
+
+
+def test_several_bad_settings_are_named_together(tmp_path, monkeypatch, capsys, server):
+    monkeypatch.setenv("DHUMOR_OPENAI_TIMEOUT", "-5")
+    monkeypatch.setenv("DHUMOR_OPENAI_API_KEY", "sk-SECRET\n")
+    items, out = _memes(tmp_path, 1), tmp_path / "expl.jsonl"
+    rc = main(_explain_cmd(items, out, "ftp://x/v1"))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "SECRET" not in err, err
+    for says in ("must start with http://", "DHUMOR_OPENAI_TIMEOUT must be", "API key contains whitespace"):
+        assert says in err, err
 
 
 def test_the_api_key_never_reaches_the_results(tmp_path, server):
@@ -563,3 +583,35 @@ def test_sigterm_ends_a_run_like_ctrl_c(tmp_path, server):
     err = p.stderr.read().decode()
     assert rc == 130 and '"interrupted": true' in err, (rc, err[-1500:])  # before: killed at once (143), no summary
     assert not (tmp_path / "expl.jsonl.lock").exists() or rc == 130
+
+
+def test_https_to_a_plain_http_server_fails_at_once_and_says_why():
+    """A plain-HTTP server (this one answers garbage with 400, as uvicorn and llama-server do) behind
+    an https:// URL: TLS cannot work, so one attempt and a hint, not retries until the deadline."""
+    import socket
+
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(8)
+    accepted = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = lsock.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        t = time.monotonic()
+        g = _backend(f"https://127.0.0.1:{lsock.getsockname()[1]}/v1", timeout=20.0, backoff=1.0).generate([_req()])[0]
+        took = time.monotonic() - t
+        assert g.error and "SSLError" in g.error and "http:// rather" in g.error and "(after" not in g.error, g.error
+        assert len(accepted) == 1 and took < 5, (accepted, took)
+    finally:
+        lsock.close()

@@ -34,14 +34,14 @@ class ExplainSummary:
     seconds: float = 0.0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    generation_seconds: float = 0.0
+    generation_seconds: float = 0.0  # summed over requests: concurrent requests to a server each count
     stop_reasons: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = dict(vars(self))
-        gs = self.generation_seconds
         d["memes_per_minute"] = round(60 * self.explained / self.seconds, 2) if self.seconds and self.explained else None
-        d["tokens_per_second"] = round(self.completion_tokens / gs, 1) if gs else None
+        # Over the run's wall time: generation_seconds counts overlapping requests more than once.
+        d["tokens_per_second"] = round(self.completion_tokens / self.seconds, 1) if self.seconds else None
         return d
 
 

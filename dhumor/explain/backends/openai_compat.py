@@ -15,6 +15,7 @@ circuit breaker takes the server as down and every further request fails at once
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import random
@@ -30,8 +31,10 @@ from .deadline import DeadlineWatchdog, deadline_session
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 # Request errors that no retry can fix: the URL or a header (the API key) is malformed.
+# Settings, not passing faults: trying again cannot help (a TLS failure is a certificate or an
+# https:// URL for a plain-http server).
 NOT_RETRIED = (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema,
-               requests.exceptions.InvalidHeader)
+               requests.exceptions.InvalidHeader, requests.exceptions.SSLError)
 # How servers take a JSON schema: OpenAI and vLLM ("json_schema"), llama.cpp's Python server
 # ("json_object" with "schema"), or not at all. On refusal the backend steps down this list.
 STRUCTURED_STYLES = ("json_schema", "json_object", "none")
@@ -82,7 +85,9 @@ class OpenAIBackend(Backend):
         self.image_max_side, self.backoff, self.seed = image_max_side, backoff, seed
         self.max_response_bytes = max_response_bytes
         self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown)
-        self._local = threading.local()
+        # Idle sessions, each with its kept-alive connections: a request borrows one, so the worker
+        # threads of later generate() calls reuse connections instead of opening new ones.
+        self._sessions: queue.SimpleQueue[requests.Session] = queue.SimpleQueue()
         self._style_lock = threading.Lock()
         self._watchdog = DeadlineWatchdog()
 
@@ -92,13 +97,20 @@ class OpenAIBackend(Backend):
         return {"backend": self.name, "model": self.model, "base_url": self.base_url, "images": self.supports_images,
                 "structured_output": self.structured_output, "seed": self.seed}
 
-    def _session(self) -> requests.Session:
-        s = getattr(self._local, "session", None)
-        if s is None:
-            s = self._local.session = deadline_session()
+    @contextlib.contextmanager
+    def _session(self):
+        """A session for one request, used by no other thread meanwhile (requests.Session is not
+        thread-safe), then returned to the idle ones."""
+        try:
+            s = self._sessions.get_nowait()
+        except queue.Empty:
+            s = deadline_session()
             if self.api_key:
                 s.headers["Authorization"] = f"Bearer {self.api_key}"
-        return s
+        try:
+            yield s
+        finally:
+            self._sessions.put(s)
 
     def payload(self, req: GenerationRequest) -> dict:
         part = None
@@ -124,9 +136,8 @@ class OpenAIBackend(Backend):
             raise _Failed(f"no answer within the {self.timeout:g} s deadline", retry=False)
         late = _Failed(f"no complete answer within the {self.timeout:g} s deadline", retry=False)
         try:
-            with self._watchdog.watch(deadline) as watch, \
-                    self._session().post(url, json=body, stream=True,
-                                         timeout=(min(self.connect_timeout, left), left)) as r:
+            with self._session() as session, self._watchdog.watch(deadline) as watch, \
+                    session.post(url, json=body, stream=True, timeout=(min(self.connect_timeout, left), left)) as r:
                 raw = bytearray()
                 for chunk in r.iter_content(16384):
                     raw += chunk
@@ -139,7 +150,10 @@ class OpenAIBackend(Backend):
         except requests.RequestException as e:
             if watch.expired:  # the watchdog shut the socket: the deadline, not the network, ended it
                 raise late from None
-            raise _Failed(self._redact(f"{type(e).__name__}: {str(e)[:300]}"),
+            hint = ""
+            if isinstance(e, requests.exceptions.SSLError) and "WRONG_VERSION_NUMBER" in str(e):
+                hint = " (the server does not speak TLS here: is its base URL http:// rather than https://?)"
+            raise _Failed(self._redact(f"{type(e).__name__}: {str(e)[:300]}") + hint,
                           retry=not isinstance(e, NOT_RETRIED)) from None
         text = raw.decode("utf-8", "replace")
         if r.status_code != 200:
