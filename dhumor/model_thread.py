@@ -10,8 +10,9 @@ and llama.cpp reuse a single team (``bench/demo_latency.py`` measures the differ
 """
 from __future__ import annotations
 
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, Callable, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -19,25 +20,35 @@ _END = object()
 
 
 class ModelThread:
-    """Runs callables, and the steps of generators, on one dedicated thread, in submission order."""
+    """Runs callables, and the steps of generators, on one dedicated thread, in submission order.
+
+    A daemon thread, not an executor: the interpreter joins an executor's workers at exit, so
+    Ctrl-C or SIGTERM would wait for the explanation step in progress."""
 
     def __init__(self, name: str = "dhumor-models"):
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
-        self._ident: int | None = None
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
 
-    def _on_thread(self) -> bool:
-        return threading.get_ident() == self._ident
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fut, fn, args, kwargs = job
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # handed to the caller, who re-raises it
+                fut.set_exception(e)
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)`` run on the model thread; its result, or its exception re-raised here."""
-        if self._on_thread():  # already there (a model call nested in another): waiting on ourselves would deadlock
+        if threading.current_thread() is self._thread:  # a nested call: waiting on ourselves would deadlock
             return fn(*args, **kwargs)
-
-        def run():
-            self._ident = threading.get_ident()
-            return fn(*args, **kwargs)
-
-        return self._pool.submit(run).result()
+        if not self._thread.is_alive():
+            raise RuntimeError("the model thread has been shut down")
+        fut: Future = Future()
+        self._jobs.put((fut, fn, args, kwargs))
+        return fut.result()
 
     def iterate(self, gen: Iterator[T]) -> Iterator[T]:
         """``gen``'s items, each one computed on the model thread; closing this generator (a client
@@ -50,8 +61,9 @@ class ModelThread:
                 yield item
         finally:
             close = getattr(gen, "close", None)
-            if close is not None:
+            if close is not None and self._thread.is_alive():
                 self.call(close)
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop after the jobs already queued."""
+        self._jobs.put(None)

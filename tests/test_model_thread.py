@@ -105,3 +105,22 @@ def test_the_demo_runs_each_step_of_a_request_on_its_model_thread(tmp_path):
     finally:
         models.shutdown()
         srv.close()
+
+
+def test_a_busy_model_thread_does_not_hold_the_process_at_exit(tmp_path):
+    """Ctrl-C or SIGTERM while a meme is being explained: the process exits now, not after the step."""
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "busy.py"
+    script.write_text(
+        "import threading, time, sys\n"
+        "from dhumor.model_thread import ModelThread\n"
+        "m = ModelThread()\n"
+        "threading.Thread(target=m.call, args=(time.sleep, 60), daemon=True).start()\n"
+        "time.sleep(0.5)\n"
+        "sys.exit(0)\n")
+    t = time.monotonic()
+    subprocess.run([sys.executable, str(script)], check=True, timeout=30)
+    assert time.monotonic() - t < 10
