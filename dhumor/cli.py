@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import sys
+import threading
+import time
 
 from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE, ConfigError,
                      DataError, DHumorError)
@@ -417,9 +419,28 @@ def cmd_demo(args) -> int:
 
     models = ModelThread()  # models load and run on one thread (dhumor/model_thread.py says why)
     pipe = models.call(load)
-    launch(pipe, review_log, host=args.host, port=args.port, max_file_mb=args.max_file_mb, queue=args.queue,
-           models=models)
-    return EXIT_OK
+    demo = launch(pipe, review_log, host=args.host, port=args.port, max_file_mb=args.max_file_mb, queue=args.queue,
+                  models=models, block=False)
+    try:
+        while True:  # serve until Ctrl-C (or SIGTERM, made one by main)
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        # First release the requests waiting on an explanation step: the server's close waits for
+        # their streams, and the step in progress could take a minute.
+        models.shutdown()
+        # Gradio's close waits for every open stream to end (a client may hold one for minutes):
+        # bounded here; the review log has committed each verdict already.
+        closing = threading.Thread(target=demo.close, daemon=True)
+        closing.start()
+        closing.join(1)
+        print("dhumor demo: stopped", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        # The interpreter's own teardown still waited for the explanation request in flight (seconds,
+        # up to the server timeout); there is nothing left to write, so leave now.
+        os._exit(EXIT_INTERRUPTED)
+    return EXIT_INTERRUPTED
 
 
 def cmd_reviews(args) -> int:

@@ -27,43 +27,78 @@ class ModelThread:
 
     def __init__(self, name: str = "dhumor-models"):
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiting: set[Future] = set()
+        self._lock = threading.Lock()
+        self._closed = False
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
             fut, fn, args, kwargs = job
-            if not fut.set_running_or_notify_cancel():
+            try:
+                if not fut.set_running_or_notify_cancel():
+                    continue
+            except RuntimeError:  # already settled by shutdown(): its caller has gone
                 continue
             try:
-                fut.set_result(fn(*args, **kwargs))
+                result = fn(*args, **kwargs)
             except BaseException as e:  # handed to the caller, who re-raises it
-                fut.set_exception(e)
+                _settle(fut, exception=e)
+            else:
+                _settle(fut, result=result)
+
+    def _submit(self, fn: Callable, args: tuple = (), kwargs: dict | None = None) -> Future:
+        fut: Future = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the model thread has been shut down")
+            self._waiting.add(fut)
+        fut.add_done_callback(self._waiting.discard)
+        self._jobs.put((fut, fn, args, kwargs or {}))
+        return fut
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)`` run on the model thread; its result, or its exception re-raised here."""
         if threading.current_thread() is self._thread:  # a nested call: waiting on ourselves would deadlock
             return fn(*args, **kwargs)
-        if not self._thread.is_alive():
-            raise RuntimeError("the model thread has been shut down")
-        fut: Future = Future()
-        self._jobs.put((fut, fn, args, kwargs))
-        return fut.result()
+        return self._submit(fn, args, kwargs).result()
 
     def iterate(self, gen: Iterator[T]) -> Iterator[T]:
         """``gen``'s items, each one computed on the model thread; closing this generator (a client
         that went away) closes ``gen`` there too."""
+        done = False
         try:
             while True:
                 item = self.call(next, gen, _END)
                 if item is _END:
+                    done = True
                     return
                 yield item
         finally:
             close = getattr(gen, "close", None)
-            if close is not None and self._thread.is_alive():
-                self.call(close)
+            if not done and close is not None and not self._closed:
+                # Queued, not awaited: Gradio closes a generator on its event loop, which must not
+                # wait behind another request's explanation step.
+                self._submit(close)
 
     def shutdown(self) -> None:
-        """Stop after the jobs already queued."""
+        """Take no more jobs; callers still waiting (a server stopping mid-request) get an error now
+        instead of holding the process until the step in progress ends."""
+        with self._lock:
+            self._closed = True
+            waiting = list(self._waiting)
+        for fut in waiting:
+            _settle(fut, exception=RuntimeError("the model thread has been shut down"))
         self._jobs.put(None)
+
+
+def _settle(fut: Future, result: Any = None, exception: BaseException | None = None) -> None:
+    """Complete ``fut`` unless :meth:`ModelThread.shutdown` already did."""
+    try:
+        if exception is not None:
+            fut.set_exception(exception)
+        else:
+            fut.set_result(result)
+    except Exception:  # InvalidStateError: settled at shutdown
+        pass

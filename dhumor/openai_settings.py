@@ -35,9 +35,14 @@ def base_url(arg: str | None) -> str:
             why = "give the base, e.g. http://HOST:PORT/v1; dhumor adds /chat/completions"
     except ValueError as e:  # a bad port number or a broken IPv6 literal
         why = str(e)
+    if why and "@" in url:  # urllib's own words may quote the password ("Port could not be cast ... 'p4ss'")
+        userinfo = url.split("//", 1)[-1].rsplit("@", 1)[0]
+        for secret in sorted({userinfo, *re.split(r"[:/?#]", userinfo)}, key=len, reverse=True):
+            why = why.replace(secret, "***") if secret else why
     if why:
         # The URL as typed may carry a secret (a ?key=, a user:password@): shown up to its path only.
-        shown = re.sub(r"//[^/]*@", "//", re.split(r"[?#]", url, maxsplit=1)[0])
+        # A password may itself hold / ? # or @: everything up to the last @ goes.
+        shown = re.split(r"[?#]", re.sub(r"^([^:/]*:?//?).*@", r"\1", url), maxsplit=1)[0]
         raise ConfigError(f"explanation server URL {shown!r} is not usable ({why}): pass --base-url "
                           f"http://HOST:PORT/v1 (or fix DHUMOR_OPENAI_BASE_URL)")
     return url.rstrip("/")

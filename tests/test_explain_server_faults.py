@@ -249,6 +249,41 @@ def test_a_transient_fault_is_retried_to_success(server):
     assert server.requests == 4
 
 
+def test_a_password_in_the_base_url_never_reaches_a_row(server):
+    server.mode = "error500"
+    host = server.url.split("//", 1)[1]
+    g = _backend(f"http://user:pw-SECRET@{host}", max_retries=0).generate([_req()])[0]
+    assert g.error and "HTTP 500" in g.error and "SECRET" not in g.error, g.error
+
+
+def test_a_tls_handshake_cut_short_is_retried():
+    """An overloaded proxy closing mid-handshake is a passing fault (unlike a plain-http server)."""
+    import socket
+
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(8)
+    accepted = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = lsock.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            conn.recv(4096)
+            conn.close()  # a clean FIN instead of a ServerHello
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        g = _backend(f"https://127.0.0.1:{lsock.getsockname()[1]}/v1", max_retries=2).generate([_req()])[0]
+        assert g.error and "SSLError" in g.error and "after 2 retries" in g.error, g.error
+        assert len(accepted) == 3
+    finally:
+        lsock.close()
+
+
 def test_connections_are_kept_alive_across_batches(server):
     b = _backend(server.url, concurrency=4)
     for _ in range(3):
@@ -374,6 +409,7 @@ def _explain_cmd(items, out, server_url, *extra, cache=None):
     ({"DHUMOR_OPENAI_API_KEY": "sk-€SECRET"}, None, "non-ASCII"),
     ({}, "http://127.0.0.1:8000/v1?key=SECRET", "no ?query"),
     ({}, "http://127.0.0.1:8000/v1/chat/completions", "dhumor adds /chat/completions"),
+    ({}, "http://admin:Tr0ub/SECRET@127.0.0.1:99999/v1", "could not be cast"),  # urllib quotes the password
 ])
 def test_a_bad_server_setting_is_one_line_before_anything_runs(tmp_path, monkeypatch, capsys, server, env, arg, says):
     for k, v in env.items():

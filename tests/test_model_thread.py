@@ -59,7 +59,8 @@ def test_exceptions_come_back_and_closing_closes_the_generator_on_the_model_thre
 
     it = models.iterate(endless())
     next(it)
-    it.close()  # a client that went away
+    it.close()  # a client that went away: the close is queued on the model thread
+    models.call(lambda: None)  # jobs run in order: the close has run by now
     assert closed_on and closed_on[0].startswith("dhumor-models")
     models.shutdown()
 
@@ -124,3 +125,93 @@ def test_a_busy_model_thread_does_not_hold_the_process_at_exit(tmp_path):
     t = time.monotonic()
     subprocess.run([sys.executable, str(script)], check=True, timeout=30)
     assert time.monotonic() - t < 10
+
+
+def test_closing_a_stream_does_not_wait_behind_another_request_and_shutdown_releases_waiters():
+    import time
+
+    models = ModelThread()
+    release = threading.Event()
+
+    def steps():
+        yield 1
+        yield 2
+
+    it = models.iterate(steps())
+    assert next(it) == 1
+    def hold():
+        try:
+            models.call(release.wait, 30)
+        except RuntimeError:  # released by the shutdown below
+            pass
+
+    busy = threading.Thread(target=hold, daemon=True)
+    busy.start()  # another request's long step now holds the model thread
+    time.sleep(0.2)
+    t = time.monotonic()
+    it.close()  # Gradio does this on its event loop when a client goes away
+    assert time.monotonic() - t < 1
+    waiter_error = []
+
+    def wait():
+        try:
+            models.call(lambda: None)
+        except RuntimeError as e:
+            waiter_error.append(str(e))
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    time.sleep(0.2)
+    models.shutdown()  # the server stops: whoever waits is told now, not after the step
+    waiter.join(5)
+    assert waiter_error and "shut down" in waiter_error[0]
+    with pytest.raises(RuntimeError, match="shut down"):
+        models.call(lambda: None)
+    release.set()
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_the_demo_stops_at_once_while_a_meme_is_being_explained(tmp_path, sig):
+    """Ctrl-C or SIGTERM while the explanation server hangs: exit 130 within seconds, not after the
+    request's deadline (60 s here)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import requests
+    from gradio_client import Client, handle_file
+
+    srv = FaultServer("hang")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "DHUMOR_OPENAI_TIMEOUT": "60"}
+    p = subprocess.Popen([sys.executable, "-m", "dhumor.cli", "demo", "--port", str(port), "--explain", "openai",
+                          "--explain-model", "m", "--base-url", srv.url, "--ocr", "none", "--quiet",
+                          "--cache", str(tmp_path / "c.sqlite"), "--review-log", str(tmp_path / "r.sqlite")],
+                         env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "log", "w"))
+    try:
+        for _ in range(600):
+            try:
+                requests.get(f"http://127.0.0.1:{port}/config", timeout=2)
+                break
+            except requests.RequestException:
+                assert p.poll() is None, (tmp_path / "log").read_text()[-2000:]
+                time.sleep(0.3)
+        Client(f"http://127.0.0.1:{port}/", verbose=False).submit(
+            handle_file(str(EXAMPLE)), "A CAPTION", 0.5, api_name="/rescore")
+        for _ in range(300):
+            if srv.requests:
+                break
+            time.sleep(0.1)
+        assert srv.requests, "the explanation request never reached the server"
+        t = time.monotonic()
+        p.send_signal(getattr(signal, sig))
+        rc = p.wait(30)
+        assert rc == 130 and time.monotonic() - t < 8, (rc, time.monotonic() - t)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        srv.close()

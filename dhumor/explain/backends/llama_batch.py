@@ -84,7 +84,8 @@ class LlamaBatchBackend(Backend):
 
     def __init__(self, model_path: str | None = None, n_seq: int = 8, n_ctx_per_seq: int = 2048,
                  n_threads: int | None = None, seed: int = 0, repeat_penalty: float = 1.1, top_k: int = 40,
-                 top_p: float = 0.95, min_p: float = 0.05, stop_at_json_end: bool = True, n_ubatch: int = 512):
+                 top_p: float = 0.95, min_p: float = 0.05, stop_at_json_end: bool = True, n_ubatch: int = 512,
+                 decode_threads: int = 1):
         import llama_cpp
         from llama_cpp import Llama
         from llama_cpp._internals import LlamaContext
@@ -103,7 +104,12 @@ class LlamaBatchBackend(Backend):
         params.n_ctx = self.n_seq * n_ctx_per_seq
         params.n_batch, params.n_ubatch = 2048, n_ubatch
         params.n_seq_max = self.n_seq
-        params.n_threads = params.n_threads_batch = threads
+        # A step of several tokens (prompts, several answers) runs on ``threads``; a step of one token
+        # (a single answer: the demo) on ``decode_threads``. llama.cpp's threads meet at a barrier
+        # after every operation, hundreds per token: on a CPU shared with other work one descheduled
+        # thread stalls the rest, and two threads decoded a lone answer at 2-5 tokens/s beside one
+        # busy process, where one thread keeps ~45 (and ~50 idle, against ~60 for two).
+        params.n_threads, params.n_threads_batch = max(1, decode_threads), threads
         params.kv_unified = False  # sequences share no prefix worth keeping: separate KV streams are faster
         self.ctx = LlamaContext(model=self.llm._model, params=params, verbose=False)
         self.batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)

@@ -22,6 +22,8 @@ import random
 import threading
 import time
 
+from urllib.parse import urlsplit
+
 import requests
 
 from ... import openai_settings
@@ -34,7 +36,10 @@ RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 # Settings, not passing faults: trying again cannot help (a TLS failure is a certificate or an
 # https:// URL for a plain-http server).
 NOT_RETRIED = (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema,
-               requests.exceptions.InvalidHeader, requests.exceptions.SSLError)
+               requests.exceptions.InvalidHeader)
+# TLS failures that are settings (a plain-http server behind https://, a certificate that does not
+# verify): not retried. Others (a handshake cut short by an overloaded proxy) are passing faults.
+TLS_SETTINGS = ("WRONG_VERSION_NUMBER", "CERTIFICATE_VERIFY_FAILED", "certificate verify failed", "hostname mismatch")
 # How servers take a JSON schema: OpenAI and vLLM ("json_schema"), llama.cpp's Python server
 # ("json_object" with "schema"), or not at all. On refusal the backend steps down this list.
 STRUCTURED_STYLES = ("json_schema", "json_object", "none")
@@ -75,6 +80,7 @@ class OpenAIBackend(Backend):
         """
         self.model = openai_settings.model(model)
         self.base_url = openai_settings.base_url(base_url)
+        self._url_password = urlsplit(self.base_url).password
         self.api_key = openai_settings.api_key(api_key)
         timeout = openai_settings.timeout(timeout)
         self.timeout, self.connect_timeout, self.max_retries = timeout, connect_timeout, max_retries
@@ -150,11 +156,12 @@ class OpenAIBackend(Backend):
         except requests.RequestException as e:
             if watch.expired:  # the watchdog shut the socket: the deadline, not the network, ended it
                 raise late from None
-            hint = ""
-            if isinstance(e, requests.exceptions.SSLError) and "WRONG_VERSION_NUMBER" in str(e):
-                hint = " (the server does not speak TLS here: is its base URL http:// rather than https://?)"
-            raise _Failed(self._redact(f"{type(e).__name__}: {str(e)[:300]}") + hint,
-                          retry=not isinstance(e, NOT_RETRIED)) from None
+            hint, setting = "", isinstance(e, NOT_RETRIED)
+            if isinstance(e, requests.exceptions.SSLError):
+                setting = any(m in str(e) for m in TLS_SETTINGS)
+                if "WRONG_VERSION_NUMBER" in str(e):
+                    hint = " (the server does not speak TLS here: is its base URL http:// rather than https://?)"
+            raise _Failed(self._redact(f"{type(e).__name__}: {str(e)[:300]}") + hint, retry=not setting) from None
         text = raw.decode("utf-8", "replace")
         if r.status_code != 200:
             # "grammar": llama-server names the grammar it could not build from the schema, not the field
@@ -170,8 +177,11 @@ class OpenAIBackend(Backend):
         return _read_answer(text)
 
     def _redact(self, text: str) -> str:
-        """Never let the API key reach a results file or a log."""
-        return text.replace(self.api_key, "***") if self.api_key else text
+        """Never let the API key, or a password in the base URL, reach a results file or a log."""
+        for secret in (self.api_key, self._url_password):
+            if secret:
+                text = text.replace(secret, "***")
+        return text
 
     def _one(self, req: GenerationRequest, cancel: threading.Event | None = None) -> Generation:
         t0 = time.monotonic()
@@ -179,7 +189,7 @@ class OpenAIBackend(Backend):
         url = f"{self.base_url}/chat/completions"
         refused = self.breaker.refusal()
         if refused:
-            return Generation("", error=f"{SERVER_DOWN}: {self.base_url}: {refused}; rerun to retry")
+            return Generation("", error=self._redact(f"{SERVER_DOWN}: {self.base_url}: {refused}; rerun to retry"))
         deadline = t0 + self.timeout
         retries, last = 0, ""
         while True:
@@ -199,7 +209,7 @@ class OpenAIBackend(Backend):
                     return Generation("", seconds=time.monotonic() - t0, error="interrupted")
                 retries += f.counts
         self.breaker.record(last)
-        err = f"{url}: {last}" + (f" (after {retries} retries)" if retries else "")
+        err = self._redact(f"{url}: {last}") + (f" (after {retries} retries)" if retries else "")
         if self.breaker.is_open:
             err = f"{SERVER_DOWN}: {err}; rerun to retry"
         return Generation("", seconds=time.monotonic() - t0, error=err)
