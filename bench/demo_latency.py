@@ -57,7 +57,15 @@ def main(argv=None):
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
-    files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".jpg", ".png"))[: args.n]
+    if not Path(args.images).is_dir():
+        print(f"demo_latency: no folder of memes at {args.images}: pass --images DIR (e.g. --images "
+              f"{EXAMPLES_DIR} --n 5), or set DHUMOR_DATA to Harm-C (dhumor data harmeme)", file=sys.stderr)
+        sys.exit(2)
+    files, seen = [], set()
+    for p in sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".jpg", ".png")):
+        if p.read_bytes() not in seen and len(files) < args.n:  # a repeated image would come from the cache
+            seen.add(p.read_bytes())
+            files.append(p)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -87,7 +95,11 @@ def main(argv=None):
     try:
         # The first upload warms the models up and is not counted: a shipped example, not one of the
         # measured memes (a measured meme would then come from the stage cache in 0.3 s).
-        warm = sorted(EXAMPLES_DIR.glob("*.jpg"))[0]
+        warm = next((p for p in sorted(EXAMPLES_DIR.glob("*.jpg")) if p.read_bytes() not in seen), None)
+        if warm is None:
+            print("demo_latency: every shipped example is among the measured memes; the warm-up needs another: "
+                  "lower --n", file=sys.stderr)
+            sys.exit(2)
         for i, f in enumerate([warm, *files]):
             d.get(url)
             inp = None
