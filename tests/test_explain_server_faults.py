@@ -4,9 +4,11 @@ JSON of the wrong shape. Each failure must be bounded in time, reported per row,
 retried by the next run; a server that stays down trips the circuit breaker so a batch ends quickly."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -172,6 +174,33 @@ def _backend(url, **kw) -> OpenAIBackend:
     return OpenAIBackend(**kw)
 
 
+@contextlib.contextmanager
+def _tcp_replier(reply: bytes):
+    """A bare TCP server on 127.0.0.1 that reads what a client sends, answers ``reply`` and closes;
+    yields its port and a list with one entry per connection accepted."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(8)
+    accepted: list[int] = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = lsock.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            conn.recv(4096)
+            conn.sendall(reply)
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield lsock.getsockname()[1], accepted
+    finally:
+        lsock.close()
+
+
 def _req() -> GenerationRequest:
     return GenerationRequest("system", "explain", json_schema={"type": "object"})
 
@@ -258,30 +287,10 @@ def test_a_password_in_the_base_url_never_reaches_a_row(server):
 
 def test_a_tls_handshake_cut_short_is_retried():
     """An overloaded proxy closing mid-handshake is a passing fault (unlike a plain-http server)."""
-    import socket
-
-    lsock = socket.socket()
-    lsock.bind(("127.0.0.1", 0))
-    lsock.listen(8)
-    accepted = []
-
-    def serve():
-        while True:
-            try:
-                conn, _ = lsock.accept()
-            except OSError:
-                return
-            accepted.append(1)
-            conn.recv(4096)
-            conn.close()  # a clean FIN instead of a ServerHello
-
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        g = _backend(f"https://127.0.0.1:{lsock.getsockname()[1]}/v1", max_retries=2).generate([_req()])[0]
+    with _tcp_replier(b"") as (port, accepted):  # a clean FIN instead of a ServerHello
+        g = _backend(f"https://127.0.0.1:{port}/v1", max_retries=2).generate([_req()])[0]
         assert g.error and "SSLError" in g.error and "after 2 retries" in g.error, g.error
         assert len(accepted) == 3
-    finally:
-        lsock.close()
 
 
 def test_connections_are_kept_alive_across_batches(server):
@@ -624,30 +633,9 @@ def test_sigterm_ends_a_run_like_ctrl_c(tmp_path, server):
 def test_https_to_a_plain_http_server_fails_at_once_and_says_why():
     """A plain-HTTP server (this one answers garbage with 400, as uvicorn and llama-server do) behind
     an https:// URL: TLS cannot work, so one attempt and a hint, not retries until the deadline."""
-    import socket
-
-    lsock = socket.socket()
-    lsock.bind(("127.0.0.1", 0))
-    lsock.listen(8)
-    accepted = []
-
-    def serve():
-        while True:
-            try:
-                conn, _ = lsock.accept()
-            except OSError:
-                return
-            accepted.append(1)
-            conn.recv(4096)
-            conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            conn.close()
-
-    threading.Thread(target=serve, daemon=True).start()
-    try:
+    with _tcp_replier(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n") as (port, accepted):
         t = time.monotonic()
-        g = _backend(f"https://127.0.0.1:{lsock.getsockname()[1]}/v1", timeout=20.0, backoff=1.0).generate([_req()])[0]
+        g = _backend(f"https://127.0.0.1:{port}/v1", timeout=20.0, backoff=1.0).generate([_req()])[0]
         took = time.monotonic() - t
         assert g.error and "SSLError" in g.error and "http:// rather" in g.error and "(after" not in g.error, g.error
         assert len(accepted) == 1 and took < 5, (accepted, took)
-    finally:
-        lsock.close()
