@@ -15,20 +15,13 @@ import torch
 from torch import nn
 
 from dhumor.data.datasets import _pad_stream
-from dhumor.encoders.modules import EfficientNetLiteEncoder, EncoderOutput, TextEncoder
+from dhumor.encoders.modules import EfficientNetLiteEncoder, EncoderOutput, TextEncoder, masked_mean
 from dhumor.encoders.registry import get_entry
 from dhumor.features import FeatureExtractor
 from dhumor.model.lit import DHumorModule
 from dhumor.model.tcrnet import StreamInput
 
 SALT = "bench-partial-finetune-v1"
-
-
-def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """all-mpnet-base-v2's mean pooling over the real tokens. (TextEncoder's own copy stays where it is: its
-    source is part of every feature cache key, and moving it would recompute every user's features.)"""
-    m = mask.unsqueeze(-1).to(tokens.dtype)
-    return (tokens * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
 # ---------------------------------------------------------------- the frozen lower part (cached)
@@ -56,7 +49,8 @@ class LowerLite(EfficientNetLiteEncoder):
     def forward(self, pixel_values):
         net = self.net
         x = net._swish(net._bn0(net._conv_stem(pixel_values)))
-        for block in list(net._blocks)[:len(net._blocks) - self.k]:
+        blocks = self.blocks()
+        for block in blocks[:len(blocks) - self.k]:
             x = block(x)  # eval: no drop-connect
         tokens = x.flatten(2).transpose(1, 2)
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
@@ -100,9 +94,10 @@ class LiteTop(nn.Module):
 
     def __init__(self, name: str, k: int):
         super().__init__()
-        net = EfficientNetLiteEncoder(get_entry(name), pretrained=True).net
-        n = len(net._blocks)
-        self.blocks = nn.ModuleList(list(net._blocks)[n - k:])
+        enc = EfficientNetLiteEncoder(get_entry(name), pretrained=True)
+        net, blocks = enc.net, enc.blocks()
+        n = len(blocks)
+        self.blocks = nn.ModuleList(blocks[n - k:])
         self.rates = [net._global_params.drop_connect_rate * (n - k + i) / n for i in range(k)]
         self.conv_head, self.bn1, self.swish = net._conv_head, net._bn1, net._swish
 

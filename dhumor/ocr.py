@@ -109,9 +109,6 @@ class OCR:
             self.cache.put(STAGE, key, text.encode())
         return text
 
-    def is_cached(self, digest: str) -> bool:
-        return bool(self.cache) and self.cache.get(STAGE, StageCache.key(digest, self.settings)) is not None
-
     def read_file(self, path: str | Path) -> str:
         img, digest = load_image_with_digest(path)
         return self.read(img, digest)

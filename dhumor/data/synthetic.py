@@ -54,28 +54,6 @@ def sample_image(name: str) -> Image.Image:
     return Image.fromarray(arr[..., :3].astype(np.uint8))
 
 
-EXAMPLES = [
-    ("astronaut", "me explaining my weekend plans", "to my houseplants"),
-    ("chelsea", "when the vet says", "it's just a small procedure"),
-    ("coffee", "coffee is just", "anxiety in a cup"),
-    ("rocket", "elon when the rocket", "explodes again"),
-    ("camera", "photographers be like", "one more shot"),
-    ("horse", "when you bet everything", "on the wrong horse"),
-]
-
-
-def write_examples(out_dir: str | Path) -> list[Path]:
-    """The repository's example memes (scikit-image pictures + invented captions)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, top, bottom in EXAMPLES:
-        p = out_dir / f"{name}.jpg"
-        render_meme(sample_image(name), top, bottom).save(p, quality=85, optimize=True)
-        paths.append(p)
-    return paths
-
-
 _HARMFUL_WORDS = ["hate", "kill", "stupid", "disease", "virus", "blame", "attack", "ugly"]
 _BENIGN_WORDS = ["happy", "coffee", "weekend", "puppy", "sunshine", "garden", "music", "friends"]
 _TARGETS = ["individual", "organization", "community", "society"]

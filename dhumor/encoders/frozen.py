@@ -3,6 +3,8 @@ encoder, and run in inference mode. Turning a batch of pixels or texts into feat
 the stage cache and batching live in :mod:`dhumor.features`."""
 from __future__ import annotations
 
+import contextlib
+import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +31,23 @@ class StreamFeature:
         return cls(a["tokens"], a["pooled"])
 
 
+@contextlib.contextmanager
+def _rng_untouched():
+    """Leave the global random generators (Python, NumPy, torch) as they were.
+
+    Building an encoder draws its random initialisation before the pretrained weights replace it.
+    Features are built only on a cold cache, so without this the same ``fit --seed_everything S``
+    trained on a different random stream (shuffles, dropout) cold than warm: a different model."""
+    py, np_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(np_state)
+
+
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -48,7 +67,8 @@ class FrozenEncoders:
     def module(self, stream: str) -> torch.nn.Module:
         name = self.names[stream]
         if name not in self._modules:
-            m = build_encoder(get_entry(name), pretrained=True).to(self.device).eval()
+            with _rng_untouched():  # building initialises weights before loading them: see _rng_untouched
+                m = build_encoder(get_entry(name), pretrained=True).to(self.device).eval()
             for p in m.parameters():
                 p.requires_grad_(False)
             self._modules[name] = m

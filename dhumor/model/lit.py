@@ -309,25 +309,14 @@ def encoder_key(encoder_name: str) -> str:
 
 
 def _freeze_lower_layers(enc: nn.Module, top: int) -> None:
-    """Train only the top ``top`` blocks of an encoder (-1 = everything, 0 = nothing)."""
+    """Train only the top ``top`` blocks of an encoder (-1 = everything, 0 = nothing); the encoder
+    family says which its blocks are (``blocks()``) and what trains with the top ones (``head()``)."""
     if top < 0:
         return
     for p in enc.parameters():
         p.requires_grad_(False)
     if top == 0:
         return
-    net = enc.net
-    blocks = None
-    if hasattr(net, "encoder") and hasattr(net.encoder, "layer"):
-        blocks = list(net.encoder.layer)  # BERT, MPNet, ViT
-    elif hasattr(net, "_blocks"):
-        blocks = list(net._blocks)  # EfficientNet
-    if blocks is None:
-        raise ValueError(f"cannot find the layers of {type(net).__name__} to freeze; use train_encoder_layers=-1")
-    for b in blocks[-top:]:
-        for p in b.parameters():
+    for layer in [*enc.blocks()[-top:], *enc.head()]:
+        for p in layer.parameters():
             p.requires_grad_(True)
-    for name in ("_conv_head", "_bn1", "layernorm"):  # final norms/convs train with the top blocks
-        if hasattr(net, name):
-            for p in getattr(net, name).parameters():
-                p.requires_grad_(True)

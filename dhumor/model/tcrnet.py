@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..encoders.modules import masked_mean
 from ..schema import TaskSchema
 
 
@@ -96,11 +97,6 @@ class StreamProjection(nn.Module):
         h = torch.where(p, h, missing.to(h.dtype))
         mask = mask | ~present.view(-1, 1)
         return h, mask
-
-
-def masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.unsqueeze(-1).to(h.dtype)
-    return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
 class CrossAttentionBlock(nn.Module):
