@@ -64,6 +64,8 @@ def run_lightning(argv: list[str] | None, run: bool = True):
             # Missing data fails here, in one line, before Lightning sets up a trainer and says so at length.
             check_subcommand_data(self.subcommand, cfg.get("data") or {})
             # Retraining (model.init_from): the checkpoint's schema/encoders/streams win, in the data module too.
+            # Set under model: as well, though DHumorModule.__init__ applies them itself: jsonargparse links
+            # model.* into data.* again when it instantiates, so data: alone would be overwritten.
             if cfg.get("model") is not None and cfg["model"].get("init_from"):
                 from .model.lit import architecture_from_checkpoint
 
@@ -107,11 +109,10 @@ def _positive_int(text: str) -> int:
 
 def _add_explainer(p: argparse.ArgumentParser, default: str = "none") -> None:
     """The explanation options, named the same in every subcommand (``dhumor explain`` has no "none")."""
-    backends = ["offline", "openai", "transformers"]
-    choices = backends if default != "none" else ["none", *backends]
-    p.add_argument("--explain", default=default, choices=choices,
-                   help="explanation backend (Role-Reversal loop); 'offline' is SmolLM2-135M on llama.cpp, a weak "
-                        "text-only stand-in for a VLM")
+    from .explain.backends import BACKENDS, backend_choices
+
+    p.add_argument("--explain", default=default, choices=backend_choices(with_none=default == "none"),
+                   help=f"explanation backend (Role-Reversal loop): {BACKENDS.help()}")
     p.add_argument("--explain-model", default=None,
                    help="explanation model: openai: the served model name; transformers: a hub id or directory; "
                         "offline: another GGUF file")
@@ -141,6 +142,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser; choices of ``--ocr`` and ``--explain`` come from the registries (no model is imported)."""
+    from .ocr import ENGINES, engine_choices
+
     p = _Parser(
         prog="dhumor", formatter_class=_HelpFormatter,
         description="Dark-humor understanding for memes. Training: dhumor fit|validate|test|predict --config FILE "
@@ -170,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "data root, $DHUMOR_DATA or data/harmeme-c, when found there)")
     e.add_argument("--images", default=None, help="folder of the manifest's images (default: images/ beside it)")
     e.add_argument("--format", default="auto", choices=["auto", "harmeme", "dhumor"])
-    e.add_argument("--ocr", default="none", choices=["none", "rapidocr", "easyocr"],
+    e.add_argument("--ocr", default="none", choices=engine_choices(),
                    help="'none' uses the manifest's captions; an engine reads them from the images instead")
     e.add_argument("--skip-bad", action="store_true", help="skip bad rows and unusable images instead of failing")
     e.add_argument("--explanations", default=None, help="explanations JSONL from `dhumor explain` (reasoning stream)")
@@ -184,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("input", help="image file, folder (walked recursively) or manifest")
     _add_decision(s)
     s.add_argument("--out", required=True, help="results .jsonl or .csv; rerun with the same --out to resume")
-    s.add_argument("--ocr", default="rapidocr", choices=["rapidocr", "easyocr", "none"],
+    s.add_argument("--ocr", default="rapidocr", choices=engine_choices(),
                    help="OCR engine; 'none' uses the manifest's captions (or no caption for images)")
     _add_explainer(s)
     s.add_argument("--workers", type=int, default=2, help="threads for decoding and OCR")
@@ -213,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--max-tokens", type=_positive_int, default=400,
                    help="completion tokens per generation; with prompts v2 at least what six capped fields need "
                         "(664 tokens), so the JSON can always close")
-    x.add_argument("--ocr", default="auto", choices=["auto", "rapidocr", "easyocr", "none"],
+    x.add_argument("--ocr", default="auto", choices=["auto", *engine_choices()],
                    help="auto: the manifest's captions when it has them, else rapidocr")
     x.add_argument("--batch-size", type=int, default=8, help="memes per generation batch")
     x.add_argument("--concurrency", type=int, default=4, help="openai: requests in flight")
@@ -230,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decision(d)
     d.add_argument("--host", default="127.0.0.1")
     d.add_argument("--port", type=int, default=7860)
-    d.add_argument("--ocr", default="rapidocr", choices=["rapidocr", "easyocr", "none"])
+    d.add_argument("--ocr", default="rapidocr", choices=engine_choices(), help="OCR engine of uploads")
     _add_explainer(d)
     d.add_argument("--review-log", default=None, help="SQLite review log (default: $DHUMOR_REVIEW_LOG, else "
                                                       "~/.local/share/dhumor/reviews.sqlite)")
@@ -252,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     o = add("ocr", "print the OCR text of memes (an image, a folder or a manifest)")
     o.add_argument("input", help="image file, folder or manifest")
-    o.add_argument("--ocr", default="rapidocr", choices=["rapidocr", "easyocr"], help="OCR engine")
+    o.add_argument("--ocr", default="rapidocr", choices=ENGINES.names(), help="OCR engine")
     o.add_argument("--limit", type=int, default=None)
     _add_common(o)
     return p
@@ -372,7 +376,7 @@ def cmd_explain(args) -> int:
              if in_shard(it.id, shard)]
     items = order_items(items, args.order, args.seed)[: args.limit]
     ocr = create_ocr(engine, cache)
-    if args.ocr in ("rapidocr", "easyocr"):  # asked for OCR explicitly: it wins over a manifest's text
+    if args.ocr not in ("auto", "none"):  # asked for an engine explicitly: it wins over a manifest's text
         for it in items:
             it.caption = None
     if engine == "none":

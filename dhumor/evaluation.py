@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 
 from .data.explanations import attach_explanations
 from .data.readers import read_manifest
+from .util.files import atomic_write
 from .errors import DataError
 from .items import Item
 from .model.metrics import compute_metrics
@@ -73,14 +73,7 @@ def _add_decision_metrics(metrics: dict, primary: str, kept: list, y: np.ndarray
 
 
 def _write_rows(path: str | Path, rows: list[dict]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def format_metrics(metrics: dict) -> str:

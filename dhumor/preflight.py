@@ -3,64 +3,28 @@ minute of loading, and is reported in one line that names the fix (:class:`~dhum
 exit code 2)."""
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 from .errors import CheckpointError, ConfigError, DHumorError
+from .registry import installed as _installed
 
 PIP_EXTRA = "pip install 'dhumor[{extra}]'"
 
 
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def check_ocr(engine: str | None) -> None:
-    """The OCR engine's package is importable."""
-    if engine in (None, "", "none"):
-        return
-    needs = {"rapidocr": ("rapidocr", "onnxruntime"), "easyocr": ("easyocr",)}.get(engine)
-    if needs is None:
-        raise ConfigError(f"unknown OCR engine {engine!r}: choose rapidocr, easyocr or none")
-    missing = [m for m in needs if not _installed(m)]
-    if missing:
-        raise ConfigError(f"the OCR engine {engine} is not installed (missing {', '.join(missing)}): "
-                          f"{PIP_EXTRA.format(extra='ocr')}, or pass --ocr none to score without OCR")
-    if engine == "easyocr":
-        from .encoders.weights import easyocr_models_dir
+    """The OCR engine is registered and installed (:data:`dhumor.ocr.ENGINES`)."""
+    from .ocr import check_engine
 
-        _weights(easyocr_models_dir)
+    check_engine(engine)
 
 
 def check_explainer(backend: str | None, model: str | None = None, base_url: str | None = None) -> None:
-    """The explanation backend can start: its packages, weights and settings are there."""
-    if backend in (None, "", "none"):
-        return
-    if backend == "offline":
-        if not _installed("llama_cpp") and not (_installed("gguf") and _installed("accelerate")):
-            raise ConfigError("the offline explainer needs llama.cpp: `make setup-explain` in a checkout, or "
-                              f"{PIP_EXTRA.format(extra='explain')} (or --explain none)")
-        if not model:
-            from .encoders.weights import smollm2_gguf
+    """The explanation backend can start: its packages, weights and settings are there
+    (:data:`dhumor.explain.backends.BACKENDS`)."""
+    from .explain.backends import check_backend
 
-            _weights(smollm2_gguf)
-        elif not Path(model).is_file():
-            raise ConfigError(f"--explain-model {model}: no such GGUF file")
-    elif backend == "openai":
-        from . import openai_settings
-
-        if not _installed("requests"):
-            raise ConfigError(f"the openai explainer needs requests: {PIP_EXTRA.format(extra='explain')}")
-        openai_settings.check(model, base_url)
-    elif backend == "transformers":
-        if not model:
-            raise ConfigError("the transformers explainer needs --explain-model (a hub id or a local VLM directory)")
-    else:
-        raise ConfigError(f"unknown explanation backend {backend!r}: choose offline, openai, transformers or none")
+    check_backend(backend, model, base_url)
 
 
 def check_checkpoint(path: str | Path | None) -> tuple[Path, dict]:

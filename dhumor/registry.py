@@ -6,8 +6,8 @@ adding an engine is one new module that calls :meth:`Registry.register` (plus it
 
 Entries are found in three places, in this order: modules that registered on import (the built-in
 ones, listed by the registry's owner), and the ``entry_points`` group of the registry (plugins
-installed as separate packages: ``[project.entry-points."dhumor.ocr"] myengine = "pkg.mod"``; the
-module is imported and registers itself). Registering never imports a heavy library: factories
+installed as separate packages: ``[project.entry-points."dhumor.ocr_engines"] myengine = "pkg.mod"``;
+the module is imported and registers itself). Registering never imports a heavy library: factories
 import what they need when called.
 
 >>> r = Registry("widget")
@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import pkgutil
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Callable, Iterable
@@ -55,12 +56,13 @@ def installed(module: str) -> bool:
 class Registry:
     """Name → :class:`Entry` for one kind of component (``kind`` names it in messages)."""
 
-    def __init__(self, kind: str, builtins: Iterable[str] = (), group: str | None = None,
-                 flag: str | None = None):
-        """``builtins``: modules that register this kind's built-in entries when imported;
-        ``group``: the entry-points group plugins register under; ``flag``: the CLI option that
-        picks an entry (for messages)."""
-        self.kind, self.group, self.flag = kind, group, flag
+    def __init__(self, kind: str, builtins: Iterable[str] = (), scan: str | None = None, group: str | None = None,
+                 flag: str | None = None, fallback: str | None = None):
+        """``builtins``: modules that register this kind's built-in entries when imported; ``scan``: a
+        package every module of which is such a module (a new file there is a new entry); ``group``:
+        the entry-points group plugins register under; ``flag``: the CLI option that picks an entry;
+        ``fallback``: what a user can do instead when an entry is not installed (for messages)."""
+        self.kind, self.group, self.flag, self.scan, self.fallback = kind, group, flag, scan, fallback
         self._builtins = tuple(builtins)
         self._entries: dict[str, Entry] = {}
         self._loaded = False
@@ -77,7 +79,11 @@ class Registry:
         if self._loaded:
             return
         self._loaded = True
-        for mod in self._builtins:
+        mods = list(self._builtins)
+        if self.scan:
+            pkg = importlib.import_module(self.scan)
+            mods += [f"{self.scan}.{m.name}" for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_")]
+        for mod in mods:
             importlib.import_module(mod)
         if self.group:
             for ep in entry_points(group=self.group):
@@ -113,7 +119,8 @@ class Registry:
         missing = self.missing(name)
         if missing:
             fix = f"pip install 'dhumor[{entry.extra}]'" if entry.extra else f"pip install {' '.join(missing)}"
-            raise ConfigError(f"the {self.kind} {name} is not installed (missing {', '.join(missing)}): {fix}")
+            also = f", or {self.fallback}" if self.fallback else ""
+            raise ConfigError(f"the {self.kind} {name} is not installed (missing {', '.join(missing)}): {fix}{also}")
         if entry.check is not None:
             entry.check(**settings)
 

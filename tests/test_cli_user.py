@@ -186,6 +186,38 @@ def test_one_meme_one_decision_in_score_evaluate_predict_and_demo(tmp_path, trai
                     assert other["tasks"][task]["probs"][cls] == pytest.approx(p, abs=1e-5)  # batch order: float32 noise
 
 
+def test_one_meme_one_row_from_a_folder_without_captions(tmp_path, trained, capsys):
+    """A folder has no captions: score and the demo read them by OCR through the one pipeline and agree;
+    predict (captions as given, no OCR) refuses it in one line naming `dhumor score`."""
+    folder = tmp_path / "memes"
+    folder.mkdir()
+    for name in ("chelsea.jpg", "coffee.jpg"):
+        shutil.copy(EXAMPLES / name, folder / name)
+    export = trained / "export"
+    scored = tmp_path / "score.jsonl"
+    assert main(["score", str(folder), "--checkpoint", str(export), "--out", str(scored), "--quiet"]) == 0
+    rows = {r["id"]: r for r in map(json.loads, scored.read_text().splitlines())}
+    from dhumor.ocr import create_ocr
+    from dhumor.pipeline import Pipeline
+
+    demo_pipe = Pipeline.from_checkpoint(export, ocr=create_ocr("rapidocr"))
+    for name, row in rows.items():
+        assert row["caption_source"] == "rapidocr" and row["caption"]
+        demo = demo_pipe.score_file(folder / name)
+        assert demo["caption"] == row["caption"] and demo["decision"] == row["decision"]
+        for task, t in row["tasks"].items():
+            for cls, p in t["probs"].items():
+                assert demo["tasks"][task]["probs"][cls] == pytest.approx(p, abs=1e-5)
+    capsys.readouterr()
+    best = next((trained / "checkpoints").glob("best-*.ckpt"))
+    assert main(["predict", "--config", str(trained / "config.yaml"), "--ckpt_path", str(best), "--data.predict",
+                 str(folder), "--prediction_writer.output", str(tmp_path / "p.jsonl"),
+                 "--trainer.default_root_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "dhumor score" in err and "without captions" in err
+    assert not (tmp_path / "p.jsonl").exists()
+
+
 def test_demo_without_gradio_names_the_extra(tmp_path):
     p = _run_cli(["demo", "--ocr", "none"], block=("gradio",))
     assert p.returncode == 2 and "pip install 'dhumor[demo]'" in p.stderr and p.stderr.strip().count("\n") == 0

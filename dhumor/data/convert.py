@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..errors import DataError
+from ..util.files import atomic_write
 from ..schema import HARMEME
 from .readers import read_harmeme_jsonl
 
@@ -114,16 +115,9 @@ def _write(read: dict, base: Path, out: Path) -> dict[str, dict]:
     for split, (f, memes) in read.items():
         for m in memes:  # the manifest's relative image path is kept (subfolders too)
             _place(m.image, out / "images" / m.image.relative_to(images))
-        lines = f.read_text(encoding="utf-8").splitlines(keepends=True)
-        tmp = out / f".{split}.jsonl.tmp"
-        try:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                fh.writelines(line if line.endswith("\n") else line + "\n" for line in lines if line.strip())
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, out / f"{split}.jsonl")
-        finally:
-            tmp.unlink(missing_ok=True)
+        # JSON lines end at "\n" only: a caption may hold U+2028 or U+0085, which splitlines() would split on
+        lines = f.read_text(encoding="utf-8-sig").split("\n")
+        atomic_write(out / f"{split}.jsonl", "".join(line.rstrip("\r") + "\n" for line in lines if line.strip()))
         levels = Counter(harmfulness.classes[m.labels["harmfulness"]] for m in memes if m.labels["harmfulness"] >= 0)
         targets = Counter(target.classes[m.labels["target"]] for m in memes if m.labels["target"] >= 0)
         counts[split] = {"memes": len(memes), "harmfulness": dict(levels), "target": dict(targets)}

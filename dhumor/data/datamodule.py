@@ -81,6 +81,23 @@ def check_subcommand_data(subcommand: str | None, data: dict) -> None:
     for key in keys:
         if data.get(key):
             check_data_exists(data[key], data.get("root"))
+    if subcommand == "predict" and data.get("predict") and "caption" in (data.get("streams") or STREAMS):
+        _refuse_uncaptioned(resolve_data_path(data["predict"], data.get("root")), data.get("format") or "auto")
+
+
+def _refuse_uncaptioned(path: Path, fmt: str) -> None:
+    """``dhumor predict`` reads captions as given and runs no OCR: a folder of images, or manifest rows
+    without a caption, would be predicted with the caption stream absent. Refused in one line that
+    names the command that reads captions (``dhumor score`` runs OCR through the one pipeline)."""
+    if path.is_dir() or fmt == "folder":
+        raise ConfigError(f"dhumor predict: {path} is a folder of images without captions, and this model reads "
+                          f"captions; score it with `dhumor score {path} --out results.jsonl` (it reads them by OCR)")
+    res = read_manifest(path, fmt, None, skip_bad=True)
+    bare = [m.id for m in res.memes if m.caption is None]
+    if bare:
+        raise ConfigError(f"dhumor predict: {len(bare)} of {len(res.memes)} memes in {path} have no caption "
+                          f"(e.g. {bare[0]!r}), and this model reads captions; score them with "
+                          f"`dhumor score {path} --out results.jsonl` (it reads missing captions by OCR)")
 
 
 class MemeDataModule(L.LightningDataModule):

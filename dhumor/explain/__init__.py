@@ -3,52 +3,51 @@
 >>> from dhumor.explain import create_explainer
 >>> ex = create_explainer("offline", iterations=3)            # doctest: +SKIP
 >>> ex.explain(img, sha256, "WHEN THE VET SAYS...").final     # doctest: +SKIP
+
+Importing this package is light (no torch): the backends' registry (:mod:`dhumor.explain.backends`)
+is read by the CLI and preflight before any model loads; the rest loads on first use.
 """
 from __future__ import annotations
 
-from ..cache import StageCache
-from .explainer import Explainer
-from .loop import LoopResult, RoleReversalLoop
-from .schema import Explanation, ParseError, parse_critique, parse_explanation
-
-BACKENDS = ("offline", "openai", "transformers")
+from dhumor.explain.backends import BACKENDS
 
 __all__ = ["BACKENDS", "Explainer", "Explanation", "LoopResult", "ParseError", "RoleReversalLoop",
            "create_backend", "create_explainer", "parse_critique", "parse_explanation"]
 
-
-def create_backend(name: str, model: str | None = None, base_url: str | None = None, api_key: str | None = None,
-                   concurrency: int = 4, send_images: bool = True, batch_size: int = 4,
-                   threads: int | None = None, timeout: float | None = None, sequences: int = 8):
-    """A backend by name: ``offline`` (SmolLM2, this machine; ``sequences`` answers decoded together),
-    ``openai`` (any compatible server; ``timeout`` bounds each request, retries included),
-    ``transformers`` (a local VLM, ``model`` = hub id or directory)."""
-    if name == "offline":
-        from .backends.offline import offline_backend
-
-        return offline_backend(model, n_threads=threads, sequences=sequences)
-    if name == "openai":
-        from .backends.openai_compat import OpenAIBackend
-
-        return OpenAIBackend(model=model, base_url=base_url, api_key=api_key, concurrency=concurrency,
-                             send_images=send_images, timeout=timeout)
-    if name == "transformers":
-        if not model:
-            raise ValueError("the transformers backend needs --explain-model (a hub id or a local directory of a VLM)")
-        from .backends.transformers_vlm import TransformersVLMBackend
-
-        return TransformersVLMBackend(model, batch_size=batch_size)
-    raise ValueError(f"unknown explanation backend {name!r}; choose one of {BACKENDS}")
+_LAZY = {"Explainer": "explainer", "LoopResult": "loop", "RoleReversalLoop": "loop", "Explanation": "schema",
+         "ParseError": "schema", "parse_critique": "schema", "parse_explanation": "schema"}
 
 
-def create_explainer(name: str, cache: StageCache | None = None, iterations: int | None = None,
-                     similarity_threshold: float = 0.9, progress: bool = False, batch_size: int = 8,
-                     prompt_version: str | None = None, max_tokens: int = 400, **backend_kwargs) -> Explainer:
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"dhumor.explain.{_LAZY[name]}"), name)
+    raise AttributeError(name)
+
+
+def create_backend(name: str, **settings):
+    """A backend by registered name (:data:`BACKENDS`): ``offline`` (SmolLM2 on this machine;
+    ``sequences`` answers decoded together), ``openai`` (any compatible server; ``timeout`` bounds
+    each request, retries included), ``transformers`` (a local VLM, ``model`` = hub id or directory).
+    Settings a backend does not take are ignored."""
+    BACKENDS.get(name)  # an unknown name: ConfigError listing the choices
+    if name == "transformers" and not settings.get("model"):
+        from dhumor.errors import ConfigError
+
+        raise ConfigError("the transformers backend needs --explain-model (a hub id or a local directory of a VLM)")
+    return BACKENDS.create(name, **settings)
+
+
+def create_explainer(name: str, cache=None, iterations: int | None = None, similarity_threshold: float = 0.9,
+                     progress: bool = False, batch_size: int = 8, prompt_version: str | None = None,
+                     max_tokens: int = 400, **backend_kwargs):
     """An :class:`Explainer` over the named backend (see :func:`create_backend`)."""
-    from .prompts import DEFAULT_VERSION, Prompts
+    from dhumor.explain.explainer import Explainer
+    from dhumor.explain.prompts import DEFAULT_VERSION, Prompts
 
     backend_kwargs.setdefault("sequences", batch_size)  # offline: decode as many answers as memes in flight
     backend = create_backend(name, **backend_kwargs)
-    return Explainer(backend, cache=cache, iterations=3 if iterations is None else iterations, similarity_threshold=similarity_threshold,
-                     progress=progress, batch_size=batch_size, prompts=Prompts.load(prompt_version or DEFAULT_VERSION),
-                     max_tokens=max_tokens)
+    return Explainer(backend, cache=cache, iterations=3 if iterations is None else iterations,
+                     similarity_threshold=similarity_threshold, progress=progress, batch_size=batch_size,
+                     prompts=Prompts.load(prompt_version or DEFAULT_VERSION), max_tokens=max_tokens)

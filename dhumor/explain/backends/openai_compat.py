@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from ... import openai_settings
+from . import openai_settings
 from .base import Backend, Generation, GenerationRequest, chat_messages, image_data_url
 from .circuit import CircuitBreaker
 from .deadline import DeadlineWatchdog, deadline_session

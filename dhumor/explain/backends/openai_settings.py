@@ -9,7 +9,7 @@ import os
 import re
 from urllib.parse import urlsplit
 
-from .errors import ConfigError
+from dhumor.errors import ConfigError
 
 DEFAULT_TIMEOUT = 60.0
 

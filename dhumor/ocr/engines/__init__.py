@@ -1,0 +1,1 @@
+"""Built-in OCR engines: every module here registers one (see :mod:`dhumor.ocr`)."""

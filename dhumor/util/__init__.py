@@ -1,0 +1,1 @@
+"""Small helpers with no dhumor dependencies: long paths, atomic files."""

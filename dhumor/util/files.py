@@ -1,0 +1,61 @@
+"""Writing a file whole or not at all: a temporary file beside it, fsynced, then renamed over it.
+
+A reader (or a crash at any moment) sees the old file or the new one, never half of the new one,
+and no temporary file is left behind when the write fails (a full disk, a read-only folder).
+
+>>> import tempfile, pathlib
+>>> p = pathlib.Path(tempfile.mkdtemp()) / "out.jsonl"
+>>> atomic_write(p, "a\\n"); p.read_text()
+'a\\n'
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes | Iterable[bytes], encoding: str = "utf-8") -> Path:
+    """Replace ``path`` with ``data`` (text, bytes, or an iterable of byte chunks) atomically and durably."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            if isinstance(data, str):
+                fh.write(data.encode(encoding))
+            elif isinstance(data, (bytes, bytearray, memoryview)):
+                fh.write(data)
+            else:
+                for chunk in data:
+                    fh.write(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; an output is meant to be read by others
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (where the file system lets a folder be fsynced)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
