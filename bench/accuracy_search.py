@@ -38,6 +38,8 @@ from tune_cv import headline, predict_probs, train_module  # noqa: E402
 from dhumor.cache import StageCache  # noqa: E402
 from dhumor.data.readers import read_manifest  # noqa: E402
 from dhumor.features import FeatureExtractor, StreamFeature  # noqa: E402
+from dhumor.model import calibration  # noqa: E402
+from dhumor.model.calibration import calibrated_probs, expected_calibration_error  # noqa: E402
 from dhumor.model.metrics import compute_metrics  # noqa: E402
 from dhumor.paths import data_root  # noqa: E402
 from dhumor.schema import MISSING, get_schema  # noqa: E402
@@ -231,36 +233,17 @@ def to_feats(arrays: dict[str, np.ndarray]) -> list[dict[str, StreamFeature]]:
 
 # ---------------------------------------------------------------- calibration
 def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
-    """Expected calibration error (top-label confidence, equal-width bins)."""
-    conf, pred = probs.max(1), probs.argmax(1)
-    edges = np.linspace(0, 1, bins + 1)
-    total = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        m = (conf > lo) & (conf <= hi)
-        if m.any():
-            total += m.mean() * abs((pred[m] == labels[m]).mean() - conf[m].mean())
-    return float(total)
+    """Top-label ECE (the library's, torchmetrics underneath)."""
+    return expected_calibration_error(probs, labels, bins)
 
 
 def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
-    """The T minimising NLL of softmax(log p / T) (grid over log T, then refined)."""
-    logp = np.log(probs.clip(1e-9))
-
-    def nll(t):
-        z = logp / t
-        z = z - z.max(1, keepdims=True)
-        lp = z - np.log(np.exp(z).sum(1, keepdims=True))
-        return -lp[np.arange(len(labels)), labels].mean()
-
-    grid = np.exp(np.linspace(np.log(0.25), np.log(8), 200))
-    return float(grid[int(np.argmin([nll(t) for t in grid]))])
+    """The library's temperature fit (minimum NLL) on probabilities: log p are logits up to a constant."""
+    return calibration.fit_temperature(np.log(probs.clip(1e-12)), labels)
 
 
 def scale(probs: np.ndarray, t: float) -> np.ndarray:
-    z = np.log(probs.clip(1e-9)) / t
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
+    return calibrated_probs(np.log(probs.clip(1e-12)), t)
 
 
 # ---------------------------------------------------------------- training

@@ -66,6 +66,16 @@ def threshold_presets(p_positive: np.ndarray, labels: np.ndarray) -> dict[str, f
     return {"high recall": float(hr), "balanced": float(GRID[int(np.argmax(f1))]), "high precision": float(hp)}
 
 
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """Top-label ECE with ``bins`` equal-width confidence bins (torchmetrics' definition, L1)."""
+    import torch
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    p = torch.as_tensor(np.asarray(probs, np.float64))
+    return float(multiclass_calibration_error(p, torch.as_tensor(np.asarray(labels)).long(), num_classes=p.shape[1],
+                                              n_bins=bins, norm="l1"))
+
+
 def fit_calibration(schema, logits: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> tuple[dict, dict]:
     """``(calibration, thresholds)`` from held-out logits and labels of every task of ``schema``:
     ``calibration = {task: {"temperature": T}}``; ``thresholds`` are the presets of the (binary)
