@@ -7,9 +7,9 @@ Quick start::
     result = pipe.score_file("examples/astronaut.png")
     result["tasks"]["harmful"]["probs"]
 """
-__version__ = "0.1.0"
 
 from .schema import DHUMOR, HARMEME, Meme, Task, TaskSchema, get_schema  # noqa: E402,F401
+from .version import __version__  # noqa: F401
 
 
 def __getattr__(name):

@@ -37,7 +37,7 @@ def checkpoint_meta(hparams: dict, metrics: dict | None = None, config: Any = No
                     fitted: dict | None = None) -> dict:
     """``dhumor.json``'s content. ``fitted``: what fit learned after training, written as top-level keys
     (``thresholds``, ``calibration``, ``reasoning_source``; see :mod:`dhumor.model.calibration`)."""
-    from . import __version__
+    from .version import __version__
     import lightning
 
     from .schema import get_schema

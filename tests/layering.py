@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "dhumor"
 # Lower layers first; a concern may import only from its own layer's lower neighbours (earlier
 # entries), never from a later one. Concerns in one tuple must not import each other.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors",),
+    ("errors", "version"),
     ("schema", "paths", "resources", "registry", "util"),
     ("images", "cache"),
     ("encoders",),
@@ -39,8 +39,9 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def imports(path: Path) -> set[str]:
-    """The ``dhumor`` modules ``path`` imports (absolute names)."""
+def imports(path: Path, modules: set[str] | frozenset = frozenset()) -> set[str]:
+    """The ``dhumor`` modules ``path`` imports (absolute names); ``from pkg import sub`` counts as
+    importing ``pkg.sub`` alone when ``sub`` is one of ``modules``."""
     me = module_name(path)
     pkg = me if path.name == "__init__.py" else me.rsplit(".", 1)[0]
     out: set[str] = set()
@@ -56,16 +57,15 @@ def imports(path: Path) -> set[str]:
                 mod = node.module or ""
             if mod.split(".")[0] != "dhumor":
                 continue
-            out.add(mod)
-            for a in node.names:  # `from . import x` imports the submodule x
-                out.add(f"{mod}.{a.name}")
+            subs = {f"{mod}.{a.name}" for a in node.names} & set(modules)
+            out |= subs if subs else {mod}  # `from . import x` imports the submodule x
     return out
 
 
 def graph() -> dict[str, set[str]]:
     """Module → the dhumor modules it imports (only names that are modules of the package)."""
     files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
-    g = {m: {i for i in imports(p) if i in files and i != m} for m, p in files.items()}
+    g = {m: {i for i in imports(p, set(files)) if i in files and i != m} for m, p in files.items()}
     return g
 
 

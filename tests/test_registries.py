@@ -23,7 +23,7 @@ def _plugin(tmp_path: Path) -> Path:
     site = tmp_path / "site"
     site.mkdir()
     (site / "dummy_ocr.py").write_text(textwrap.dedent('''
-        from dhumor.ocr import ENGINES
+        from dhumor.ocr.registry import ENGINES
 
         @ENGINES.register("dummy", requires=("json",), help="reads every meme as DUMMY TEXT", min_score=0.0)
         def dummy_engine():

@@ -14,11 +14,9 @@ True
 """
 from __future__ import annotations
 
-from dhumor.registry import Registry
+from dhumor.ocr.registry import ENGINES, NONE
 
-ENGINES = Registry("OCR engine", scan="dhumor.ocr.engines", group="dhumor.ocr_engines", flag="--ocr",
-                   fallback="pass --ocr none to score without OCR")
-NONE = "none"  # no OCR: captions come from the manifest (or there are none)
+__all__ = ["ENGINES", "NONE", "OCR", "check_engine", "create_ocr", "engine_choices", "reading_order"]
 
 
 def engine_choices() -> list[str]:

@@ -18,7 +18,7 @@ from PIL import Image
 
 from dhumor.cache import StageCache
 from dhumor.images import load_image_with_digest
-from dhumor.ocr import ENGINES
+from dhumor.ocr.registry import ENGINES
 
 OCR_VERSION = 1
 STAGE = "ocr"

