@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from .cache import StageCache
+from .errors import ConfigError, DHumorError
 from .images import load_image_with_digest
 
 ENGINES = ("rapidocr", "easyocr")
@@ -28,6 +29,20 @@ OCR_VERSION = 1
 # so it keeps everything.
 DEFAULT_MIN_SCORE = {"rapidocr": 0.7, "easyocr": 0.0}
 STAGE = "ocr"
+
+
+class OCRFailed(DHumorError):
+    """The OCR engine failed on one image. ``kind``: "permanent" (the same image fails again: one the
+    engine cannot resize, a shape it cannot take) or "transient" (out of memory: worth a rerun)."""
+
+    def __init__(self, engine: str, error: BaseException):
+        self.kind = "transient" if _is_memory(error) else "permanent"
+        super().__init__(f"{engine}: {type(error).__name__}: {str(error).strip()[:300]}")
+
+
+def _is_memory(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, MemoryError) or "out of memory" in text or "failed to allocate" in text
 
 
 def reading_order(detections: Sequence[tuple[np.ndarray, str, float]]) -> str:
@@ -56,7 +71,7 @@ class OCR:
 
     def __init__(self, engine: str = "rapidocr", cache: StageCache | None = None, min_score: float | None = None):
         if engine not in ENGINES:
-            raise ValueError(f"unknown OCR engine {engine!r}; choose one of {ENGINES} or none")
+            raise ConfigError(f"unknown OCR engine {engine!r}; choose one of {ENGINES} or none")
         self.engine, self.cache = engine, cache
         self.min_score = DEFAULT_MIN_SCORE[engine] if min_score is None else min_score
         self._impl = None
@@ -88,13 +103,16 @@ class OCR:
     def _run(self, img: Image.Image) -> str:
         arr = np.asarray(img.convert("RGB"))
         impl = self._load()
-        if self.engine == "rapidocr":
-            r = impl(arr)
-            if r.txts is None or r.boxes is None:
-                return ""
-            dets = list(zip(r.boxes, r.txts, r.scores))
-        else:
-            dets = [(box, text, score) for box, text, score in impl.readtext(arr)]
+        try:  # whatever the engine raises on this image is this image's failure, not a bug of ours
+            if self.engine == "rapidocr":
+                r = impl(arr)
+                if r.txts is None or r.boxes is None:
+                    return ""
+                dets = list(zip(r.boxes, r.txts, r.scores))
+            else:
+                dets = [(box, text, score) for box, text, score in impl.readtext(arr)]
+        except Exception as e:
+            raise OCRFailed(self.engine, e) from e
         return reading_order([d for d in dets if float(d[2]) >= self.min_score])
 
     def read(self, img: Image.Image, digest: str | None = None) -> str:

@@ -114,11 +114,13 @@ def _write(read: dict, base: Path, out: Path) -> dict[str, dict]:
     for split, (f, memes) in read.items():
         for m in memes:  # the manifest's relative image path is kept (subfolders too)
             _place(m.image, out / "images" / m.image.relative_to(images))
-        lines = f.read_text(encoding="utf-8").splitlines(keepends=True)
+        from .readers import json_lines
+
+        lines = [line for _, line in json_lines(f.read_bytes()) if line is not None]  # "\n" only ends a row
         tmp = out / f".{split}.jsonl.tmp"
         try:
             with open(tmp, "w", encoding="utf-8") as fh:
-                fh.writelines(line if line.endswith("\n") else line + "\n" for line in lines if line.strip())
+                fh.writelines(line + "\n" for line in lines)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, out / f"{split}.jsonl")

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from ..cache import StageCache
+from ..errors import InvalidValueError
 from .explainer import Explainer
 from .loop import LoopResult, RoleReversalLoop
 from .schema import Explanation, ParseError, parse_critique, parse_explanation
@@ -34,11 +35,11 @@ def create_backend(name: str, model: str | None = None, base_url: str | None = N
                              send_images=send_images, timeout=timeout)
     if name == "transformers":
         if not model:
-            raise ValueError("the transformers backend needs --explain-model (a hub id or a local directory of a VLM)")
+            raise InvalidValueError("the transformers backend needs --explain-model (a hub id or a local directory of a VLM)")
         from .backends.transformers_vlm import TransformersVLMBackend
 
         return TransformersVLMBackend(model, batch_size=batch_size)
-    raise ValueError(f"unknown explanation backend {name!r}; choose one of {BACKENDS}")
+    raise InvalidValueError(f"unknown explanation backend {name!r}; choose one of {BACKENDS}")
 
 
 def create_explainer(name: str, cache: StageCache | None = None, iterations: int | None = None,
