@@ -273,12 +273,13 @@ def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
 
 def expected_shapes(meta: dict) -> dict[str, tuple[int, ...]]:
     """The fusion network's tensor shapes its metadata asks for, built on the meta device (no memory)."""
-    from .model.lit import _NET_FIELDS
-    from .model.tcrnet import TCRNet, TCRNetConfig
+    import dataclasses
+
+    from .model.tcrnet import TCRNet, TCRNetConfig  # torch only: no Lightning import before a refusal
     from .schema import get_schema
 
     hp = meta["hparams"]
-    cfg = TCRNetConfig(**{k: hp[k] for k in _NET_FIELDS if k in hp})
+    cfg = TCRNetConfig(**{f.name: hp[f.name] for f in dataclasses.fields(TCRNetConfig) if f.name in hp})
     streams = [s for s in ("image", "caption", "reasoning") if s in hp["streams"]]
     with torch.device("meta"):
         net = TCRNet(get_schema(hp["task"]), {s: int(hp["input_dims"][s]) for s in streams}, cfg)
