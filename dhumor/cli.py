@@ -357,9 +357,18 @@ def cmd_score(args) -> int:
     check_explainer(args.explain, args.explain_model, args.base_url)
     ckpt, meta = check_checkpoint(args.checkpoint)
     results = ResultsFile(args.out, TaskSchema.from_dict(meta["schema"])).verify()  # ours? before a byte changes
-    _check_provenance_early(results, ckpt, meta, args)
+    done = _check_provenance_early(results, ckpt, meta, args)
     items = [it for it in collect_items(source, args.format, args.images, exclude=output_files(args.out))
              if in_shard(it.id, shard)]
+    if done is not None:
+        from .scoring import summary_if_done
+
+        summary = summary_if_done(results, items, done, args.retry_errors)
+        if summary is not None:  # every meme has its final row: no model needs to load to say so
+            print(f"dhumor score: nothing to do: all {summary.total} memes already have a row in {args.out}",
+                  file=sys.stderr)
+            print(json.dumps(summary.to_dict()), file=sys.stderr)
+            return summary.exit_code
 
     cache = StageCache(args.cache)
     explainer = _explainer_from_args(args, cache) if args.explain != "none" else None
@@ -386,17 +395,23 @@ def cmd_score(args) -> int:
 
 def _check_provenance_early(results, ckpt, meta, args) -> None:
     """Before any model loads: refuse an --out whose rows another checkpoint, threshold or OCR engine wrote
-    (the explainer's settings are compared too, once it is built: :meth:`Scorer.run`)."""
+    (the explainer's settings are compared too, once it is built: :meth:`Scorer.run`). Returns the file's
+    index when every setting is known to match (no explainer), so a finished run needs no model."""
     from .checkpoint import checkpoint_digest
     from .decision import Decider
     from .schema import TaskSchema
     from .scoring import check_provenance
 
     if args.rescore or not results.path.exists():
-        return
+        return None
     threshold = Decider.from_meta(TaskSchema.from_dict(meta["schema"]), meta, args.decision_threshold).threshold
     mine = {"checkpoint": checkpoint_digest(ckpt), "threshold": float(threshold), "ocr": args.ocr}
-    check_provenance(results, results.index(), mine, rescore=False, fields=tuple(mine))
+    index = results.index()
+    check_provenance(results, index, mine, rescore=False, fields=tuple(mine))
+    if args.explain != "none":  # the explainer's settings are only known once it is built
+        return None
+    check_provenance(results, index, {**mine, "explainer": None}, rescore=False)
+    return index
 
 
 def cmd_explain(args) -> int:

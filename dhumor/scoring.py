@@ -94,6 +94,29 @@ def check_provenance(results: ResultsFile, index: dict[str, RowInfo], provenance
     return other
 
 
+def summary_if_done(results: ResultsFile, items: Sequence[Item], index: dict[str, RowInfo],
+                    retry_errors: bool) -> ScoreSummary | None:
+    """The summary of a run with nothing left to do (every item has a row, none to redo, settings
+    checked by the caller), computed from the file alone; None when there is work (a model must load)."""
+    if any(it.id not in index or _needs_redo(index[it.id], retry_errors) for it in items):
+        return None
+    summary = ScoreSummary(total=len(items), already_done=len(items), cache_hits={"features": 0, "computed": 0})
+    wanted = {it.id for it in items}
+    counts: dict[str, Counter] = {t.name: Counter() for t in (results.schema.tasks if results.schema else [])}
+    for r in results.iter_rows():
+        if r["id"] not in wanted:
+            continue
+        summary.failed_in_output += bool(r.get("error") or explanation_error(r))
+        if r.get("error"):
+            continue
+        for t in counts:
+            label = (r["tasks"][t]["label"] if not results.csv else r.get(f"{t}_label")) or None
+            if label:
+                counts[t][label] += 1
+    summary.labels = {k: dict(v) for k, v in counts.items()}
+    return summary
+
+
 class Scorer:
     """Scores items with a :class:`Pipeline` into a :class:`ResultsFile`."""
 
