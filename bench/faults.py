@@ -1,10 +1,15 @@
-"""Replay every fault of issue 11 against the real `dhumor` command and print the table: case, before, after.
+"""Replay every fault of issues 11 and 28 against the real `dhumor` command and print the table: case, before, after.
 
 Each case makes its fault for real (a file name with an invalid UTF-8 byte, two `dhumor score`
 processes on one output, a tmpfs mounted read-only or filled up, an immutable file, a tree 1,200
 folders deep, a path past PATH_MAX, a local HTTP server that refuses every explanation) and runs
 `dhumor score` (or `explain`) as a subprocess. "before" is what issue 11 measured; "after" is measured
-now. Totals: tried, handled, rows lost (ids expected but missing), rows duplicated (ids written twice).
+now. Totals: tried, handled, rows lost (ids expected but missing), rows duplicated (ids written twice),
+files damaged (a file that is not the run's own output, changed by it: notes, a manifest, a results
+file whose settings differ). Issue 28 added: foreign and symlinked --out, the input manifest as --out,
+line separators and a BOM in manifests, reruns with other settings, OCR on a 20000x20 strip, damaged
+weights and hyper-parameters, a missing threshold, bad flags, a cache locked by another process, a
+redirect loop from the explanation server.
 
     python bench/faults.py [--checkpoint DIR] [--json outputs/faults.json] [--only SUBSTRING]
 
@@ -46,6 +51,7 @@ class Outcome:
     handled: bool | None  # None: skipped (this machine cannot make the fault)
     rows_lost: int = 0
     rows_duplicated: int = 0
+    files_damaged: int = 0  # files that are not the run's own output, changed by it
 
 
 CASES: list[tuple[str, str, Callable]] = []
@@ -483,12 +489,343 @@ def out_nosuffix(b: Bench):
     return bad_out(b, lambda d: d / "results", ["has no suffix"])
 
 
+# ================================================================ issue 28: nothing damaged, nothing mixed
+# The "before" column of these cases is what issue 28's attack measured on the previous code.
+def _notes(d: Path) -> Path:
+    notes = d / "notes.jsonl"
+    notes.write_text("my notes, line one\nline two, no final newline")
+    return notes
+
+
+def _manifest(d: Path) -> Path:
+    imgs = d / "images"
+    imgs.mkdir()
+    for i in range(3):
+        faultkit.write_bytes_at(imgs / f"m{i}.png", faultkit.png_bytes(seed=900 + i))
+    m = d / "memes.jsonl"
+    m.write_text("".join(json.dumps({"id": f"m{i}", "image": f"m{i}.png", "text": f"caption {i}"}) + "\n"
+                         for i in range(3)))
+    return m
+
+
+def foreign_out(b: Bench, target_of: Callable[[Path, Path], Path], link: bool) -> tuple:
+    d = b.dir("foreign-out")
+    manifest = _manifest(d)
+    target = target_of(d, manifest)
+    out = target
+    if link:
+        out = d / "link.jsonl"
+        out.symlink_to(target)
+    before = target.read_bytes()
+    t = time.perf_counter()
+    p = b.score(manifest, out)
+    took = time.perf_counter() - t
+    damaged = int(target.read_bytes() != before)
+    msg = last_line(p)
+    ok = p.returncode == 2 and traceback_free(p) and not damaged and len(p.stderr.strip().splitlines()) == 1
+    return f"exit {p.returncode} in {took:.1f} s, file {'CHANGED' if damaged else 'byte-identical'}: {msg[:110]}", \
+        ok, 0, 0, damaged
+
+
+@case("--out a notes.jsonl without final newline", "its last line cut, then exit 2 (after the model loaded, ~50 s)")
+def out_notes(b: Bench):
+    return foreign_out(b, lambda d, m: _notes(d), link=False)
+
+
+@case("--out a symlink to notes.jsonl", "the target's last line cut, then exit 2")
+def out_link_notes(b: Bench):
+    return foreign_out(b, lambda d, m: _notes(d), link=True)
+
+
+@case("--out the input manifest itself", "last manifest row replaced by a score row; exit 1 KeyError: 'tasks'")
+def out_manifest(b: Bench):
+    return foreign_out(b, lambda d, m: m, link=False)
+
+
+@case("--out a symlink to the input manifest", "the manifest damaged the same way")
+def out_link_manifest(b: Bench):
+    return foreign_out(b, lambda d, m: m, link=True)
+
+
+def odd_manifest(b: Bench, raw: bytes, expected: list[str], label: str) -> tuple:
+    d = b.dir("manifest")
+    imgs = d / "images"
+    imgs.mkdir()
+    for i in range(8):
+        faultkit.write_bytes_at(imgs / f"m{i}.png", faultkit.png_bytes(seed=920 + i))
+    m = d / "memes.jsonl"
+    m.write_bytes(raw)
+    out = d / "r.jsonl"
+    p1 = b.score(m, out)
+    p2 = b.score(m, out)
+    lost, dup = tally(out, expected)
+    rows = {r["id"]: r for r in ResultsFile(out, SCHEMA).rows()} if out.exists() else {}
+    scored = sum(1 for i in expected if i in rows and not rows[i]["error"])
+    ok = p1.returncode in (0, 3) and p2.returncode in (0, 3) and lost == dup == 0 and traceback_free(p1)
+    return f"exits {p1.returncode}/{p2.returncode}: {len(rows)}/{len(expected)} rows, {scored} scored ({label})", \
+        ok, lost, dup
+
+
+@case("manifest caption with raw U+2028 and U+0085, scored twice", "b, m6, m7 written twice; that meme never scored")
+def manifest_line_separators(b: Bench):
+    rows = [{"id": f"m{i}", "image": f"m{i}.png", "text": f"caption {i}"} for i in range(8)]
+    rows[1]["text"], rows[4]["text"] = "top\u2028bottom", "next\x85line"
+    rows.insert(6, {"id": "b", "image": "missing.png"})  # an error row after them: its id must stay its own
+    raw = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+    return odd_manifest(b, raw, [r["id"] for r in rows], "line separators kept inside their captions")
+
+
+@case("manifest starting with a UTF-8 BOM", "first meme lost ('Unexpected UTF-8 BOM'); evaluate refuses the file")
+def manifest_bom(b: Bench):
+    rows = [{"id": f"m{i}", "image": f"m{i}.png", "text": f"caption {i}"} for i in range(3)]
+    raw = b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode()
+    return odd_manifest(b, raw, [r["id"] for r in rows], "BOM accepted")
+
+
+def rerun_with(b: Bench, *extra: str, other_checkpoint: bool = False) -> tuple:
+    from dhumor.resources import default_checkpoint
+
+    d = b.dir("rerun")
+    src = d / "in"
+    src.mkdir()
+    expected = images(src, 3, start=940)
+    out = d / "r.jsonl"
+    first = b.score(src, out)
+    images(src, 1, start=943)  # one new meme: the rerun has work to do
+    before = out.read_bytes()
+    args = list(extra)
+    if other_checkpoint:
+        ckpt = d / "other"
+        shutil.copytree(b.checkpoint or default_checkpoint(), ckpt)
+        meta = json.loads((ckpt / "dhumor.json").read_text())
+        meta["thresholds"]["balanced"] = 0.31  # another model's decisions, as far as the rows can tell
+        (ckpt / "dhumor.json").write_text(json.dumps(meta))
+        args += ["--checkpoint", str(ckpt)]
+    p = b.score(src, out, *args)
+    damaged = int(out.read_bytes() != before)
+    msg = last_line(p)
+    ok = first.returncode == 0 and p.returncode == 2 and not damaged and "--rescore" in msg
+    lost, _ = tally(out, expected)
+    return f"exit {p.returncode}, file {'CHANGED' if damaged else 'unchanged'}: {msg[:120]}", ok, lost, 0, damaged
+
+
+@case("rerun into an output with another --checkpoint", "'nothing to do', exit 0: two models' rows mixed silently")
+def rerun_checkpoint(b: Bench):
+    return rerun_with(b, other_checkpoint=True)
+
+
+@case("rerun into an output with another --decision-threshold", "rows of two thresholds mixed silently")
+def rerun_threshold(b: Bench):
+    return rerun_with(b, "--decision-threshold", "0.2")
+
+
+def _strip(folder: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (20000, 20), "white").save(folder / "strip.png")
+
+
+@case("`dhumor ocr` on a 20000x20 strip among others", "ResizeImgError: exit 1, the remaining inputs get no row")
+def ocr_strip(b: Bench):
+    d = b.dir("ocr-strip")
+    src = d / "in"
+    src.mkdir()
+    expected = images(src, 3, start=950) + ["strip.png"]
+    _strip(src)
+    p = b.run("ocr", str(src), "--ocr", "rapidocr", "--quiet")
+    rows = {}
+    for line in p.stdout.splitlines():
+        with contextlib.suppress(ValueError):
+            r = json.loads(line)
+            rows[r["id"]] = r
+    lost = len(set(expected) - set(rows))
+    strip = rows.get("strip.png", {})
+    ok = p.returncode == 3 and lost == 0 and strip.get("error_kind") == "permanent" and traceback_free(p)
+    return f"exit {p.returncode}, {len(rows)}/{len(expected)} rows, strip: {strip.get('error_kind')} " \
+           f"({(strip.get('error') or '')[:60]})", ok, lost, 0
+
+
+@case("`dhumor score` on a 20000x20 strip, rerun", "a row marked transient: every rerun retries it")
+def score_strip(b: Bench):
+    d = b.dir("score-strip")
+    src = d / "in"
+    src.mkdir()
+    expected = images(src, 2, start=960) + ["strip.png"]
+    _strip(src)
+    out = d / "r.jsonl"
+    p = b.score(src, out, "--ocr", "rapidocr")
+    again = b.score(src, out, "--ocr", "rapidocr")
+    row = next((r for r in ResultsFile(out, SCHEMA).rows() if r["id"] == "strip.png"), {}) if out.exists() else {}
+    ok_row = row.get("error_kind") == "permanent" and "nothing to do" in again.stderr
+    lost, dup = tally(out, expected)
+    ok = p.returncode == 3 and again.returncode == 3 and lost == dup == 0 and ok_row
+    return f"exits {p.returncode}/{again.returncode}, strip {row.get('error_kind')}; rerun: " \
+           f"{'nothing to do' if 'nothing to do' in again.stderr else 'retried'}", ok, lost, dup
+
+
+def damaged_weights(b: Bench, meta_change=None, tensor_change=None, must: str = "") -> tuple:
+    from safetensors.torch import load_file, save_file
+
+    from dhumor.resources import default_checkpoint
+
+    d = b.dir("ckpt28")
+    ckpt = d / "ckpt"
+    shutil.copytree(b.checkpoint or default_checkpoint(), ckpt)
+    if meta_change:
+        meta = json.loads((ckpt / "dhumor.json").read_text())
+        meta_change(meta)
+        (ckpt / "dhumor.json").write_text(json.dumps(meta))
+    if tensor_change:
+        t = load_file(ckpt / "model.safetensors")
+        tensor_change(t)
+        save_file(t, ckpt / "model.safetensors", metadata={"format": "dhumor-checkpoint/1"})
+    src = d / "in"
+    src.mkdir()
+    images(src, 1, start=970)
+    out = d / "r.jsonl"
+    t0 = time.perf_counter()
+    p = b.run("score", str(src), "--out", str(out), "--ocr", "none", "--quiet", "--checkpoint", str(ckpt))
+    took = time.perf_counter() - t0
+    after, ok, lost, dup = refused_case(p, out, [must])
+    ok = ok and len(p.stderr.strip().splitlines()) == 1
+    return f"{after[:150]} ({took:.1f} s)", ok, lost, dup
+
+
+def _first_linear(t):
+    return next(k for k, v in t.items() if k.endswith("weight") and v.ndim == 2)
+
+
+@case("checkpoint: a tensor of the wrong shape", "exit 1 'internal error ... please report it', tensor not named")
+def ckpt_shape(b: Bench):
+    def cut(t):
+        k = _first_linear(t)
+        t[k] = t[k][:, :-1].contiguous()
+    return damaged_weights(b, tensor_change=cut, must="damaged weights: tensor 'net.")
+
+
+@case("checkpoint: hparams.d_model = 1e12", "exit 1 'internal error' (an allocation of 2e16 bytes)")
+def ckpt_d_model(b: Bench):
+    return damaged_weights(b, meta_change=lambda m: m["hparams"].update(d_model=10 ** 12), must="'hparams.d_model'")
+
+
+@case("checkpoint: a temperature of 1e308", "1.5 KB of C++ stack as its 'one line'")
+def ckpt_temperature(b: Bench):
+    return damaged_weights(b, meta_change=lambda m: m["calibration"]["harmful"].update(temperature=1e308),
+                           must="'calibration.harmful.temperature'")
+
+
+@case("checkpoint: \"thresholds\": null", "silently decides at 0.5")
+def ckpt_no_thresholds(b: Bench):
+    from dhumor.resources import default_checkpoint
+
+    d = b.dir("ckpt-null")
+    ckpt = d / "ckpt"
+    shutil.copytree(b.checkpoint or default_checkpoint(), ckpt)
+    meta = json.loads((ckpt / "dhumor.json").read_text())
+    meta["thresholds"] = None
+    (ckpt / "dhumor.json").write_text(json.dumps(meta))
+    src = d / "in"
+    src.mkdir()
+    expected = images(src, 2, start=980)
+    out = d / "r.jsonl"
+    p = b.run("score", str(src), "--out", str(out), "--ocr", "none", "--quiet", "--checkpoint", str(ckpt))
+    warned = next((l for l in p.stderr.splitlines() if "no decision thresholds" in l), "")
+    return scored_case(b, out, expected, p, bool(warned), f"warning: {warned[:100]}")
+
+
+def bad_flag(b: Bench, *flag: str) -> tuple:
+    d = b.dir("flag")
+    src = d / "in"
+    src.mkdir()
+    images(src, 1, start=990)
+    out = d / "r.jsonl"
+    t0 = time.perf_counter()
+    p = b.score(src, out, *flag)
+    took = time.perf_counter() - t0
+    after, ok, lost, dup = refused_case(p, out, [flag[0]])
+    return f"{after[:120]} in {took:.2f} s", ok and took < 10, lost, dup
+
+
+@case("--decision-threshold 1.5", "refused after the model loaded (22 s)")
+def flag_threshold(b: Bench):
+    return bad_flag(b, "--decision-threshold", "1.5")
+
+
+@case("--decision-threshold nan", "refused after the model loaded (22 s)")
+def flag_nan(b: Bench):
+    return bad_flag(b, "--decision-threshold", "nan")
+
+
+@case("stage cache held by another process's BEGIN EXCLUSIVE (40 s)", "blocks silently (up to 60 s)")
+def cache_exclusive(b: Bench):
+    d = b.dir("cache-lock")
+    cache = d / "cache.sqlite"
+    from dhumor.cache import StageCache
+
+    c = StageCache(cache)
+    c.put("warm", "k", b"v")
+    c.close()
+    src = d / "in"
+    src.mkdir()
+    expected = images(src, 3, start=1000)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, time\n"
+        f"c = sqlite3.connect({str(cache)!r}, isolation_level=None)\n"
+        "c.execute('BEGIN EXCLUSIVE'); print('held', flush=True); time.sleep(40)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        holder.stdout.readline()
+        out = d / "r.jsonl"
+        p = b.score(src, out, cache=cache)
+    finally:
+        holder.kill()
+        holder.wait()
+    said = next((l for l in p.stderr.splitlines() if "is locked by another process" in l), "")
+    return scored_case(b, out, expected, p, bool(said), f"said: {said[20:110]}")
+
+
+@case("explanation server answering every request with a redirect to itself", "about 124 requests per meme")
+def redirect_loop(b: Bench):
+    import http.server
+    import threading
+
+    hits = []
+
+    class Loop(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            hits.append(1)
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(307)
+            self.send_header("Location", self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Loop)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    d = b.dir("redirect")
+    src = d / "in"
+    src.mkdir()
+    expected = images(src, 2, start=1010)
+    out = d / "r.jsonl"
+    try:
+        p = b.score(src, out, "--explain", "openai", "--explain-model", "m", "--base-url",
+                    f"http://127.0.0.1:{httpd.server_address[1]}/v1", "--iterations", "1")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    per = len(hits) / len(expected)
+    return scored_case(b, out, expected, p, per <= 6, f"{per:.0f} requests per meme")
+
+
 # ---------------------------------------------------------------- report
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", default=None, help="checkpoint to score with (default: the shipped one)")
     ap.add_argument("--json", default=None, help="also write the outcomes here")
-    ap.add_argument("--only", default=None, help="run only the cases whose name contains this")
+    ap.add_argument("--only", default=None, help="run only the cases whose name contains this (several: A|B)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
     args = ap.parse_args(argv)
     global SCHEMA
@@ -502,14 +839,14 @@ def main(argv=None) -> int:
     t0 = time.time()
     try:
         for name, before, fn in CASES:
-            if args.only and args.only not in name:
+            if args.only and not any(o in name for o in args.only.split("|")):
                 continue
             t = time.time()
             try:
-                after, handled, lost, dup = fn(bench)
+                after, handled, lost, dup, *damaged = fn(bench)
             except Exception as e:  # a case that crashes the bench is a fault not handled
-                after, handled, lost, dup = f"bench error: {type(e).__name__}: {e}", False, 0, 0
-            outcomes.append(Outcome(name, before, after, handled, lost, dup))
+                after, handled, lost, dup, damaged = f"bench error: {type(e).__name__}: {e}", False, 0, 0, []
+            outcomes.append(Outcome(name, before, after, handled, lost, dup, sum(damaged)))
             print(f"[{time.time() - t:5.1f}s] {'ok  ' if handled else 'SKIP' if handled is None else 'FAIL'} {name}: "
                   f"{after}", file=sys.stderr)
     finally:
@@ -518,14 +855,16 @@ def main(argv=None) -> int:
     tried = [o for o in outcomes if o.handled is not None]
     totals = {"tried": len(tried), "handled": sum(bool(o.handled) for o in tried),
               "skipped": len(outcomes) - len(tried), "rows_lost": sum(o.rows_lost for o in outcomes),
-              "rows_duplicated": sum(o.rows_duplicated for o in outcomes)}
-    print("| case | before (issue 11) | after (measured) | handled |")
+              "rows_duplicated": sum(o.rows_duplicated for o in outcomes),
+              "files_damaged": sum(o.files_damaged for o in outcomes)}
+    print("| case | before (issue 11 / issue 28) | after (measured) | handled |")
     print("|---|---|---|---|")
     for o in outcomes:
         cell = o.after.replace("|", "\\|").replace("\n", " ")
         print(f"| {o.case} | {o.before} | {cell} | {'yes' if o.handled else 'skipped' if o.handled is None else 'NO'} |")
     print(f"\ntried {totals['tried']}, handled {totals['handled']}, skipped {totals['skipped']}, "
-          f"rows lost {totals['rows_lost']}, rows duplicated {totals['rows_duplicated']} "
+          f"rows lost {totals['rows_lost']}, rows duplicated {totals['rows_duplicated']}, "
+          f"files damaged {totals['files_damaged']} "
           f"({platform.machine()}, {os.cpu_count()} CPUs, {time.time() - t0:.0f} s)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -62,6 +62,14 @@ def _why_unwritable(path: str) -> str | None:
     return None
 _WARNED: set[tuple[str, str]] = set()  # (cache file, "reads" | "writes"): each fault is reported once per process
 _FAULTS = (sqlite3.Error, OSError)
+# Another process may hold the file's lock (a long transaction, `sqlite3` left open on BEGIN EXCLUSIVE):
+# each attempt waits LOCK_NOTICE_S, then the wait is said out loud and goes on up to LOCK_WAIT_S in all,
+# after which the cache is given up for this run (results in memory), never the work it serves.
+LOCK_NOTICE_S, LOCK_WAIT_S = 3.0, 60.0
+
+
+def _is_locked(e: BaseException) -> bool:
+    return isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e))
 
 
 class StageCache:
@@ -110,19 +118,34 @@ class StageCache:
                 # immutable=1: no lock or journal files either, which a read-only or full disk cannot hold
                 conn = sqlite3.connect(self._read_only_uri, uri=True, isolation_level=None, check_same_thread=False)
             else:
-                conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+                conn = sqlite3.connect(self.path, timeout=LOCK_NOTICE_S, isolation_level=None, check_same_thread=False)
                 try:
-                    conn.execute("PRAGMA journal_mode=WAL")
+                    self._patiently(lambda: conn.execute("PRAGMA journal_mode=WAL"))
                     conn.execute("PRAGMA synchronous=NORMAL")
-                    conn.execute(
+                    self._patiently(lambda: conn.execute(
                         "CREATE TABLE IF NOT EXISTS entries (stage TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL,"
                         " created REAL NOT NULL, PRIMARY KEY (stage, key))"
-                    )
+                    ))
                 except BaseException:
                     conn.close()
                     raise
             self._local.conn, self._local.pid = conn, os.getpid()
         return conn
+
+    def _patiently(self, op):
+        """``op()``, waiting for another process's lock on the file: said once after LOCK_NOTICE_S, given up
+        (the lock error raised, so the caller's fault handling takes over) after LOCK_WAIT_S."""
+        t0 = time.monotonic()
+        while True:
+            try:
+                return op()
+            except sqlite3.OperationalError as e:
+                if not _is_locked(e) or time.monotonic() - t0 >= LOCK_WAIT_S:
+                    raise
+                if (self.path, "locked") not in _WARNED:
+                    _WARNED.add((self.path, "locked"))
+                    log.warning("stage cache %s is locked by another process (a transaction held open); waiting up "
+                                "to %.0f s, then going on without it", self.path, LOCK_WAIT_S)
 
     def _fault(self, err: BaseException, reads: bool) -> None:
         """Stop using the file (for reads too when ``reads``), saying so once per file and kind."""
@@ -165,7 +188,8 @@ class StageCache:
             for i in range(0, len(keys), 500):  # stay under SQLite's bound-parameter limit
                 chunk = keys[i:i + 500]
                 q = f"SELECT key, value FROM entries WHERE stage=? AND key IN ({','.join('?' * len(chunk))})"
-                out.update((k, bytes(v)) for k, v in conn.execute(q, (stage, *chunk)) if k not in out)
+                found = self._patiently(lambda: conn.execute(q, (stage, *chunk)).fetchall())
+                out.update((k, bytes(v)) for k, v in found if k not in out)
         except _FAULTS as e:
             self._fault(e, reads=True)
         return out
@@ -189,7 +213,7 @@ class StageCache:
     def _write(self, stage: str, items: list[tuple[str, bytes]]) -> None:
         conn = self._conn()
         now = time.time()
-        conn.execute("BEGIN IMMEDIATE")
+        self._patiently(lambda: conn.execute("BEGIN IMMEDIATE"))
         try:
             conn.executemany(
                 "INSERT OR REPLACE INTO entries (stage, key, value, created) VALUES (?, ?, ?, ?)",

@@ -11,7 +11,7 @@ import torch
 import yaml
 from lightning.pytorch.utilities import move_data_to_device
 
-from .checkpoint import checkpoint_meta, write_checkpoint
+from .checkpoint import checkpoint_meta, file_sha256, write_checkpoint
 from .model.calibration import fit_calibration
 
 log = logging.getLogger("dhumor")
@@ -37,8 +37,9 @@ class ExportBestCheckpoint(L.Callback):
         if best:
             state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
             score = ckpt_cb.best_model_score
+            # Name and digest: the calibration below belongs to this one file (checkpoint.fitted_beside).
             selection = {"monitor": ckpt_cb.monitor, "score": float(score) if score is not None else None,
-                         "checkpoint": Path(best).name}
+                         "checkpoint": Path(best).name, "checkpoint_sha256": file_sha256(best)}
         else:
             state, selection = pl_module.state_dict(), {"monitor": None, "checkpoint": "last"}
         config = None

@@ -12,7 +12,10 @@ Lightning ``.ckpt`` files also load, through ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
+import logging
+import math
 import os
 import shutil
 import tempfile
@@ -26,6 +29,7 @@ from .encoders.registry import get_entry
 from .errors import CheckpointError
 
 WEIGHTS, META = "model.safetensors", "dhumor.json"
+log = logging.getLogger("dhumor")
 
 
 def _plain(obj: Any) -> Any:
@@ -119,13 +123,14 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         if not meta_path.exists() or not weights_path.exists():
             raise CheckpointError(f"{d}: a dhumor checkpoint needs {META} and {WEIGHTS}")
         meta = validate_meta(_read_json(meta_path), str(meta_path))
+        check_weights(meta, safetensors_shapes(weights_path), weights_path)  # before a tensor is allocated
         try:
             return meta, load_file(weights_path)
         except Exception as e:
             raise CheckpointError(f"{weights_path}: cannot read weights ({e})") from None
     if path.suffix == ".ckpt":
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        try:  # mmap: the tensors stay on disk until the shapes are checked against the hyper-parameters
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
             raise CheckpointError(f"{path}: refused to load (only plain tensors and values are accepted; "
                                   f"pickled code is never run): {(str(e).splitlines() or [type(e).__name__])[0][:300]}") from None
@@ -135,7 +140,12 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
             meta = checkpoint_meta(ckpt["hyper_parameters"])
         except (KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{path}: damaged hyper_parameters: {type(e).__name__}: {e}") from None
-        return validate_meta({**meta, **fitted_beside(path)}, str(path)), ckpt["state_dict"]
+        meta = validate_meta({**meta, **fitted_beside(path)}, str(path))
+        state = ckpt["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{path}: damaged state_dict (not a mapping of names to tensors)")
+        check_weights(meta, {k: tuple(v.shape) for k, v in state.items()}, path)
+        return meta, state
     raise CheckpointError(f"{path}: expected a checkpoint directory, a .safetensors or a .ckpt file")
 
 
@@ -166,13 +176,132 @@ FITTED_KEYS = ("thresholds", "calibration", "reasoning_source")
 def fitted_beside(ckpt: str | Path) -> dict:
     """What ``fit`` learned after training (calibration, threshold presets, reasoning source) for a
     Lightning ``.ckpt``: it lives in the run's ``export/dhumor.json`` (``<run>/checkpoints/x.ckpt`` →
-    ``<run>/export``), so a ``.ckpt`` decides exactly as its export does. Empty when there is none."""
-    meta_path = Path(ckpt).resolve().parent.parent / "export" / META
+    ``<run>/export``), and belongs to the one ``.ckpt`` it was fitted for (named, with its sha256, in
+    the export's ``metrics.selection``). Any other ``.ckpt`` of the run (``last.ckpt``) gets only the
+    reasoning source, and decides uncalibrated, with a warning. Empty when there is no export."""
+    ckpt = Path(ckpt)
+    meta_path = ckpt.resolve().parent.parent / "export" / META
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError):
         return {}
-    return {k: meta[k] for k in FITTED_KEYS if isinstance(meta, dict) and k in meta}
+    if not isinstance(meta, dict):
+        return {}
+    fitted = {k: meta[k] for k in FITTED_KEYS if k in meta}
+    selection = ((meta.get("metrics") or {}).get("selection") or {}) if isinstance(meta.get("metrics"), dict) else {}
+    name, digest = selection.get("checkpoint"), selection.get("checkpoint_sha256")
+    mine = digest == file_sha256(ckpt) if digest else name == ckpt.name
+    if mine:
+        return fitted
+    key = (str(ckpt.resolve()), str(meta_path))
+    if key not in _WARNED_UNFITTED:
+        _WARNED_UNFITTED.add(key)
+        log.warning("%s: the calibration and thresholds in %s were fitted for %s, not this checkpoint: it decides "
+                    "uncalibrated (pass --decision-threshold, or score with %s or the export)", ckpt, meta_path,
+                    name or "another checkpoint", name or "that checkpoint")
+    return {k: v for k, v in fitted.items() if k == "reasoning_source"}
+
+
+_WARNED_UNFITTED: set[tuple[str, str]] = set()
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_digest(path: str | Path) -> str:
+    """The sha256 of what decides a checkpoint's rows: its weights and its metadata (for a ``.ckpt``, the
+    fitted calibration it gets from its export). Recorded in every row's provenance."""
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_dir() or path.suffix == ".safetensors":
+        d = path if path.is_dir() else path.parent
+        parts = [d / WEIGHTS if path.is_dir() else path, d / META]
+        for p in parts:
+            h.update(bytes.fromhex(file_sha256(p)))
+    else:
+        h.update(bytes.fromhex(file_sha256(path)))
+        h.update(json.dumps(fitted_beside(path), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- weights checked before they load
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+                "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+
+
+def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape from a ``.safetensors`` file's header alone (no tensor is read); every entry's
+    byte range checked against the file. CheckpointError naming the tensor when the header is damaged."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or n > min(size - 8, 100 << 20):
+                raise CheckpointError(f"{path}: not a safetensors file (its header length is damaged)")
+            header = json.loads(fh.read(n))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    data = size - 8 - n
+    shapes = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (a, b) = info["dtype"], info["shape"], info["data_offsets"]
+            ok = (dtype in _DTYPE_BYTES and isinstance(shape, list) and all(type(x) is int and x >= 0 for x in shape)
+                  and type(a) is int and type(b) is int and 0 <= a <= b <= data
+                  and b - a == math.prod(shape) * _DTYPE_BYTES[dtype])
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{path}: damaged weights: the header entry of tensor {name!r} is inconsistent "
+                                  f"(dtype, shape or byte range)")
+        shapes[name] = tuple(shape)
+    return shapes
+
+
+def expected_shapes(meta: dict) -> dict[str, tuple[int, ...]]:
+    """The fusion network's tensor shapes its metadata asks for, built on the meta device (no memory)."""
+    import dataclasses
+
+    from .model.tcrnet import TCRNet, TCRNetConfig  # torch only: no Lightning import before a refusal
+    from .schema import get_schema
+
+    hp = meta["hparams"]
+    cfg = TCRNetConfig(**{f.name: hp[f.name] for f in dataclasses.fields(TCRNetConfig) if f.name in hp})
+    streams = [s for s in ("image", "caption", "reasoning") if s in hp["streams"]]
+    with torch.device("meta"):
+        net = TCRNet(get_schema(hp["task"]), {s: int(hp["input_dims"][s]) for s in streams}, cfg)
+    return {f"net.{k}": tuple(v.shape) for k, v in net.state_dict().items()}
+
+
+def check_weights(meta: dict, shapes: dict[str, tuple[int, ...]], where: str | Path) -> None:
+    """Every fusion-network tensor present with the shape the metadata asks for; CheckpointError naming
+    the first tensor that is not (encoder tensors of a fine-tuned checkpoint are checked when they load)."""
+    try:
+        want = expected_shapes(meta)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: hyper-parameters do not describe a model: {type(e).__name__}: {e}") from None
+    for name, shape in want.items():
+        if name not in shapes:
+            raise CheckpointError(f"{where}: damaged weights: tensor {name!r} is missing")
+        if tuple(shapes[name]) != shape:
+            raise CheckpointError(f"{where}: damaged weights: tensor {name!r} has shape {list(shapes[name])}, the "
+                                  f"metadata's hyper-parameters need {list(shape)}")
+    extra = [k for k in shapes if k.startswith("net.") and k not in want]
+    if extra:
+        raise CheckpointError(f"{where}: damaged weights: unexpected tensor {extra[0]!r} (not in this model)")
 
 
 def load_module(path: str | Path, map_location: str | torch.device = "cpu"):

@@ -12,6 +12,7 @@ dhumor.errors.CheckpointError: ckpt/dhumor.json: damaged checkpoint metadata: th
 """
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -25,9 +26,10 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0, strict=True)]
 
 
 class _Open(BaseModel):
-    """Fields this version does not know are kept (written by newer versions or other tools)."""
+    """Fields this version does not know are kept (written by newer versions or other tools); no
+    number may be infinite or NaN."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
 class TaskMeta(_Open):
@@ -58,12 +60,25 @@ class EncoderMeta(_Open):
     dim: int | None = Field(default=None, gt=0)
 
 
+# Sane bounds of the architecture: a damaged or hostile file cannot ask for a 2e16-byte allocation.
+# Far above any model dhumor trains (d_model 128, hidden 128, 4 tokens, 768-wide encoders).
+Width = Annotated[int, Field(ge=1, le=16384, strict=True)]
+
+
 class HParams(_Open):
     task: str | dict[str, Any]
     streams: list[Literal["image", "caption", "reasoning"]] = Field(min_length=1)
-    input_dims: dict[str, Annotated[int, Field(gt=0)]]
+    input_dims: dict[str, Annotated[int, Field(gt=0, le=65536, strict=True)]]
     mode: Literal["cached", "finetune"] = "cached"
     inputs: Literal["pooled", "tokens"] = "pooled"
+    d_model: Width = 128
+    heads: Annotated[int, Field(ge=1, le=256, strict=True)] = 4
+    hidden: Width = 128
+    tokens_per_stream: Annotated[int, Field(ge=1, le=1024, strict=True)] = 4
+    max_tokens: Annotated[int, Field(ge=1, le=65536, strict=True)] = 128
+    dropout: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    modality_dropout: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
+    input_dropout: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
 
     @model_validator(mode="after")
     def _every_stream_described(self):
@@ -75,11 +90,14 @@ class HParams(_Open):
                 raise ValueError(f"stream {s!r} has no input_dims entry")
         if len(set(self.streams)) != len(self.streams):
             raise ValueError(f"streams repeat: {self.streams}")
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model {self.d_model} is not a multiple of heads {self.heads}")
         return self
 
 
 class Calibration(_Open):
-    temperature: float = Field(gt=0.0, strict=True)
+    # Fitted temperatures lie near 1 (the shipped model's: 1.3-3.1); 1e308 or 1e-300 is damage.
+    temperature: float = Field(ge=0.01, le=100.0, strict=True)
 
 
 class Thresholds(_Open):
@@ -129,8 +147,28 @@ def validate_meta(meta: Any, where: str) -> dict:
                               f"not a {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{where}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+    bad = _non_finite(meta)
+    if bad is not None:
+        raise CheckpointError(f"{where}: damaged checkpoint metadata: field {bad[0]!r} is {bad[1]!r}, not a finite number")
     try:
         checked = CheckpointMeta.model_validate(meta)
     except ValidationError as e:
         raise CheckpointError(f"{where}: damaged checkpoint metadata: {_describe(e)}") from None
     return checked.model_dump(by_alias=True, exclude_unset=True)
+
+
+def _non_finite(obj: Any, loc: tuple = ()) -> tuple[str, float] | None:
+    """The first number that is infinite or NaN anywhere in ``obj`` (JSON lets Python read them)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return _where(loc), obj
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, list):
+        items = enumerate(obj)
+    else:
+        return None
+    for k, v in items:
+        found = _non_finite(v, (*loc, k))
+        if found:
+            return found
+    return None

@@ -107,6 +107,34 @@ def _positive_int(text: str) -> int:
     return n
 
 
+def _probability(text: str) -> float:
+    """A number in [0, 1] (nan and inf refused here, before any model loads)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, not {text!r}") from None
+    if not 0.0 <= x <= 1.0:  # also False for nan
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], not {text}")
+    return x
+
+
+def _positive_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+    if not (x > 0 and x < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, not {text}")
+    return x
+
+
+def _port(text: str) -> int:
+    n = _positive_int(text)
+    if n > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 1 to 65535, not {n}")
+    return n
+
+
 def _add_explainer(p: argparse.ArgumentParser, default: str = "none") -> None:
     """The explanation options, named the same in every subcommand (``dhumor explain`` has no "none")."""
     from .explain.backends import BACKENDS, backend_choices
@@ -120,7 +148,7 @@ def _add_explainer(p: argparse.ArgumentParser, default: str = "none") -> None:
                                                     "(default: $DHUMOR_OPENAI_BASE_URL)")
     p.add_argument("--iterations", type=_positive_int, default=3,
                    help="Role-Reversal loop iterations (1 = explain only)")
-    p.add_argument("--similarity-threshold", type=float, default=0.9,
+    p.add_argument("--similarity-threshold", type=_probability, default=0.9,
                    help="stop the loop early when a revision is at least this similar to the previous one (0-1)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="offline: CPU threads for llama.cpp (default: all; a demo sharing the machine with other "
@@ -130,7 +158,7 @@ def _add_explainer(p: argparse.ArgumentParser, default: str = "none") -> None:
 def _add_decision(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="checkpoint directory or .ckpt (default: $DHUMOR_CHECKPOINT, "
                                                        "else the one shipped with dhumor)")
-    p.add_argument("--decision-threshold", type=float, default=None,
+    p.add_argument("--decision-threshold", type=_probability, default=None,
                    help="threshold on the primary task's probability (default: the checkpoint's balanced preset)")
 
 
@@ -180,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--explanations", default=None, help="explanations JSONL from `dhumor explain` (reasoning stream)")
     e.add_argument("--explanation-iteration", type=int, default=-1, help="which loop iteration to use (-1: last)")
     e.add_argument("--predictions", default=None, help="also write every meme's result row to this .jsonl")
-    e.add_argument("--batch-size", type=int, default=64, help="memes per model batch")
+    e.add_argument("--batch-size", type=_positive_int, default=64, help="memes per model batch")
     e.add_argument("--json", action="store_true", help="print one JSON object (per task metrics) to stdout")
     _add_common(e)
 
@@ -191,13 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ocr", default="rapidocr", choices=engine_choices(),
                    help="OCR engine; 'none' uses the manifest's captions (or no caption for images)")
     _add_explainer(s)
-    s.add_argument("--workers", type=int, default=2, help="threads for decoding and OCR")
-    s.add_argument("--batch-size", type=int, default=16, help="memes per model batch (and per write)")
+    s.add_argument("--workers", type=_positive_int, default=2, help="threads for decoding and OCR")
+    s.add_argument("--batch-size", type=_positive_int, default=16, help="memes per model batch (and per write)")
     s.add_argument("--shard", default=None, help="i/n: score only shard i of n (0-based), for n machines")
     s.add_argument("--format", default="auto", choices=["auto", "harmeme", "dhumor", "folder"])
     s.add_argument("--images", default=None, help="images folder of a manifest (default: images/ beside it)")
     s.add_argument("--retry-errors", action="store_true",
                    help="also rescore rows whose file was unusable (transient failures are always retried)")
+    s.add_argument("--rescore", action="store_true",
+                   help="score again, into this --out, the rows written with other settings (another checkpoint, "
+                        "threshold, OCR engine or explainer; or by an older dhumor that did not record them)")
     _add_common(s)
 
     m = add("merge", "merge shard outputs into one file, refusing duplicates")
@@ -219,13 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(664 tokens), so the JSON can always close")
     x.add_argument("--ocr", default="auto", choices=["auto", *engine_choices()],
                    help="auto: the manifest's captions when it has them, else rapidocr")
-    x.add_argument("--batch-size", type=int, default=8, help="memes per generation batch")
-    x.add_argument("--concurrency", type=int, default=4, help="openai: requests in flight")
+    x.add_argument("--batch-size", type=_positive_int, default=8, help="memes per generation batch")
+    x.add_argument("--concurrency", type=_positive_int, default=4, help="openai: requests in flight")
     x.add_argument("--shard", default=None, help="i/n: only shard i of n")
     x.add_argument("--order", default="input", choices=["input", "shuffle"],
                    help="shuffle: a seeded random order, so that a partial run is a random sample")
     x.add_argument("--seed", type=int, default=0)
-    x.add_argument("--limit", type=int, default=None, help="only the first N items (after ordering)")
+    x.add_argument("--limit", type=_positive_int, default=None, help="only the first N items (after ordering)")
     x.add_argument("--format", default="auto", choices=["auto", "harmeme", "dhumor", "folder"])
     x.add_argument("--images", default=None, help="images folder of a manifest (default: images/ beside it)")
     _add_common(x)
@@ -233,12 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = add("demo", "the Gradio moderation demo")
     _add_decision(d)
     d.add_argument("--host", default="127.0.0.1")
-    d.add_argument("--port", type=int, default=7860)
+    d.add_argument("--port", type=_port, default=7860)
     d.add_argument("--ocr", default="rapidocr", choices=engine_choices(), help="OCR engine of uploads")
     _add_explainer(d)
     d.add_argument("--review-log", default=None, help="SQLite review log (default: $DHUMOR_REVIEW_LOG, else "
                                                       "~/.local/share/dhumor/reviews.sqlite)")
-    d.add_argument("--max-file-mb", type=float, default=10.0, help="upload size limit")
+    d.add_argument("--max-file-mb", type=_positive_float, default=10.0, help="upload size limit")
     d.add_argument("--queue", default=None, metavar="RESULTS_OR_FOLDER",
                    help="add a review-queue tab over a `dhumor score` results .jsonl (or a folder, scored on the way)")
     _add_common(d)
@@ -257,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     o = add("ocr", "print the OCR text of memes (an image, a folder or a manifest)")
     o.add_argument("input", help="image file, folder or manifest")
     o.add_argument("--ocr", default="rapidocr", choices=ENGINES.names(), help="OCR engine")
-    o.add_argument("--limit", type=int, default=None)
+    o.add_argument("--limit", type=_positive_int, default=None)
     _add_common(o)
     return p
 
@@ -310,9 +341,11 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from .results_file import ResultsFile, claim_output, output_files
+    from .results_file import ResultsFile, check_not_input, check_own, claim_output, output_files
 
+    check_not_input(args.out, args.input, args.images)  # a run never writes what it reads
     claim_output(args.out)  # a bad --out, or another run on it, is refused at once, before torch is imported
+    check_own(args.out, "score")  # a file that is not a results file: refused, untouched, in a second
     from .cache import StageCache
     from .items import collect_items, in_shard, parse_shard
     from .ocr import create_ocr
@@ -327,9 +360,20 @@ def cmd_score(args) -> int:
     check_ocr(args.ocr)
     check_explainer(args.explain, args.explain_model, args.base_url)
     ckpt, meta = check_checkpoint(args.checkpoint)
-    results = ResultsFile(args.out, TaskSchema.from_dict(meta["schema"]))
+    results = ResultsFile(args.out, TaskSchema.from_dict(meta["schema"])).verify()  # ours? before a byte changes
+    done = _check_provenance_early(results, ckpt, meta, args)
     items = [it for it in collect_items(source, args.format, args.images, exclude=output_files(args.out))
              if in_shard(it.id, shard)]
+    if done is not None:
+        from .scoring import summary_if_done
+
+        summary = summary_if_done(results, items, done, args.retry_errors)
+        if summary is not None:  # every meme has its final row: no model needs to load to say so
+            results.repair()  # a torn last line (a run killed mid-write) goes, as in any resumed run
+            print(f"dhumor score: nothing to do: all {summary.total} memes already have a row in {args.out}",
+                  file=sys.stderr)
+            print(json.dumps(summary.to_dict()), file=sys.stderr)
+            return summary.exit_code
 
     cache = StageCache(args.cache)
     explainer = _explainer_from_args(args, cache) if args.explain != "none" else None
@@ -339,7 +383,7 @@ def cmd_score(args) -> int:
         print(f"dhumor score: note: {pipe.checkpoint} has no reasoning stream; explanations are written to the "
               f"rows but do not change its predictions", file=sys.stderr)
     scorer = Scorer(pipe, results, batch_size=args.batch_size, workers=args.workers, progress=not args.quiet)
-    summary = scorer.run(items, retry_errors=args.retry_errors)
+    summary = scorer.run(items, retry_errors=args.retry_errors, rescore=args.rescore)
     if summary.total == 0:
         print(f"dhumor score: no files found in {source}", file=sys.stderr)
     elif summary.already_done == summary.total and not summary.interrupted:
@@ -354,10 +398,33 @@ def cmd_score(args) -> int:
     return summary.exit_code
 
 
-def cmd_explain(args) -> int:
-    from .results_file import claim_output, output_files
+def _check_provenance_early(results, ckpt, meta, args) -> None:
+    """Before any model loads: refuse an --out whose rows another checkpoint, threshold or OCR engine wrote
+    (the explainer's settings are compared too, once it is built: :meth:`Scorer.run`). Returns the file's
+    index when every setting is known to match (no explainer), so a finished run needs no model."""
+    from .checkpoint import checkpoint_digest
+    from .decision import Decider
+    from .schema import TaskSchema
+    from .scoring import check_provenance
 
+    if args.rescore or not results.path.exists():
+        return None
+    threshold = Decider.from_meta(TaskSchema.from_dict(meta["schema"]), meta, args.decision_threshold).threshold
+    mine = {"checkpoint": checkpoint_digest(ckpt), "threshold": float(threshold), "ocr": args.ocr}
+    index = results.index()
+    check_provenance(results, index, mine, rescore=False, fields=tuple(mine))
+    if args.explain != "none":  # the explainer's settings are only known once it is built
+        return None
+    check_provenance(results, index, {**mine, "explainer": None}, rescore=False)
+    return index
+
+
+def cmd_explain(args) -> int:
+    from .results_file import ResultsFile, check_not_input, claim_output, output_files
+
+    check_not_input(args.out, args.input, args.images)
     claim_output(args.out, (".jsonl",))
+    ResultsFile(args.out, None, kind="explain").verify()  # a foreign file is refused before any model loads
     from .cache import StageCache
     from .explain.run import order_items, run_explain
     from .items import collect_items, in_shard, parse_shard
@@ -487,16 +554,27 @@ def cmd_ocr(args) -> int:
     source = check_input(args.input)
     check_ocr(args.ocr)
     ocr = OCR(args.ocr, StageCache(args.cache))
+    from .ocr import OCRFailed
+
     failed = 0
     for it in collect_items(source)[: args.limit]:
+        # One input's failure is that input's row: its file, its decode, the engine on this image.
         try:
             if it.error:
                 raise DataError(it.path, it.error)
             text = ocr.read_file(it.path)
-            print(dumps_row({"id": it.id, "path": str(it.path), "text": text}))
-        except DHumorError as e:
-            failed += 1
-            print(dumps_row({"id": it.id, "path": str(it.path), "error": str(e)}))
+            print(dumps_row({"id": it.id, "path": str(it.path), "text": text}), flush=True)
+            continue
+        except OCRFailed as e:
+            error, kind = f"OCR failed: {e}", e.kind
+        except DataError as e:
+            error, kind = str(e), "permanent"
+        except OSError as e:
+            error, kind = f"cannot read file: {e.strerror or e}", "permanent"
+        except MemoryError as e:
+            error, kind = f"out of memory: {e}", "transient"
+        failed += 1
+        print(dumps_row({"id": it.id, "path": str(it.path), "error": error, "error_kind": kind}), flush=True)
     return EXIT_ROWS_FAILED if failed else EXIT_OK
 
 
@@ -514,7 +592,8 @@ def _report(command: str, e: BaseException, debug: bool) -> int:
         import traceback
 
         traceback.print_exception(e)
-    if isinstance(e, (DHumorError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError)):
+    # Only the project's own errors are the user's to fix: a ValueError from numpy or sklearn is a bug.
+    if isinstance(e, DHumorError):
         msg = str(e).strip().splitlines()
         print(f"dhumor {command}: error: {msg[0] if len(msg) == 1 else ' / '.join(msg[:6])}", file=sys.stderr)
         return EXIT_USAGE

@@ -16,6 +16,7 @@ import logging
 from typing import Mapping
 
 import numpy as np
+from .errors import InvalidValueError
 
 from .schema import TaskSchema
 
@@ -36,7 +37,7 @@ class Decider:
         self.presets_from_checkpoint = bool(presets)
         self.temperatures = {k: float(v) for k, v in (temperatures or {}).items() if float(v) != 1.0}
         if threshold is not None and not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"the decision threshold must lie in [0, 1], got {threshold}")
+            raise InvalidValueError(f"the decision threshold must lie in [0, 1], got {threshold}")
         self.threshold = float(threshold if threshold is not None
                                else self.presets.get(DEFAULT_PRESET, DEFAULT_THRESHOLD))
 

@@ -37,3 +37,17 @@ EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM: rows written so far are kept; rerun 
 
 class ConfigError(DHumorError):
     """A configuration problem found before work starts; the message names the fix (exit code 2)."""
+
+
+class InvalidValueError(ConfigError, ValueError):
+    """A setting or argument with a value dhumor cannot use (also a ValueError, for callers that catch one)."""
+
+
+class UnknownNameError(ConfigError, KeyError):
+    """An unknown name (encoder, task schema, label); also a KeyError, for callers that catch one."""
+
+    __str__ = Exception.__str__  # the message as written, not KeyError's quoted repr
+
+
+class MissingConfigFileError(ConfigError, FileNotFoundError):
+    """A file a setting names is not there (prompt files); also a FileNotFoundError."""

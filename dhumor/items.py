@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .errors import DataError
+from .errors import DataError, InvalidValueError
 from .images import is_image_name
 
 MANIFEST_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".xlsx", ".xlsm", ".xls")
@@ -41,9 +41,9 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in spec.split("/"))
     except ValueError:
-        raise ValueError(f"--shard takes i/n with 0 <= i < n, got {spec!r}") from None
+        raise InvalidValueError(f"--shard takes i/n with 0 <= i < n, got {spec!r}") from None
     if not (n >= 1 and 0 <= i < n):
-        raise ValueError(f"--shard takes i/n with 0 <= i < n, got {spec!r}")
+        raise InvalidValueError(f"--shard takes i/n with 0 <= i < n, got {spec!r}")
     return i, n
 
 
@@ -76,28 +76,45 @@ def collect_items(source: str | Path, format: str = "auto", images: str | Path |
         return [Item(source.name, source)]
     res = read_manifest(source, format, images, skip_bad=True)
     items = [Item(m.id, m.image, m.caption, m.explanation, labels=dict(m.labels)) for m in res.memes]
+    used = {it.id for it in items}
     row_ids = _row_ids(source) if res.skipped else {}
     for e in res.skipped:  # rows that name no usable image still get a row each, with the reason
-        items.append(Item(row_ids.get(e.row) or f"{Path(e.file).name}:{e.row}", Path(e.file), error=e.reason))
+        items.append(Item(_error_row_id(row_ids.get(e.row), Path(e.file).name, e.row, used), Path(e.file),
+                          error=e.reason))
     return items
 
 
+def _error_row_id(declared: str | None, file: str, row: int | None, used: set[str]) -> str:
+    """The id of a manifest row that cannot be scored: the id it declares, unless another row has it
+    (then, like a row that declares none, ``file:line``), made unique against every id in ``used``."""
+    rid = declared if declared and declared not in used else f"{file}:{row}"
+    base, n = rid, 1
+    while rid in used:  # a meme may be called "val.jsonl:3" too
+        n += 1
+        rid = f"{base}#{n}"
+    used.add(rid)
+    return rid
+
+
 def _row_ids(manifest: Path) -> dict[int, str]:
-    """``{row number: id}`` of a JSONL manifest's rows that declare one (so an error row keeps its meme's id)."""
+    """``{line number: id}`` of a JSONL manifest's rows that declare one (so an error row keeps its meme's
+    id), counted by the same splitter the reader uses, so the line numbers agree."""
     import json
+
+    from .data.readers import json_lines
 
     out: dict[int, str] = {}
     if manifest.suffix.lower() not in (".jsonl", ".json"):
         return out
     try:
-        with open(manifest, encoding="utf-8", errors="replace") as fh:
-            for n, line in enumerate(fh, 1):
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(rec, dict) and rec.get("id"):
-                    out[n] = str(rec["id"])
+        lines = json_lines(manifest.read_bytes())
     except OSError:
-        pass
+        return out
+    for n, line in lines:
+        try:
+            rec = json.loads(line) if line is not None else None
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec.get("id"):
+            out[n] = str(rec["id"])
     return out

@@ -7,29 +7,41 @@ import os
 from pathlib import Path
 
 from .errors import DataError
-from .results_file import FORMATS, acquire_output_lock, check_output_path, release_output_lock, unescape_text
+from .results_file import (FORMATS, acquire_output_lock, check_output_path, provenance_key, release_output_lock,
+                           unescape_text)
 
 
-def _row_id(line: bytes, width: int | None, path: str | Path, n: int) -> str:
-    """The exact id of one row (CSV ids unescaped, so two spellings of one name cannot both pass);
-    ``width``: the CSV header's number of columns (None for JSONL)."""
+def _row_id(line: bytes, header: list[str] | None, path: str | Path, n: int) -> tuple[str, str | None]:
+    """The exact id of one row (CSV ids unescaped, so two spellings of one name cannot both pass) and its
+    provenance (:func:`~dhumor.results_file.provenance_key`; None for a row of an older dhumor);
+    ``header``: the CSV's columns (None for JSONL)."""
     try:
         text = line.decode("utf-8")
-        if width is not None:
+        if header is not None:
             fields = next(csv.reader([text]))
-            if len(fields) != width:
+            if len(fields) != len(header):
                 raise TypeError
-            return unescape_text(fields[0])
-        rid = json.loads(text)["id"]
+            prov = unescape_text(fields[header.index("provenance")]) if "provenance" in header else ""
+            return unescape_text(fields[0]), prov or None
+        row = json.loads(text)
+        rid = row["id"]
         if not isinstance(rid, str):
             raise TypeError
-        return rid
+        prov = row.get("provenance")
+        return rid, provenance_key(prov) if isinstance(prov, dict) else None
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, IndexError, StopIteration):
         raise DataError(path, "damaged row (torn or edited): fix or delete it, or rerun that shard", n) from None
 
 
+def _settings(key: str | None) -> str:
+    from .scoring import _describe_provenance
+
+    return _describe_provenance(key)
+
+
 def merge_results(inputs: list[str | Path], out: str | Path) -> int:
-    """Concatenate JSONL (or CSV) shard outputs, refusing an id that appears twice; write-then-rename."""
+    """Concatenate JSONL (or CSV) shard outputs, refusing an id that appears twice or rows of different
+    settings (provenance); write-then-rename."""
     out = check_output_path(out)
     suffixes = {Path(p).suffix.lower() for p in inputs} | {out.suffix.lower()}
     if len(suffixes) != 1 or suffixes - set(FORMATS):
@@ -38,6 +50,7 @@ def merge_results(inputs: list[str | Path], out: str | Path) -> int:
     seen: dict[str, str] = {}
     lines: list[bytes] = []
     header = None
+    settings: tuple[str | None, str] | None = None  # the provenance of the first row, and where it is
     for p in inputs:
         try:
             data = Path(p).read_bytes()
@@ -57,7 +70,13 @@ def merge_results(inputs: list[str | Path], out: str | Path) -> int:
         for n, line in enumerate(rows, 2 if csv_mode else 1):
             if not line.strip():
                 continue
-            rid = _row_id(line, len(next(csv.reader([header.decode("utf-8", "replace")]))) if csv_mode else None, p, n)
+            columns = next(csv.reader([header.decode("utf-8", "replace")])) if csv_mode else None
+            rid, prov = _row_id(line, columns, p, n)
+            if settings is None:
+                settings = (prov, f"{p}:{n}")
+            elif prov != settings[0]:  # one file, one model and one set of settings
+                raise DataError(p, f"row {rid!r} was scored with {_settings(prov)}, but {settings[1]} with "
+                                   f"{_settings(settings[0])}: rescore one of them (--rescore) before merging", n)
             if rid in seen:
                 raise DataError(p, f"id {rid!r} is also in {seen[rid]}: shards overlap", n)
             seen[rid] = str(p)

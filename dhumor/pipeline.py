@@ -7,7 +7,11 @@ and the notebook, in the shape of a transformers pipeline.
   the checkpoint's calibration.
 - :meth:`Pipeline.postprocess`: labels, gating and the decision (:class:`~dhumor.decision.Decider`).
 
-Every stage's failure becomes that meme's ``error`` (or ``explanation_error``); the batch goes on.
+A failure that belongs to one meme becomes that meme's ``error`` (or ``explanation_error``) and the
+batch goes on: its file or its decode, an image the OCR engine cannot read (``error_kind``
+"permanent": a rerun gives the same, so it is not retried), the explanation server, running out of
+memory ("transient": retried by the next run). Anything else is a bug and stops the run. Every row
+records its ``provenance``: the checkpoint's digest, the threshold, the OCR engine and the explainer.
 
 >>> from dhumor.pipeline import Pipeline
 >>> pipe = Pipeline.from_checkpoint()                          # doctest: +SKIP
@@ -33,10 +37,11 @@ from .cache import StageCache
 from .checkpoint import load_module
 from .data.datasets import feature_collate
 from .decision import Decider
-from .errors import DataError
+from .errors import DataError, DHumorError
 from .features import FeatureExtractor, StreamFeature, resolve_device
 from .images import load_image_with_digest
 from .items import Item
+from .ocr import OCRFailed
 from .resources import default_checkpoint
 from .schema import Meme, TaskSchema
 
@@ -56,7 +61,7 @@ class Prepared:
     trail: dict | None = None
     explanation_error: str | None = None
     error: str | None = None
-    error_kind: str | None = None  # "input" (the file itself; a rerun gives the same) or "transient"
+    error_kind: str | None = None  # "permanent" (the file itself; a rerun gives the same) or "transient"
     timings: dict = field(default_factory=dict)
 
 
@@ -69,8 +74,68 @@ class Predictions:
     errors: dict[int, DataError] = field(default_factory=dict)
 
 
+PERMANENT, TRANSIENT = "permanent", "transient"
+# What an explanation backend may raise for one batch: the server (requests' errors are OSErrors), the
+# project's own errors, memory. Anything else is a bug in dhumor and must not become a row.
+EXPLAINER_FAULTS = (OSError, MemoryError, DHumorError)
+
+
 def _describe_exception(e: BaseException) -> str:
-    return str(e) if isinstance(e, DataError) else f"{type(e).__name__}: {e}"
+    return str(e) if isinstance(e, DHumorError) else f"{type(e).__name__}: {e}"
+
+
+def is_permanent(row: dict) -> bool:
+    """A row error that a rerun would give again (legacy rows called it "input")."""
+    return bool(row.get("error")) and row.get("error_kind") in (PERMANENT, "input")
+
+
+def explainer_provenance(settings: dict | None) -> dict | None:
+    """The explainer part of a row's provenance: backend, model, prompt version, iterations."""
+    if not settings:
+        return None
+    backend = settings.get("backend") or {}
+    return {"backend": backend.get("backend"), "model": backend.get("model"),
+            "prompt_version": settings.get("prompts"), "iterations": settings.get("iterations")}
+
+
+def preprocess(item: Item, ocr=None, image: Image.Image | None = None, sha256: str | None = None) -> Prepared:
+    """Decode the image (unless given) and read its caption (unless given, with ``ocr`` when there is one):
+    the first stage of every command that reads memes (score, evaluate, explain, the demo). Every failure
+    is the meme's ``error`` with its kind (permanent or transient), never an exception. Thread-safe."""
+    p = Prepared(item)
+    if item.error:
+        p.error, p.error_kind = item.error, PERMANENT
+        return p
+    t = time.perf_counter()
+    if image is None:
+        try:
+            image, sha256 = load_image_with_digest(item.path)
+        except DataError as e:
+            p.error, p.error_kind, p.timings["decode"] = e.reason, PERMANENT, time.perf_counter() - t
+            return p
+        except OSError as e:  # a file system surprise: this meme fails, the batch goes on
+            p.error, p.error_kind = f"cannot read file: {_describe_exception(e)}", PERMANENT
+            return p
+        except MemoryError as e:
+            p.error, p.error_kind = f"out of memory decoding the file: {e}", TRANSIENT
+            return p
+        p.timings["decode"] = time.perf_counter() - t
+    p.image, p.sha256 = image, sha256
+    if item.caption is not None:
+        p.caption, p.caption_source = item.caption, "given"
+    elif ocr is not None:
+        t = time.perf_counter()
+        try:
+            p.caption, p.caption_source = ocr.read(image, sha256), ocr.engine
+        except OCRFailed as e:  # the engine failed on this image: the batch goes on
+            p.error, p.error_kind = f"OCR failed: {e}", e.kind
+            return p
+        except MemoryError as e:
+            p.error, p.error_kind = f"OCR failed: out of memory: {e}", TRANSIENT
+            return p
+        p.timings["ocr"] = time.perf_counter() - t
+    p.explanation = item.explanation
+    return p
 
 
 class Pipeline:
@@ -85,6 +150,11 @@ class Pipeline:
         self.decider = decider or Decider.from_module(module)
         self.checkpoint = checkpoint
         self.meta: dict = getattr(module, "checkpoint_meta", None) or {}
+        self.checkpoint_digest: str | None = None
+        if checkpoint:
+            from .checkpoint import checkpoint_digest
+
+            self.checkpoint_digest = checkpoint_digest(checkpoint)
         self._check_reasoning_source()
 
     @classmethod
@@ -120,6 +190,13 @@ class Pipeline:
     def presets(self) -> dict[str, float]:
         return self.decider.presets
 
+    def provenance(self, threshold: float | None = None) -> dict:
+        """The settings that shape a row: checkpoint digest, threshold in use, OCR engine, explainer."""
+        return {"checkpoint": self.checkpoint_digest,
+                "threshold": float(self.decider.threshold if threshold is None else threshold),
+                "ocr": self.ocr.engine if self.ocr is not None else "none",
+                "explainer": explainer_provenance(self.explainer.settings) if self.explainer is not None else None}
+
     def reasoning_source(self) -> dict:
         """Where this pipeline's reasoning-stream text comes from."""
         if self.explainer is None:
@@ -148,34 +225,7 @@ class Pipeline:
     # ------------------------------------------------------------ stages
     def preprocess(self, item: Item, image: Image.Image | None = None, sha256: str | None = None) -> Prepared:
         """Decode the image (unless given) and read its caption (unless given). Thread-safe."""
-        p = Prepared(item)
-        if item.error:
-            p.error, p.error_kind = item.error, "input"
-            return p
-        t = time.perf_counter()
-        if image is None:
-            try:
-                image, sha256 = load_image_with_digest(item.path)
-            except DataError as e:
-                p.error, p.error_kind, p.timings["decode"] = e.reason, "input", time.perf_counter() - t
-                return p
-            except Exception as e:  # a file system surprise: this meme fails, the batch goes on
-                p.error, p.error_kind = f"cannot read file: {_describe_exception(e)}", "input"
-                return p
-            p.timings["decode"] = time.perf_counter() - t
-        p.image, p.sha256 = image, sha256
-        if item.caption is not None:
-            p.caption, p.caption_source = item.caption, "given"
-        elif self.ocr is not None:
-            t = time.perf_counter()
-            try:
-                p.caption, p.caption_source = self.ocr.read(image, sha256), self.ocr.engine
-            except Exception as e:  # an engine failure on one image must not stop the batch
-                p.error, p.error_kind = f"OCR failed: {_describe_exception(e)}", "transient"
-                return p
-            p.timings["ocr"] = time.perf_counter() - t
-        p.explanation = item.explanation
-        return p
+        return preprocess(item, self.ocr, image, sha256)
 
     def explain(self, prepared: Sequence[Prepared]) -> None:
         """Explain, in one batch, the memes that have no explanation yet (when an explainer is configured).
@@ -189,7 +239,7 @@ class Pipeline:
         try:
             results = self.explainer.explain_many([p.image for p in todo], [p.sha256 for p in todo],
                                                   [p.caption or "" for p in todo])
-        except Exception as e:  # the backend itself broke: every meme of the batch records why
+        except EXPLAINER_FAULTS as e:  # the server or the backend broke: every meme of the batch records why
             log.warning("explainer failed on a batch of %d: %s", len(todo), _describe_exception(e))
             results = [e] * len(todo)
         per = (time.perf_counter() - t) / len(todo)
@@ -204,7 +254,7 @@ class Pipeline:
                 else:
                     p.explanation_error = f"explanation failed: {r.to_dict().get('error') or r.stop_reason}"
             if p.explanation_error and "reasoning" in self.streams:
-                p.error, p.error_kind = p.explanation_error, "transient"
+                p.error, p.error_kind = p.explanation_error, TRANSIENT
 
     def features(self, prepared: Sequence[Prepared]) -> list[dict[str, StreamFeature | None]]:
         """Per-meme stream features (through the stage cache)."""
@@ -257,6 +307,7 @@ class Pipeline:
         if probs is not None and p.error is None:
             row.update(self.decider.describe(probs, threshold))
         row["timings"] = {k: round(v, 4) for k, v in p.timings.items()}
+        row["provenance"] = self.provenance(threshold)
         return row
 
     # ------------------------------------------------------------ batches
@@ -270,14 +321,14 @@ class Pipeline:
                 batch = self.forward(ok)
                 for k, p in enumerate(ok):
                     probs[id(p)] = {t: v[k] for t, v in batch.items()}
-            except Exception as e:  # find the meme that broke the batch; the others still get a row
-                log.warning("a batch of %d failed in the model (%s); scoring its memes one by one",
+            except (MemoryError, torch.OutOfMemoryError) as e:  # one by one: the others still get a row
+                log.warning("a batch of %d ran out of memory in the model (%s); scoring its memes one by one",
                             len(ok), _describe_exception(e))
                 for p in ok:
                     try:
                         probs[id(p)] = {t: v[0] for t, v in self.forward([p]).items()}
-                    except Exception as e1:
-                        p.error, p.error_kind = f"model failed: {_describe_exception(e1)}", "transient"
+                    except (MemoryError, torch.OutOfMemoryError) as e1:
+                        p.error, p.error_kind = f"model failed: out of memory: {_describe_exception(e1)}", TRANSIENT
         return [self.postprocess(p, probs.get(id(p)), threshold) for p in prepared]
 
     def run(self, items: Iterable[Item], batch_size: int = 16, workers: int = 2,
@@ -323,7 +374,7 @@ class Pipeline:
         pending) and the decision last. Every yield is a complete result row; the last is final."""
         path = Path(path)
         p = self.preprocess(Item(path.name, path, caption))
-        if p.error and p.error_kind == "input":
+        if p.error and p.error_kind == PERMANENT:
             raise DataError(path, p.error)
         if self.explainer is None or p.error:
             yield self.process([p], threshold)[0]
@@ -340,7 +391,7 @@ class Pipeline:
             for last in self.explainer.explain_iter(p.image, p.sha256, p.caption or ""):
                 partial = decided or self.postprocess(p, None, threshold)
                 yield {**partial, "explanation_trail": last.to_dict(), "explanation_pending": not last.stop_reason}
-        except Exception as e:  # the backend broke: the row says why, as in a batch
+        except EXPLAINER_FAULTS as e:  # the backend broke: the row says why, as in a batch
             p.explanation_error = f"explanation failed: {_describe_exception(e)}"
         p.timings["explain"] = time.perf_counter() - t
         if last is not None:
@@ -351,7 +402,7 @@ class Pipeline:
                 p.explanation_error = f"explanation failed: {p.trail.get('error') or last.stop_reason}"
         if reads_explanation:
             if p.explanation_error:
-                p.error, p.error_kind = p.explanation_error, "transient"
+                p.error, p.error_kind = p.explanation_error, TRANSIENT
             yield self.process([p], threshold)[0]
         else:
             yield {**decided, "explanation": p.explanation, "explanation_trail": p.trail,
@@ -359,7 +410,7 @@ class Pipeline:
                    "timings": {**decided["timings"], "explain": round(p.timings["explain"], 4)}}
 
     def _one(self, p: Prepared, path: Path, threshold: float | None) -> dict:
-        if p.error and p.error_kind == "input":
+        if p.error and p.error_kind == PERMANENT:
             raise DataError(path, p.error)
         return self.process([p], threshold)[0]
 

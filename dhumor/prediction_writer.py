@@ -75,7 +75,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
             for r in range(trainer.world_size):
                 part = self._part(r)
                 if part.exists():
-                    for line in part.read_text(encoding="utf-8").splitlines():
+                    for line in part.read_text(encoding="utf-8").split("\n"):  # "\n" only ends a row
                         if line.strip():
                             rows.setdefault(json.loads(line)["id"], line)
             tmp = Path(f"{self.output}.tmp")

@@ -28,19 +28,40 @@ def check_explainer(backend: str | None, model: str | None = None, base_url: str
 
 
 def check_checkpoint(path: str | Path | None) -> tuple[Path, dict]:
-    """The checkpoint exists and its metadata reads; its offline encoder weights are installed."""
-    from .checkpoint import read_checkpoint
+    """The checkpoint exists, its metadata reads with every number finite and within bounds, and its
+    weights' shapes (from the safetensors header: no tensor is read) are the ones the metadata asks for;
+    its offline encoder weights are installed. A missing threshold or calibration is a warning."""
+    from .checkpoint import META, WEIGHTS, check_weights, read_checkpoint, read_meta, safetensors_shapes
     from .resources import default_checkpoint
 
     try:
         p = Path(path).expanduser() if path else default_checkpoint()
-        meta, _ = read_checkpoint(p)
+        if p.suffix == ".ckpt" or not p.exists():
+            meta, _ = read_checkpoint(p)
+        else:
+            meta = read_meta(p)
+            weights = p / WEIGHTS if p.is_dir() else p
+            if not weights.is_file():
+                raise CheckpointError(f"{p}: a dhumor checkpoint needs {META} and {WEIGHTS}")
+            check_weights(meta, safetensors_shapes(weights), weights)
     except CheckpointError as e:
         raise ConfigError(str(e)) from None
+    _warn_unfitted(p, meta)
     hp = meta.get("hparams") or {}
     for stream in hp.get("streams") or []:
         check_encoder_weights(hp.get(f"{stream}_encoder"))
     return p, meta
+
+
+def _warn_unfitted(path: Path, meta: dict) -> None:
+    import logging
+
+    log = logging.getLogger("dhumor")
+    if not meta.get("thresholds"):
+        log.warning("%s has no decision thresholds: the primary task is decided at 0.5 (pass --decision-threshold "
+                    "to choose)", path)
+    if not meta.get("calibration"):
+        log.warning("%s has no calibration: its probabilities are the model's own, not temperature-scaled", path)
 
 
 def check_encoder_weights(name: str | None) -> None:

@@ -31,6 +31,7 @@ import os
 import re
 import threading
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -102,12 +103,22 @@ def _col(c: str) -> str:
     return c.replace(" ", "_").replace("/", "_")
 
 
-def csv_columns(schema: TaskSchema) -> list[str]:
+def legacy_csv_columns(schema: TaskSchema) -> list[str]:
+    """The CSV columns written before rows recorded their provenance: still read (their settings unknown)."""
     cols = ["id", "path", "sha256", "caption", "caption_source", "flagged", "decision_probability"]
     for t in schema.tasks:
         cols.append(f"{t.name}_label")
         cols += [f"{t.name}_p_{_col(c)}" for c in t.classes]
     return cols + ["explanation", "explanation_error", "error", "error_kind"] + [f"seconds_{s}" for s in STAGES]
+
+
+def csv_columns(schema: TaskSchema) -> list[str]:
+    return legacy_csv_columns(schema) + ["provenance"]
+
+
+def provenance_key(prov: dict | None) -> str | None:
+    """A row's provenance as one canonical JSON text (how CSV stores it; equal settings, equal text)."""
+    return None if prov is None else json.dumps(prov, sort_keys=True, separators=(",", ":"))
 
 
 def explanation_error(row: dict) -> str | None:
@@ -135,6 +146,8 @@ def _flat(row: dict, schema: TaskSchema) -> dict:
             out[f"{t.name}_p_{_col(c)}"] = (tr.get("probs") or {}).get(c)
     for s in STAGES:
         out[f"seconds_{s}"] = (row.get("timings") or {}).get(s)
+    prov = row.get("provenance")
+    out["provenance"] = provenance_key(prov) if prov is not None else None
     return {k: (escape_text(v) if isinstance(v, str) else v) for k, v in out.items()}
 
 
@@ -306,23 +319,111 @@ class DamagedResultsError(ConfigError):
     """A row of an existing results file that is torn or edited (the message names its line)."""
 
 
+class ForeignFileError(ConfigError):
+    """``--out`` names a file that is not a results file of this kind: it is never changed."""
+
+
+# The keys every row of a kind has from its first version on: a file whose first row lacks them was not
+# written by that command (a manifest, notes, another tool's JSONL), so not a byte of it is touched.
+ROW_KEYS = {"score": ("id", "sha256", "tasks", "decision", "error"), "explain": ("id", "status", "iterations")}
+_FIRST_LINE_LIMIT = 64 << 20  # a row is far smaller; a longer "first line" is not one of ours
+
+
+@dataclass(frozen=True)
+class RowInfo:
+    """What resuming needs of one written row (the row itself is not kept: memory grows with ids only)."""
+
+    error: bool
+    error_kind: str | None
+    explanation_error: bool
+    retry: bool  # an explain row whose server failed
+    provenance: str | None  # provenance_key() of the row's settings; None: written before rows recorded them
+
+
+def _first_line(path: Path) -> tuple[bytes, bool]:
+    """The file's first line (without its newline) and whether a newline ended it."""
+    buf = bytearray()
+    with open(path, "rb") as fh:
+        while len(buf) < _FIRST_LINE_LIMIT:
+            chunk = fh.read(1 << 16)
+            if not chunk:
+                return bytes(buf), False
+            i = chunk.find(b"\n")
+            if i >= 0:
+                return bytes(buf + chunk[:i]), True
+            buf += chunk
+    return bytes(buf), False
+
+
+def check_own(path: str | Path, kind: str = "score", columns: list[str] | None = None,
+              legacy_columns: list[str] | None = None) -> None:
+    """Refuse (:class:`ForeignFileError`, one line) a ``--out`` that exists and is not a results file of
+    ``kind`` ("score" or "explain"): it is read only, never changed. Absent or empty files are fine.
+
+    A JSONL results file starts with a JSON row holding the kind's keys (:data:`ROW_KEYS`); a CSV one
+    with the header ``columns`` (or ``legacy_columns``). A first line with no newline yet (a first
+    write cut short) must be the start of such a row or header."""
+    path = Path(path)
+    try:
+        if not path.exists() or path.stat().st_size == 0:
+            return
+        line, whole = _first_line(path)
+    except OSError as e:
+        raise ConfigError(f"--out {path}: cannot read it: {e.strerror or e}") from None
+    what = {"score": "`dhumor score`", "explain": "`dhumor explain`"}[kind]
+    foreign = ForeignFileError(f"--out {path}: exists and is not a {what} results file (its first line is not one "
+                               f"of its rows); it is left as it is: give a new --out")
+    if path.suffix.lower() == ".csv":
+        headers = [",".join(c).encode() for c in (columns, legacy_columns) if c]
+        if headers and not any(line == h if whole else h.startswith(line) for h in headers):
+            raise foreign
+        if not headers and kind == "score":  # the schema is not known yet: the columns every schema starts with
+            prefix = b"id,path,sha256,caption,caption_source,flagged,decision_probability,"
+            if not (line.startswith(prefix) if len(line) >= len(prefix) else prefix.startswith(line) and not whole):
+                raise foreign
+        return
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        # A first write cut short: only the start of one of our rows ({"id": "...) may be cut and redone.
+        if whole or not line.startswith(b'{"id": "'):
+            raise foreign from None
+        return
+    if not isinstance(row, dict) or not all(k in row for k in ROW_KEYS[kind]):
+        raise foreign
+
+
+def check_not_input(out: str | Path, *inputs: str | Path | None) -> None:
+    """Refuse an ``--out`` that is (or resolves to) one of the run's inputs: a run never writes what it reads."""
+    real = os.path.realpath(out)
+    for i in inputs:
+        if i is not None and os.path.realpath(i) == real:
+            same = "" if os.path.abspath(i) == os.path.abspath(out) else f" (it resolves to {real})"
+            raise ConfigError(f"--out {out}: is the input {i}{same}; give another --out")
+
+
 # ---------------------------------------------------------------- the file
 class ResultsFile:
     """Append-only JSONL or CSV of scoring rows, keyed by ``id``, written by one run at a time.
 
     >>> with ResultsFile("out.jsonl", None) as results:        # doctest: +SKIP
-    ...     done = results.done_ids(); results.append(rows)
+    ...     results.verify(); done = results.done_ids(); results.append(rows)
     """
 
-    def __init__(self, path: str | Path, schema: TaskSchema | None):
+    def __init__(self, path: str | Path, schema: TaskSchema | None, kind: str | None = None):
         """``schema`` names the CSV columns; JSONL rows are free-form (``schema`` may be None, then only
-        JSONL is accepted). Raises ConfigError for an unusable path (a folder, a wrong suffix)."""
+        JSONL is accepted). ``kind``: whose rows ("score", "explain"; default: "score" with a schema,
+        else "explain"). Raises ConfigError for an unusable path (a folder, a wrong suffix)."""
         self.path = check_output_path(path, FORMATS if schema is not None else (".jsonl",))
         self.schema = schema
+        self.kind = kind or ("score" if schema is not None else "explain")
         self.csv = self.path.suffix.lower() == ".csv"
         self.columns = csv_columns(schema) if schema else []
+        self.legacy_columns = legacy_csv_columns(schema) if schema else []
+        self._read_columns: list[str] | None = None  # the header of the file as found
         self._lock: tuple[str, int] | None = None
         self._finalizer = None
+        self._verified = False
 
     # ------------------------------------------------------------ the run's lock
     def lock(self) -> "ResultsFile":
@@ -346,10 +447,22 @@ class ResultsFile:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    # ------------------------------------------------------------ identity
+    def verify(self) -> "ResultsFile":
+        """Prove the file is a results file of this kind (or absent or empty) before anything changes it;
+        :class:`ForeignFileError` otherwise (the file is not touched). Every writing method calls it."""
+        if not self._verified:
+            check_own(self.path, self.kind, self.columns if self.csv else None,
+                      self.legacy_columns if self.csv else None)
+            self._verified = True
+        return self
+
     # ------------------------------------------------------------ reading / repair
     def repair(self) -> int:
-        """Cut a torn last line (a run killed mid-write); returns the bytes removed."""
+        """Cut a torn last line (a run killed mid-write); returns the bytes removed. Only ever on a file
+        :meth:`verify` has recognised as its own."""
         self.lock()
+        self.verify()
         if not self.path.exists():
             return 0
         size = self.path.stat().st_size
@@ -380,21 +493,33 @@ class ResultsFile:
         return DamagedResultsError(f"{self.path}:{n}: damaged row ({why}); it is not taken as done. Delete that line "
                         f"(or the file) and rerun to score it again")
 
-    def _records(self) -> Iterator[tuple[int, bytes, dict]]:
-        """``(line number, raw line, row)`` of every row, each validated; a torn last line (no newline
-        yet) is left out: :meth:`repair` cuts it."""
+    def _lines(self) -> Iterator[tuple[int, bytes]]:
+        """``(line number, raw line)`` of every complete line, read as a stream (only "\\n" ends a line;
+        what follows the last one is torn and left out: :meth:`repair` cuts it). CSV: without the header."""
         if not self.path.exists():
             return
-        data = self.path.read_bytes()
-        lines = data.split(b"\n")[:-1]  # what follows the last newline is torn (or empty)
-        start = 1
-        if self.csv and lines:
-            header = lines[0].decode("utf-8", "replace")
-            if header != ",".join(self.columns):
-                raise ConfigError(f"{self.path}: its CSV columns are not this checkpoint's (another model's tasks, "
-                                  f"or an older dhumor); give another --out")
-            lines, start = lines[1:], 2
-        for n, raw in enumerate(lines, start):
+        with open(self.path, "rb") as fh:
+            start = 1
+            if self.csv:
+                header = fh.readline()
+                if not header.endswith(b"\n"):
+                    return
+                text = header[:-1].decode("utf-8", "replace")
+                if text == ",".join(self.columns):
+                    self._read_columns = self.columns
+                elif text == ",".join(self.legacy_columns):
+                    self._read_columns = self.legacy_columns
+                else:
+                    raise ConfigError(f"{self.path}: its CSV columns are not this checkpoint's (another model's "
+                                      f"tasks, or an older dhumor); give another --out")
+                start = 2
+            for n, raw in enumerate(fh, start):  # binary lines end at b"\n" only
+                if raw.endswith(b"\n"):
+                    yield n, raw[:-1]
+
+    def _records(self) -> Iterator[tuple[int, bytes, dict]]:
+        """``(line number, raw line, row)`` of every row, each validated."""
+        for n, raw in self._lines():
             if not raw.strip():
                 continue
             try:
@@ -405,10 +530,11 @@ class ResultsFile:
 
     def _parse(self, n: int, text: str) -> dict:
         if self.csv:
+            columns = self._read_columns or self.columns
             fields = next(csv.reader([text]))
-            if len(fields) != len(self.columns):
-                raise self._damaged(n, f"{len(fields)} fields, expected {len(self.columns)}: torn or edited")
-            row = {c: unescape_text(v) for c, v in zip(self.columns, fields)}
+            if len(fields) != len(columns):
+                raise self._damaged(n, f"{len(fields)} fields, expected {len(columns)}: torn or edited")
+            row = {c: unescape_text(v) for c, v in zip(columns, fields)}
             why = _csv_row_problem(row, self.schema)
             if why:
                 raise self._damaged(n, why)
@@ -422,40 +548,77 @@ class ResultsFile:
             raise self._damaged(n, "a JSON row without an id")
         return row
 
-    def rows(self) -> list[dict]:
-        """The complete rows in the file (JSONL as written; CSV as flat dicts of strings, text unescaped).
+    def iter_rows(self) -> Iterator[dict]:
+        """The complete rows, one at a time (JSONL as written; CSV as flat dicts of strings, text unescaped).
         Raises ConfigError naming the line of any damaged row."""
-        return [row for _, _, row in self._records()]
+        for _, _, row in self._records():
+            yield row
+
+    def rows(self) -> list[dict]:
+        """Every complete row in a list (see :meth:`iter_rows`, which holds one row at a time)."""
+        return list(self.iter_rows())
+
+    def index(self) -> dict[str, RowInfo]:
+        """``{id: RowInfo}`` of every row written, each validated; memory grows with the ids, not the rows
+        (a provenance shared by many rows is held once)."""
+        out: dict[str, RowInfo] = {}
+        seen: dict[str, str] = {}
+        for row in self.iter_rows():
+            if self.csv:
+                prov = row.get("provenance") or None
+            else:
+                prov = provenance_key(row["provenance"]) if isinstance(row.get("provenance"), dict) else None
+            if prov is not None:
+                prov = seen.setdefault(prov, prov)
+            out[row["id"]] = RowInfo(bool(row.get("error")), row.get("error_kind") or None,
+                                     bool(explanation_error(row)), bool(row.get("retry")), prov)
+        return out
 
     def done_ids(self) -> dict[str, bool]:
         """``{id: had_error}`` for every row already written."""
-        return {r["id"]: bool(r.get("error")) for r in self.rows()}
+        return {i: r.error for i, r in self.index().items()}
 
     def drop_ids(self, ids: set[str]) -> None:
         """Rewrite the file without the rows of ``ids`` (write-then-rename: never half-written)."""
         self.lock()
-        keep = [raw for _, raw, row in self._records() if row["id"] not in ids]
+        self.verify()
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
             with open(tmp, "wb") as fh:
                 if self.csv:
-                    fh.write((",".join(self.columns) + "\n").encode())
-                fh.writelines(raw + b"\n" for raw in keep)
+                    # The file's own layout while rows of it stay; the current one when none does.
+                    kept = any(row["id"] not in ids for _, _, row in self._records())
+                    layout = (self._read_columns or self.columns) if kept else self.columns
+                    fh.write((",".join(layout) + "\n").encode())
+                for _, raw, row in self._records():
+                    if row["id"] not in ids:
+                        fh.write(raw + b"\n")
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
+            if self.csv:
+                self._read_columns = layout
         except OSError as e:
             tmp.unlink(missing_ok=True)  # the file is as it was; no half-written copy beside it
             raise self._cannot_write(e) from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     # ------------------------------------------------------------ writing
     def _encode(self, rows: Iterable[dict]) -> str:
         if not self.csv:
             return "".join(dumps_row(r) + "\n" for r in rows)
         buf = io.StringIO()
-        w = csv.DictWriter(buf, self.columns, lineterminator="\n")
-        if not self.path.exists() or self.path.stat().st_size == 0:
+        fresh = not self.path.exists() or self.path.stat().st_size == 0
+        if not fresh and self._read_columns is None:
+            for _ in self._lines():  # learn the file's layout from its header
+                break
+        columns = self.columns if fresh else (self._read_columns or self.columns)
+        w = csv.DictWriter(buf, columns, lineterminator="\n", extrasaction="ignore")
+        if fresh:
             w.writeheader()
+            self._read_columns = self.columns
         w.writerows(_flat(r, self.schema) for r in rows)
         return buf.getvalue()
 
@@ -464,6 +627,7 @@ class ResultsFile:
         if not rows:
             return
         self.lock()
+        self.verify()
         data = self._encode(rows).encode("utf-8")
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)

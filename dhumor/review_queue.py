@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .results_file import ResultsFile
+from .errors import InvalidValueError
 from .review import ReviewLog
 from .reviews_export import check_labels, export_reviews
 from .schema import TaskSchema
@@ -44,7 +45,7 @@ def order_queue(rows: list[dict], order: str = "uncertain", seed: int = 0, thres
     if order == "random":
         rows = sorted(rows, key=lambda r: r["id"])  # the permutation must not depend on file order
         return [rows[i] for i in np.random.default_rng(seed).permutation(len(rows))]
-    raise ValueError(f"unknown queue order {order!r}; one of {list(ORDERS)}")
+    raise InvalidValueError(f"unknown queue order {order!r}; one of {list(ORDERS)}")
 
 
 def queue_file_for(folder: Path, review_log: ReviewLog) -> Path:
@@ -60,19 +61,19 @@ def load_queue_rows(source: str | Path, pipe=None, review_log: ReviewLog | None 
     source = Path(source)
     if source.is_dir():
         if pipe is None or review_log is None:
-            raise ValueError(f"{source}: scoring a folder needs a checkpoint")
+            raise InvalidValueError(f"{source}: scoring a folder needs a checkpoint")
         from .scoring import Scorer, collect_items
 
         out = queue_file_for(source, review_log)
         Scorer(pipe, ResultsFile(out, pipe.schema), progress=progress).run(collect_items(source))
         source = out
     if not source.is_file():
-        raise ValueError(f"{source}: no such results file or folder")
+        raise InvalidValueError(f"{source}: no such results file or folder")
     if source.suffix.lower() != ".jsonl":
-        raise ValueError(f"{source}: the queue reads a JSONL results file of `dhumor score` (use --out x.jsonl)")
+        raise InvalidValueError(f"{source}: the queue reads a JSONL results file of `dhumor score` (use --out x.jsonl)")
     rows = ResultsFile(source, None).rows()
     if rows and "decision" not in rows[0]:
-        raise ValueError(f"{source}: not a dhumor results file (rows have no decision)")
+        raise InvalidValueError(f"{source}: not a dhumor results file (rows have no decision)")
     return source.resolve(), rows
 
 
@@ -83,7 +84,7 @@ class ReviewQueue:
                  order: str = "uncertain", seed: int = 0, threshold: float | None = None):
         missing = [r["id"] for r in rows if r.get("tasks") and set(r["tasks"]) != set(schema.task_names)]
         if missing:
-            raise ValueError(f"{source}: rows score other tasks than {schema.task_names} (e.g. {missing[0]!r}); "
+            raise InvalidValueError(f"{source}: rows score other tasks than {schema.task_names} (e.g. {missing[0]!r}); "
                              f"open the queue with the checkpoint that scored it")
         self.rows = order_queue(rows, order, seed, threshold)
         self.by_id = {r["id"]: r for r in self.rows}
@@ -102,7 +103,7 @@ class ReviewQueue:
                checkpoint: str | None = None) -> int:
         """Validate and store a verdict on every task; returns the review id."""
         if not reviewer.strip():
-            raise ValueError("enter your name as reviewer first (verdicts carry it)")
+            raise InvalidValueError("enter your name as reviewer first (verdicts carry it)")
         labels = check_labels(self.schema, labels)
         prim = self.schema.task(self.schema.primary)
         dec = row["decision"]

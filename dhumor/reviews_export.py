@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .review import ReviewLog
+from .errors import InvalidValueError
 from .schema import PRESETS, TaskSchema, get_schema
 
 
@@ -56,14 +57,14 @@ def check_labels(schema: TaskSchema, labels: dict) -> dict:
             out[t.name] = None  # the task does not exist for this meme: never a guess
             continue
         if v is None or v == "":
-            raise ValueError(f"the verdict needs a {t.name} label (one of {list(t.classes)})")
+            raise InvalidValueError(f"the verdict needs a {t.name} label (one of {list(t.classes)})")
         if v not in t.classes:
-            raise ValueError(f"unknown {t.name} label {v!r}; one of {list(t.classes)}")
+            raise InvalidValueError(f"unknown {t.name} label {v!r}; one of {list(t.classes)}")
         out[t.name] = v
     if schema.name == "harmeme":  # harmful is derived from harmfulness in HarMeme: they must agree
         want = "no" if out["harmfulness"] == "not harmful" else "yes"
         if out["harmful"] != want:
-            raise ValueError(f"harmful = {out['harmful']!r} contradicts harmfulness = {out['harmfulness']!r}")
+            raise InvalidValueError(f"harmful = {out['harmful']!r} contradicts harmfulness = {out['harmfulness']!r}")
     return out
 
 
@@ -73,7 +74,7 @@ def infer_schema(rows: list[dict]) -> TaskSchema:
     for s in PRESETS.values():
         if keys == {frozenset(s.task_names)}:
             return s
-    raise ValueError(f"cannot tell the task schema of the verdicts (tasks {sorted(set().union(*keys))}); "
+    raise InvalidValueError(f"cannot tell the task schema of the verdicts (tasks {sorted(set().union(*keys))}); "
                      f"pass the schema (--task)")
 
 
@@ -145,14 +146,14 @@ def export_reviews(log: ReviewLog, out: str | Path, include_conflicts: bool = Fa
     out = Path(out)
     rows = log.labelled_rows()
     if not rows:
-        raise ValueError(f"{log.path}: no queue verdicts to export (review memes in the demo's queue first)")
+        raise InvalidValueError(f"{log.path}: no queue verdicts to export (review memes in the demo's queue first)")
     sch = get_schema(schema) if schema is not None else infer_schema(rows)
     formats = {"harmeme": (".jsonl", _harmeme_record), "dhumor": (".csv", _dhumor_record)}
     if sch.name not in formats:
-        raise ValueError(f"no manifest format for task schema {sch.name!r}; one of {sorted(formats)}")
+        raise InvalidValueError(f"no manifest format for task schema {sch.name!r}; one of {sorted(formats)}")
     suffix, make = formats[sch.name]
     if out.suffix.lower() != suffix:
-        raise ValueError(f"{out}: a {sch.name} manifest is a {suffix} file")
+        raise InvalidValueError(f"{out}: a {sch.name} manifest is a {suffix} file")
     latest = latest_by_reviewer(rows)
     report = ExportReport(out=str(out), schema=sch.name, reviewers=sorted({m for by in latest.values() for m in by}))
     report.agreement = agreement(sch, latest)
@@ -179,7 +180,7 @@ def export_reviews(log: ReviewLog, out: str | Path, include_conflicts: bool = Fa
             continue
         records.append(make({**newest, "_reviewers": sorted(by)}, labels))
     if not records:
-        raise ValueError(f"{log.path}: every reviewed meme was left out ({len(report.conflicts)} conflicts, "
+        raise InvalidValueError(f"{log.path}: every reviewed meme was left out ({len(report.conflicts)} conflicts, "
                          f"{len(report.skipped)} unusable); nothing to write")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

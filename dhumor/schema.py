@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from .errors import UnknownNameError
 
 MISSING = -1  # label index for "this row has no label for this task": masked out of loss and metrics
 
@@ -48,7 +49,7 @@ class Task:
         try:
             return self.classes.index(label)
         except ValueError:
-            raise KeyError(f"unknown {self.name} label {label!r}; expected one of {list(self.classes)}") from None
+            raise UnknownNameError(f"unknown {self.name} label {label!r}; expected one of {list(self.classes)}") from None
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class TaskSchema:
         for t in self.tasks:
             if t.name == name:
                 return t
-        raise KeyError(f"schema {self.name} has no task {name!r}; tasks: {self.task_names}")
+        raise UnknownNameError(f"schema {self.name} has no task {name!r}; tasks: {self.task_names}")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -138,7 +139,7 @@ def get_schema(spec: "str | dict | TaskSchema") -> TaskSchema:
         return TaskSchema.from_dict(spec)
     if spec in PRESETS:
         return PRESETS[spec]
-    raise KeyError(f"unknown task schema {spec!r}; presets: {sorted(PRESETS)}")
+    raise UnknownNameError(f"unknown task schema {spec!r}; presets: {sorted(PRESETS)}")
 
 
 @dataclass

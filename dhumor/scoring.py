@@ -4,23 +4,26 @@ The :class:`~dhumor.pipeline.Pipeline` turns items into rows; the scorer decides
 need a row, writes each batch to a :class:`~dhumor.results_file.ResultsFile` (whole lines, fsynced)
 and sums up. A rerun with the same output skips every id already written, so a run killed at any
 moment (SIGKILL included) resumes where it stopped with no row lost or duplicated. Rows that failed
-for a transient reason (OCR engine, explanation server, model) are redone by the next run; rows whose
-file is unusable only with ``retry_errors``.
+for a transient reason (explanation server, out of memory) are redone by the next run; permanent ones
+(the file, its decode, an image the OCR engine cannot read) only with ``retry_errors``. Every row
+records its provenance (checkpoint digest, threshold, OCR engine, explainer): a rerun with other
+settings is refused rather than mixing two models' rows in one file, unless asked to ``rescore``.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 from tqdm.auto import tqdm
 
-from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROWS_FAILED
+from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROWS_FAILED, ConfigError
 from .items import Item, collect_items, in_shard, parse_shard  # noqa: F401  (re-exported for callers)
 from .pipeline import Pipeline
-from .results_file import ResultsFile
+from .results_file import ResultsFile, RowInfo, explanation_error, provenance_key
 
 log = logging.getLogger("dhumor")
 
@@ -53,10 +56,83 @@ class ScoreSummary:
         return EXIT_ROWS_FAILED if self.failed_in_output else EXIT_OK
 
 
-def _needs_redo(row: dict, retry_errors: bool) -> bool:
-    if row.get("error"):
-        return retry_errors or row.get("error_kind") == "transient"
-    return bool(row.get("explanation_error"))
+def _needs_redo(row: RowInfo, retry_errors: bool) -> bool:
+    if row.error:
+        return retry_errors or row.error_kind == "transient"  # "permanent" (and legacy "input"): only if asked
+    return row.explanation_error
+
+
+def _describe_provenance(key: str | None) -> str:
+    if key is None:
+        return "unknown settings (rows written by an older dhumor, which did not record them)"
+    p = json.loads(key)
+    ex = p.get("explainer")
+    ex_text = "no explainer" if not ex else "explainer " + "/".join(
+        str(ex.get(k)) for k in ("backend", "model", "prompt_version") if ex.get(k)) + f" x{ex.get('iterations')}"
+    return f"checkpoint {str(p.get('checkpoint'))[:12]}, threshold {p.get('threshold')}, ocr {p.get('ocr')}, {ex_text}"
+
+
+def check_provenance(results: ResultsFile, index: dict[str, RowInfo], provenance: dict, rescore: bool,
+                     fields: tuple[str, ...] | None = None) -> set[str]:
+    """The ids whose rows were written with other settings than ``provenance`` (only ``fields`` of it
+    compared, when given). ConfigError naming both settings unless ``rescore``; then those ids are to
+    be dropped and scored again."""
+    def pick(key: str | None) -> str | None:
+        if key is None or fields is None:
+            return key
+        return provenance_key({k: v for k, v in json.loads(key).items() if k in fields})
+
+    mine = pick(provenance_key({k: v for k, v in provenance.items() if fields is None or k in fields}))
+    other = {i for i, r in index.items() if pick(r.provenance) != mine}
+    if other and not rescore:
+        theirs = Counter(index[i].provenance for i in other).most_common(1)[0][0]
+        full_mine = provenance_key(provenance)
+        raise ConfigError(
+            f"--out {results.path}: {len(other)} of its {len(index)} rows were written with "
+            f"{_describe_provenance(theirs)}; this run uses {_describe_provenance(full_mine)}. Give a new --out, "
+            f"or pass --rescore to score them again into this file")
+    return other
+
+
+def summary_if_done(results: ResultsFile, items: Sequence[Item], index: dict[str, RowInfo],
+                    retry_errors: bool) -> ScoreSummary | None:
+    """The summary of a run with nothing left to do (every item has a row, none to redo, settings
+    checked by the caller), computed from the file alone; None when there is work (a model must load)."""
+    if any(it.id not in index or _needs_redo(index[it.id], retry_errors) for it in items):
+        return None
+    summary = ScoreSummary(total=len(items), already_done=len(items), cache_hits={"features": 0, "computed": 0})
+    wanted = {it.id for it in items}
+    counts: dict[str, Counter] = {t.name: Counter() for t in (results.schema.tasks if results.schema else [])}
+    for r in results.iter_rows():
+        if r["id"] not in wanted:
+            continue
+        summary.failed_in_output += bool(r.get("error") or explanation_error(r))
+        if r.get("error"):
+            continue
+        for t in counts:
+            label = (r["tasks"][t]["label"] if not results.csv else r.get(f"{t}_label")) or None
+            if label:
+                counts[t][label] += 1
+    summary.labels = {k: dict(v) for k, v in counts.items()}
+    return summary
+
+
+def resume(results: ResultsFile, items: Sequence[Item], needs_redo: Callable[[RowInfo], bool],
+           stale: Callable[[dict[str, RowInfo]], set[str]] = lambda index: set()) -> tuple[list[Item], int]:
+    """Where a run on ``results`` starts, for every command that writes rows (``score``, ``explain``):
+    ``(items still to do, rows redone)``. The file is proven to be its own results file, and every row
+    read, before a byte of it changes; rows that ``needs_redo`` (or that ``stale`` names, from the index)
+    are dropped, for their items to be done again. Items of other runs' rows are left alone."""
+    results.lock()
+    results.verify()
+    index = results.index()  # validates every row; torn last line left out
+    stale_ids = stale(index)
+    results.repair()
+    wanted = {it.id for it in items}
+    redo = {i for i, r in index.items() if i in wanted and needs_redo(r)} | stale_ids
+    if redo:
+        results.drop_ids(redo)
+    return [it for it in items if it.id not in index or it.id in redo], len(redo & wanted)
 
 
 class Scorer:
@@ -68,17 +144,16 @@ class Scorer:
         self.batch_size, self.workers = max(1, batch_size), max(1, workers)
         self.progress, self.threshold = progress, threshold
 
-    def run(self, items: Sequence[Item], retry_errors: bool = False) -> ScoreSummary:
+    def run(self, items: Sequence[Item], retry_errors: bool = False, rescore: bool = False) -> ScoreSummary:
+        """Score the items that have no row yet (and redo those asked for). The file is proven to be a
+        results file first, and its rows to be of this run's settings (``rescore``: rows of other
+        settings are scored again), before a byte of it changes."""
         summary = ScoreSummary(total=len(items))
         t0 = time.perf_counter()
-        self.results.repair()
+        todo, summary.redone = resume(
+            self.results, items, lambda r: _needs_redo(r, retry_errors),
+            stale=lambda index: check_provenance(self.results, index, self.pipe.provenance(self.threshold), rescore))
         wanted = {it.id for it in items}
-        previous = {r["id"]: r for r in self.results.rows() if r["id"] in wanted}
-        redo = {i for i, r in previous.items() if _needs_redo(r, retry_errors)}
-        if redo:
-            self.results.drop_ids(redo)
-            summary.redone = len(redo)
-        todo = [it for it in items if it.id not in previous or it.id in redo]
         summary.already_done = len(items) - len(todo)
         stats0 = dict(vars(self.pipe.extractor.stats))
         bar = tqdm(total=len(todo), desc="scoring", unit="meme", disable=not self.progress or not todo)
@@ -100,14 +175,16 @@ class Scorer:
         summary.seconds = round(time.perf_counter() - t0, 2)
         st = vars(self.pipe.extractor.stats)
         summary.cache_hits = {"features": st["cached"] - stats0["cached"], "computed": st["computed"] - stats0["computed"]}
-        final = [r for r in self.results.rows() if r["id"] in wanted]
-        summary.failed_in_output = sum(bool(r.get("error") or r.get("explanation_error")) for r in final)
-        summary.labels = self.label_counts(final)
+        final = (r for r in self.results.iter_rows() if r["id"] in wanted)  # one row in memory at a time
+        summary.labels = self.label_counts(final, summary)
         return summary
 
-    def label_counts(self, rows: list[dict]) -> dict:
+    def label_counts(self, rows: Iterable[dict], summary: ScoreSummary | None = None) -> dict:
+        """Per task, label counts over ``rows`` (error rows left out); counts the failed rows into ``summary``."""
         counts: dict[str, Counter] = {t.name: Counter() for t in self.pipe.schema.tasks}
         for r in rows:
+            if summary is not None:
+                summary.failed_in_output += bool(r.get("error") or explanation_error(r))
             if r.get("error"):
                 continue
             for t in self.pipe.schema.tasks:

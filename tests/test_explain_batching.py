@@ -3,6 +3,7 @@ critiques, streaming results for the demo, and llama.cpp decoding several answer
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -228,3 +229,41 @@ def test_llama_batch_refuses_a_schema_it_cannot_turn_into_a_grammar(llama_batch)
                                     GenerationRequest("s", "say hi", max_tokens=3)])
     assert bad.error and "could not build a grammar" in bad.error and bad.completion_tokens == 0
     assert ok.error is None and ok.completion_tokens == 3
+
+
+def test_explain_run_turns_one_ocr_failure_into_that_memes_row(tmp_path):
+    """`dhumor explain` reads and OCRs through the pipeline's preprocess: an engine that fails on one image
+    gives that meme a failed row (permanent: not retried) and the others are explained."""
+    import shutil
+
+    from dhumor.explain.run import run_explain
+    from dhumor.items import collect_items
+    from dhumor.ocr import OCRFailed
+
+    ex = Path(__file__).resolve().parent.parent / "dhumor" / "assets" / "examples"
+    for name in ("chelsea.jpg", "coffee.jpg", "horse.jpg"):
+        shutil.copy(ex / name, tmp_path / name)
+
+    class PickyOCR:
+        engine = "picky"
+
+        def read(self, img, digest):
+            if digest == _sha(tmp_path / "coffee.jpg"):
+                raise OCRFailed("picky", ValueError("cannot resize this one"))
+            return "WHEN THE VET SAYS"
+
+    out = tmp_path / "expl.jsonl"
+    items = collect_items(tmp_path)
+    s = run_explain(Explainer(EchoBackend(), iterations=1, batch_size=4), items, str(out), ocr=PickyOCR(),
+                    progress=False)
+    rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {"chelsea.jpg", "coffee.jpg", "horse.jpg"} and s.unreadable == 1 and s.explained == 2
+    bad = rows["coffee.jpg"]
+    assert bad["status"] == "failed" and "cannot resize" in bad["error"] and bad["error_kind"] == "permanent"
+    assert not bad["retry"] and rows["horse.jpg"]["status"] == "ok" and rows["horse.jpg"]["caption"] == "WHEN THE VET SAYS"
+
+
+def _sha(path):
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

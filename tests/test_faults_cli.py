@@ -185,3 +185,135 @@ def test_explain_keeps_a_name_that_is_not_utf8(src, tmp_path):
     rows = [json.loads(l) for l in out.read_bytes().split(b"\n")[:-1]]
     assert sorted(r["id"] for r in rows) == sorted(expected)
     assert all(r["status"] == "failed" and "403" in r["error"] for r in rows)
+
+
+# ================================================================ issue 28: nothing damaged, nothing mixed
+def _err(capsys) -> list[str]:
+    return capsys.readouterr().err.strip().splitlines()
+
+
+def test_rows_record_provenance_and_a_rerun_with_other_settings_is_refused(trained, src, tmp_path, capsys):
+    from dhumor.checkpoint import checkpoint_digest
+
+    expected = _images(src, 3, start=100)
+    out = tmp_path / "r.jsonl"
+    assert _score(trained / "export", src, out) == 0
+    rows = ResultsFile(out, HARMEME).rows()
+    prov = rows[0]["provenance"]
+    assert prov["checkpoint"] == checkpoint_digest(trained / "export") and prov["ocr"] == "none"
+    assert prov["explainer"] is None and 0 <= prov["threshold"] <= 1
+    assert all(r["provenance"] == prov for r in rows)
+    _images(src, 1, start=103)  # a new meme: the rerun has work to do, and must not do it with other settings
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert _score(trained / "export", src, out, "--decision-threshold", "0.123") == 2
+    err = _err(capsys)
+    assert len(err) == 1 and "threshold 0.123" in err[0] and f"threshold {prov['threshold']}" in err[0], err
+    assert "--rescore" in err[0] and out.read_bytes() == before
+    ckpts = sorted((trained / "checkpoints").glob("*.ckpt"))
+    assert _score(ckpts[0], src, out) == 2  # another checkpoint: refused, naming both digests
+    err = _err(capsys)
+    assert prov["checkpoint"][:12] in err[0] and checkpoint_digest(ckpts[0])[:12] in err[0], err
+    assert out.read_bytes() == before
+    # --rescore: everything again, into the same file, with the new settings; one row per meme
+    assert _score(trained / "export", src, out, "--decision-threshold", "0.123", "--rescore") == 0
+    rows = ResultsFile(out, HARMEME).rows()
+    assert sorted(r["id"] for r in rows) == sorted(expected + ["m103.png"])
+    assert {r["provenance"]["threshold"] for r in rows} == {0.123}
+
+
+def test_rows_of_an_older_dhumor_are_read_but_not_resumed_into(trained, src, tmp_path, capsys):
+    _images(src, 2, start=110)
+    out = tmp_path / "r.jsonl"
+    assert _score(trained / "export", src, out) == 0
+    legacy = [json.loads(l) for l in out.read_text().split("\n") if l]
+    for r in legacy:
+        r.pop("provenance")
+    out.write_text("".join(json.dumps(r) + "\n" for r in legacy))
+    assert len(ResultsFile(out, HARMEME).rows()) == 2  # still readable
+    capsys.readouterr()
+    assert _score(trained / "export", src, out) == 2
+    err = _err(capsys)
+    assert "older dhumor" in err[0] and "--rescore" in err[0], err
+    assert _score(trained / "export", src, out, "--rescore") == 0
+    assert all(r.get("provenance") for r in ResultsFile(out, HARMEME).rows())
+
+
+def test_merge_refuses_to_mix_settings(trained, src, tmp_path):
+    from dhumor.errors import DataError
+    from dhumor.merge import merge_results
+
+    _images(src, 4, start=120)
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert _score(trained / "export", src, a, "--shard", "0/2") == 0
+    assert _score(trained / "export", src, b, "--shard", "1/2", "--decision-threshold", "0.9") == 0
+    with pytest.raises(DataError, match="was scored with .*threshold 0.9"):
+        merge_results([a, b], tmp_path / "all.jsonl")
+    assert not (tmp_path / "all.jsonl").exists()
+
+
+def _strip(folder: Path) -> str:
+    from PIL import Image
+
+    Image.new("RGB", (20000, 20), "white").save(folder / "strip.png")
+    return "strip.png"
+
+
+def test_ocr_command_turns_one_inputs_failure_into_its_row(src, capsys):
+    pytest.importorskip("rapidocr")
+    names = _images(src, 2, start=130) + [_strip(src)]
+    faultkit.write_bytes_at(src / "notes.txt", b"not an image")
+    assert main(["ocr", str(src), "--ocr", "rapidocr", "--quiet"]) == 3  # the batch finished; some rows are errors
+    rows = {r["id"]: r for r in map(json.loads, capsys.readouterr().out.strip().splitlines())}
+    assert set(rows) == set(names) | {"notes.txt"}
+    assert rows["strip.png"]["error_kind"] == "permanent" and "ResizeImgError" in rows["strip.png"]["error"]
+    assert rows["notes.txt"]["error_kind"] == "permanent"
+    assert all("text" in rows[n] for n in names if n != "strip.png")
+
+
+def test_score_marks_an_ocr_resize_failure_permanent_and_does_not_retry_it(trained, src, tmp_path, capsys):
+    pytest.importorskip("rapidocr")
+    _images(src, 1, start=140)
+    _strip(src)
+    out = tmp_path / "r.jsonl"
+    assert _score(trained / "export", src, out, "--ocr", "rapidocr") == 3
+    row = next(r for r in ResultsFile(out, HARMEME).rows() if r["id"] == "strip.png")
+    assert row["error_kind"] == "permanent" and "ResizeImgError" in row["error"]
+    size = out.stat().st_size
+    capsys.readouterr()
+    assert _score(trained / "export", src, out, "--ocr", "rapidocr") == 3
+    assert "nothing to do" in capsys.readouterr().err and out.stat().st_size == size  # not retried
+
+
+def test_a_bug_in_the_pipeline_is_exit_1_not_a_row(trained, src, tmp_path, monkeypatch, capsys):
+    _images(src, 2, start=150)
+    out = tmp_path / "r.jsonl"
+
+    def broken(path, *a, **k):
+        raise TypeError("a bug in dhumor")  # not the file's fault: must not become a "transient" row
+
+    monkeypatch.setattr("dhumor.pipeline.load_image_with_digest", broken)
+    assert _score(trained / "export", src, out) == 1
+    assert "internal error: TypeError: a bug in dhumor" in capsys.readouterr().err
+    assert not out.exists() or not ResultsFile(out, HARMEME).rows()
+
+
+def test_other_ckpt_of_the_run_decides_uncalibrated_with_a_warning(trained, src, tmp_path, capsys):
+    import shutil
+
+    from dhumor.checkpoint import file_sha256, read_checkpoint
+
+    sel = json.loads((trained / "export" / "dhumor.json").read_text())["metrics"]["selection"]
+    best = trained / "checkpoints" / sel["checkpoint"]
+    assert sel["checkpoint_sha256"] == file_sha256(best)  # the export names the file it was fitted for
+    assert read_checkpoint(best)[0].get("calibration")
+    other = trained / "checkpoints" / "copy-of-another.ckpt"
+    try:
+        shutil.copy(best, other)
+        other.write_bytes(other.read_bytes())  # same weights, but not the file the calibration was fitted for
+        with open(other, "ab") as fh:
+            fh.write(b"\0")
+        meta = read_checkpoint(other)[0]
+        assert "calibration" not in meta and "thresholds" not in meta
+    finally:
+        other.unlink(missing_ok=True)

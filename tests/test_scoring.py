@@ -101,7 +101,8 @@ def test_rerun_does_nothing_and_retry_errors_rescored(trained, tmp_path, capsys)
 
 def test_torn_last_line_is_cut_and_recomputed(tmp_path):
     out = tmp_path / "r.jsonl"
-    out.write_text('{"id": "a", "error": null}\n{"id": "b", "err')
+    # a results row has the keys every score row has; anything else is refused before a byte is cut
+    out.write_text('{"id": "a", "sha256": null, "tasks": null, "decision": null, "error": null}\n{"id": "b", "err')
     rf = ResultsFile(out, HARMEME)
     assert rf.repair() == len('{"id": "b", "err')
     assert rf.done_ids() == {"a": False}

@@ -115,9 +115,10 @@ def _write(read: dict, base: Path, out: Path) -> dict[str, dict]:
     for split, (f, memes) in read.items():
         for m in memes:  # the manifest's relative image path is kept (subfolders too)
             _place(m.image, out / "images" / m.image.relative_to(images))
-        # JSON lines end at "\n" only: a caption may hold U+2028 or U+0085, which splitlines() would split on
-        lines = f.read_text(encoding="utf-8-sig").split("\n")
-        atomic_write(out / f"{split}.jsonl", "".join(line.rstrip("\r") + "\n" for line in lines if line.strip()))
+        from .readers import json_lines
+
+        lines = [line for _, line in json_lines(f.read_bytes()) if line is not None]  # "\n" only ends a row
+        atomic_write(out / f"{split}.jsonl", "".join(line + "\n" for line in lines))
         levels = Counter(harmfulness.classes[m.labels["harmfulness"]] for m in memes if m.labels["harmfulness"] >= 0)
         targets = Counter(target.classes[m.labels["target"]] for m in memes if m.labels["target"] >= 0)
         counts[split] = {"memes": len(memes), "harmfulness": dict(levels), "target": dict(targets)}

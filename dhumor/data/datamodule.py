@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from ..errors import InvalidValueError
 from typing import Literal, Sequence
 
 import lightning as L
@@ -239,7 +240,7 @@ class MemeDataModule(L.LightningDataModule):
             return self._splits[split][0]
         path = getattr(hp, split)
         if not path:
-            raise ValueError(f"no {split} data: set data.{split} in the config or on the command line")
+            raise InvalidValueError(f"no {split} data: set data.{split} in the config or on the command line")
         if split not in self._splits:
             memes = self._read(path)
             if split == "train" and hp.extra:

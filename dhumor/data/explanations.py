@@ -18,9 +18,11 @@ def read_explanations(path: str | Path) -> dict[str, dict]:
     if not path.exists():
         raise DataError(path, "explanations file not found (write it with `dhumor explain`)")
     by_key: dict[str, dict] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    from .readers import json_lines
+
+    for n, line in json_lines(path.read_bytes()):  # the one JSON-lines splitter ("\n" only)
+        if line is None:
+            raise DataError(path, "not UTF-8 text", n)
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:

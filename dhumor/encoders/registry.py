@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
+from ..errors import UnknownNameError
 
 _LITE_MEAN = (127.0 / 255,) * 3  # TF-Lite preprocessing of the EfficientNet-Lite checkpoints
 _LITE_STD = (128.0 / 255,) * 3
@@ -76,7 +77,7 @@ def get_entry(name: str) -> EncoderEntry:
                             provenance=f"ViTModel from {src}")
     if name.startswith("hf:"):
         return EncoderEntry(name, "text", "hf-text", name[3:], None, provenance=f"AutoModel from {name[3:]}")
-    raise KeyError(f"unknown encoder {name!r}; registered: {sorted(REGISTRY)}, or vit:<hub-id-or-dir>, "
+    raise UnknownNameError(f"unknown encoder {name!r}; registered: {sorted(REGISTRY)}, or vit:<hub-id-or-dir>, "
                    f"hf:<hub-id-or-dir>")
 
 

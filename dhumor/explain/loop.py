@@ -14,6 +14,7 @@ explanation. Requests for many memes are batched per iteration.
 from __future__ import annotations
 
 import collections
+from ..errors import InvalidValueError
 import dataclasses
 import difflib
 import json
@@ -114,7 +115,7 @@ class RoleReversalLoop:
                  similarity_threshold: float = 0.9, max_repairs: int = 1, max_tokens: int = 400,
                  temperature: float = 0.2):
         if iterations < 1:
-            raise ValueError("iterations must be at least 1")
+            raise InvalidValueError("iterations must be at least 1")
         self.backend, self.prompts = backend, prompts or Prompts.load()
         self.iterations, self.threshold = iterations, similarity_threshold
         self.max_repairs, self.max_tokens, self.temperature = max_repairs, max_tokens, temperature

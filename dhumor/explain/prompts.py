@@ -6,6 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from ..errors import InvalidValueError, MissingConfigFileError
 
 PROMPTS_DIR = Path(__file__).parent / "prompts"
 DEFAULT_VERSION = "v2"  # v2: the critique returns only what it changes (bench/explain_throughput.py)
@@ -31,19 +32,19 @@ class Prompts:
         """Prompts of ``version`` (a folder under dhumor/explain/prompts, or ``directory`` itself)."""
         d = Path(directory) if directory else PROMPTS_DIR / version
         if not d.is_dir():
-            raise FileNotFoundError(f"prompt version {version!r} not found at {d}")
+            raise MissingConfigFileError(f"prompt version {version!r} not found at {d}")
         missing = [n for n in _NAMES if not (d / f"{n}.txt").exists()]
         if missing:
-            raise FileNotFoundError(f"{d} lacks prompt files {[m + '.txt' for m in missing]}")
+            raise MissingConfigFileError(f"{d} lacks prompt files {[m + '.txt' for m in missing]}")
         settings = dict(DEFAULT_SETTINGS)
         if (d / "settings.json").exists():
             settings.update(json.loads((d / "settings.json").read_text()))
         if settings["critique"] not in ("full", "changes"):
-            raise ValueError(f"{d / 'settings.json'}: critique must be 'full' or 'changes', not {settings['critique']!r}")
+            raise InvalidValueError(f"{d / 'settings.json'}: critique must be 'full' or 'changes', not {settings['critique']!r}")
         chars = settings["field_chars"]
         # Above ~1000 llama.cpp refuses (or crashes on) the grammar that spells the cap out character by character.
         if chars is not None and (not isinstance(chars, int) or isinstance(chars, bool) or not 20 <= chars <= 1000):
-            raise ValueError(f"{d / 'settings.json'}: field_chars must be null or a whole number from 20 to 1000, "
+            raise InvalidValueError(f"{d / 'settings.json'}: field_chars must be null or a whole number from 20 to 1000, "
                              f"not {chars!r}")
         return cls(version if not directory else d.name, {n: (d / f"{n}.txt").read_text().strip() for n in _NAMES},
                    settings)

@@ -13,10 +13,10 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from ..errors import DataError
-from ..images import load_image_with_digest
 from ..results_file import ResultsFile
 from ..items import Item
+from ..pipeline import TRANSIENT, preprocess
+from ..scoring import resume
 from .explainer import Explainer
 
 
@@ -59,16 +59,10 @@ def run_explain(explainer: Explainer, items: Sequence[Item], out: str, ocr=None,
     finish (whole lines, fsynced), so a kill loses only memes in flight. Rows that failed because
     the backend was down are retried by the next run (replaced, never duplicated)."""
     results = ResultsFile(out, None)
-    results.repair()
     # Rows that failed for the server's sake are redone, but only those of memes this run covers:
     # a rerun with --limit or --shard keeps the others' rows for a later run to redo.
-    wanted = {it.id for it in items}
-    retry = {r["id"] for r in results.rows() if r.get("retry")} & wanted
-    if retry:
-        results.drop_ids(retry)
-    done = results.done_ids()
-    todo = [it for it in items if it.id not in done]
-    s = ExplainSummary(total=len(items), already_done=len(items) - len(todo), retried=len(retry))
+    todo, retried = resume(results, items, lambda r: r.retry)
+    s = ExplainSummary(total=len(items), already_done=len(items) - len(todo), retried=retried)
     t0 = time.perf_counter()
     fp = explainer.settings
     order = {it.id: n for n, it in enumerate(items)}
@@ -82,18 +76,18 @@ def run_explain(explainer: Explainer, items: Sequence[Item], out: str, ocr=None,
             rows.clear()
 
     def readable():
+        # Decode and OCR as every command does (dhumor.pipeline.preprocess): a file or an OCR failure is
+        # that meme's row, the run goes on; a transient one is retried by the next run.
         for it in todo:
-            try:
-                if it.error:
-                    raise DataError(it.path, it.error)
-                img, sha = load_image_with_digest(it.path)
-            except DataError as e:
-                rows.append({"id": it.id, "path": str(it.path), "sha256": None, "caption": it.caption,
-                             "status": "failed", "error": e.reason, "text": None, "iterations": []})
+            p = preprocess(it, ocr)
+            if p.error:
+                rows.append({"id": it.id, "path": str(it.path), "sha256": p.sha256, "caption": p.caption,
+                             "status": "failed", "error": p.error, "error_kind": p.error_kind, "text": None,
+                             "iterations": [], "retry": p.error_kind == TRANSIENT})
                 s.unreadable += 1
                 continue
-            caption = it.caption if it.caption is not None else (ocr.read(img, sha) if ocr else "")
-            yield (it, sha, caption), img, sha, caption
+            caption = p.caption if p.caption is not None else ""
+            yield (it, p.sha256, caption), p.image, p.sha256, caption
 
     before = explainer.stats["cached"]
     try:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dhumor.ocr.registry import ENGINES, NONE
 
-__all__ = ["ENGINES", "NONE", "OCR", "check_engine", "create_ocr", "engine_choices", "reading_order"]
+__all__ = ["ENGINES", "NONE", "OCR", "OCRFailed", "check_engine", "create_ocr", "engine_choices", "reading_order"]
 
 
 def engine_choices() -> list[str]:
@@ -41,7 +41,7 @@ def check_engine(engine: str | None) -> None:
 
 
 def __getattr__(name):  # the reader's names, loaded only when asked for (numpy, PIL, the cache)
-    if name in ("OCR", "reading_order", "OCR_VERSION", "STAGE"):
+    if name in ("OCR", "OCRFailed", "reading_order", "OCR_VERSION", "STAGE"):
         from dhumor.ocr import reader
 
         return getattr(reader, name)

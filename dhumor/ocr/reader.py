@@ -8,7 +8,6 @@ image content.
 """
 from __future__ import annotations
 
-import logging
 import threading
 from pathlib import Path
 from typing import Sequence
@@ -17,11 +16,26 @@ import numpy as np
 from PIL import Image
 
 from dhumor.cache import StageCache
+from dhumor.errors import DHumorError
 from dhumor.images import load_image_with_digest
 from dhumor.ocr.registry import ENGINES
 
 OCR_VERSION = 1
 STAGE = "ocr"
+
+
+class OCRFailed(DHumorError):
+    """The OCR engine failed on one image. ``kind``: "permanent" (the same image fails again: one the
+    engine cannot resize, a shape it cannot take) or "transient" (out of memory: worth a rerun)."""
+
+    def __init__(self, engine: str, error: BaseException):
+        self.kind = "transient" if _is_memory(error) else "permanent"
+        super().__init__(f"{engine}: {type(error).__name__}: {str(error).strip()[:300]}")
+
+
+def _is_memory(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, MemoryError) or "out of memory" in text or "failed to allocate" in text
 
 
 def reading_order(detections: Sequence[tuple[np.ndarray, str, float]]) -> str:
@@ -67,7 +81,11 @@ class OCR:
         return self._impl
 
     def _run(self, img: Image.Image) -> str:
-        dets = self._load()(np.asarray(img.convert("RGB")))
+        detect = self._load()
+        try:  # whatever the engine raises on this image is this image's failure, not a bug of ours
+            dets = detect(np.asarray(img.convert("RGB")))
+        except Exception as e:
+            raise OCRFailed(self.engine, e) from e
         return reading_order([d for d in dets if float(d[2]) >= self.min_score])
 
     def read(self, img: Image.Image, digest: str | None = None) -> str:

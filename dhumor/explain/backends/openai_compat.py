@@ -7,7 +7,8 @@ Configuration comes from arguments or the environment: ``DHUMOR_OPENAI_BASE_URL`
 Failure is bounded: each request has a deadline (``timeout``, 60 s by default) that covers every
 retry of it, so a hung server costs about a minute per request, not minutes. The deadline holds
 whatever the server does: a watchdog shuts the request's socket when it passes, so an answer
-dripped a byte at a time, slow headers or a chain of slow redirects end there too. Connection errors,
+dripped a byte at a time, slow headers or a chain of slow redirects end there too; at most
+``MAX_REDIRECTS`` redirects are followed per request (a redirect loop is not retried). Connection errors,
 timeouts, truncated or non-JSON answers, 429 and 5xx are retried with exponential backoff inside
 that deadline (honouring ``Retry-After``). After ``breaker_threshold`` consecutive failed requests a
 circuit breaker takes the server as down and every further request fails at once with
@@ -36,7 +37,10 @@ RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 # Settings, not passing faults: trying again cannot help (a TLS failure is a certificate or an
 # https:// URL for a plain-http server).
 NOT_RETRIED = (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema,
-               requests.exceptions.InvalidHeader)
+               requests.exceptions.InvalidHeader, requests.exceptions.TooManyRedirects)
+# Redirects followed per request (requests' default is 30): a loop ends after this many hops, is not
+# retried, and every hop counts against the request's deadline (the watchdog watches each connection).
+MAX_REDIRECTS = 5
 # TLS failures that are settings (a plain-http server behind https://, a certificate that does not
 # verify): not retried. Others (a handshake cut short by an overloaded proxy) are passing faults.
 TLS_SETTINGS = ("WRONG_VERSION_NUMBER", "CERTIFICATE_VERIFY_FAILED", "certificate verify failed", "hostname mismatch")
@@ -111,6 +115,7 @@ class OpenAIBackend(Backend):
             s = self._sessions.get_nowait()
         except queue.Empty:
             s = deadline_session()
+            s.max_redirects = MAX_REDIRECTS
             if self.api_key:
                 s.headers["Authorization"] = f"Bearer {self.api_key}"
         try:

@@ -1,0 +1,128 @@
+"""A big folder scored with `dhumor score --ocr none`: peak RSS, time to the first row, memes/s, and what
+resuming costs, for two versions of dhumor side by side (issue 28, "Scale").
+
+    python bench/scale_folder.py --n 20000 --before /path/to/other/checkout --json bench/results/scale_folder.json
+
+N small PNGs (64x48, each different, so no feature is shared) are generated into a scratch folder;
+each version scores them into its own results file with its own empty stage cache (nothing is served
+from the other's run), as a fresh `python -m dhumor.cli` process whose peak RSS comes from wait4.
+"Resume" reruns the same command on the finished file ("nothing to do"): its peak RSS and time show
+what listing and resuming cost as the file grows. "scan" measures in this process, with tracemalloc,
+the memory that reading the finished file's rows needs (``rows()``, every row in memory) against the
+id-only scan resuming uses now (``index()``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_folder(folder: Path, n: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        sub = folder / f"{i // 1000:03d}"  # 1,000 per folder, as a real archive would be
+        sub.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(sub / f"m{i:06d}.png")
+
+
+def run_score(code: Path, folder: Path, out: Path, cache: Path, checkpoint: str | None, n: int) -> dict:
+    """One `dhumor score` process: wall time, time to the first row on disk, peak RSS."""
+    env = {**os.environ, "PYTHONPATH": str(code), "DHUMOR_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "dhumor.cli", "score", str(folder), "--out", str(out), "--ocr", "none", "--quiet"]
+    if checkpoint:
+        cmd += ["--checkpoint", checkpoint]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=code, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = None
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if first is None and out.exists() and out.stat().st_size > 0:
+            first = time.perf_counter() - t0
+        time.sleep(0.05)
+    wall = time.perf_counter() - t0
+    err = proc.stderr.read()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    summary = next((json.loads(l) for l in reversed(err.splitlines()) if l.startswith("{")), {})
+    scored = summary.get("scored", 0) + summary.get("failed", 0)
+    return {"exit": proc.returncode, "wall_s": round(wall, 1), "first_row_s": round(first, 1) if first else None,
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "rows_written": scored,
+            "memes_per_s": round(scored / wall, 1) if scored else None,
+            "memes_per_s_after_first_row": round(scored / (wall - first), 1) if scored and first else None,
+            "already_done": summary.get("already_done"), "stderr_tail": err.strip().splitlines()[-1:]}
+
+
+def scan_memory(out: Path) -> dict:
+    """Peak Python memory to read the finished file: every row (rows()) vs the ids (index())."""
+    sys.path.insert(0, str(ROOT))
+    from dhumor.results_file import ResultsFile
+    from dhumor.schema import HARMEME
+
+    res = {"file_mb": round(out.stat().st_size / 2**20, 1)}
+    for name in ("rows", "index"):
+        rf = ResultsFile(out, HARMEME)
+        tracemalloc.start()
+        t = time.perf_counter()
+        got = getattr(rf, name)()
+        took = time.perf_counter() - t
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        res[name] = {"rows": len(got), "peak_mb": round(peak / 2**20, 1), "seconds": round(took, 2)}
+        del got
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--before", default=None, help="checkout of the earlier version (its repository root)")
+    ap.add_argument("--checkpoint", default=None, help="default: the one shipped with dhumor")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--scratch", default=None, help="where the folder and outputs go (default: a temp dir)")
+    args = ap.parse_args(argv)
+    scratch = Path(args.scratch or tempfile.mkdtemp(prefix="dhumor-scale-"))
+    folder = scratch / "memes"
+    t = time.perf_counter()
+    if not folder.exists():
+        make_folder(folder, args.n)
+    print(f"{args.n} images in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    versions = {"after": ROOT}
+    if args.before:
+        versions = {"before": Path(args.before), **versions}
+    results: dict = {"n": args.n, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, shared with other "
+                                                  f"agents' work (load average {os.getloadavg()[0]:.1f} at start)",
+                     "versions": {}}
+    for name, code in versions.items():
+        out, cache = scratch / f"{name}.jsonl", scratch / f"{name}-cache.sqlite"
+        first = run_score(code, folder, out, cache, args.checkpoint, args.n)
+        print(f"{name}: {first}", file=sys.stderr)
+        resume = run_score(code, folder, out, cache, args.checkpoint, args.n)
+        print(f"{name} resume: {resume}", file=sys.stderr)
+        results["versions"][name] = {"score": first, "resume": resume}
+    results["scan"] = scan_memory(scratch / "after.jsonl")
+    results["load_average_end"] = round(os.getloadavg()[0], 1)
+    print(json.dumps(results, indent=1))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
