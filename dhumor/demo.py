@@ -23,7 +23,7 @@ from .review import VERDICTS, ReviewLog
 log = logging.getLogger("dhumor")
 NO_EXPLAINER = ("*No explanation backend is configured.* The decision uses the image and caption only. "
                 "Start the demo with `--explain offline` (SmolLM2-135M, text only, a weak stand-in) or "
-                "`--explain openai --model NAME --base-url URL` to use a real vision-language model.")
+                "`--explain openai --explain-model NAME --base-url URL` to use a real vision-language model.")
 
 
 def explanation_markdown(result: dict, has_explainer: bool, used_by_model: bool) -> str:
