@@ -170,31 +170,7 @@ def read_dhumor_table(path: str | Path, images: str | Path | None = None, skip_b
     records = df.to_dict("records")
     row_of = lambda i: i + 2  # noqa: E731 -- spreadsheet row numbers: header is row 1
 
-    # Decide each column's code base from the rows it applies to: target and intensity codes only
-    # count on dark rows (a non-dark row may carry a 0 meaning "none" in 1-based files).
-    humor_raw = [get(r, "humor") for r in records]
-    n_humor = DHUMOR.task("humor").num_classes
-    bases = {"humor": int(label_base) if label_base != "auto"
-             else _detect_base(humor_raw, n_humor, path, _DHUMOR_COLUMNS["humor"])}
-    dark = [_is_positive(h, bases["humor"]) for h in humor_raw]
-    ambiguous: dict[str, DataError] = {}
-    for task in ("target", "intensity"):
-        if label_base != "auto":
-            bases[task] = int(label_base)
-            continue
-        vals = [get(r, task) for r, d in zip(records, dark) if d]
-        try:
-            bases[task] = _detect_base(vals, DHUMOR.task(task).num_classes, path, _DHUMOR_COLUMNS[task])
-        except DataError as e:
-            ambiguous[task] = e
-    for task, err in ambiguous.items():
-        # Target and intensity follow one convention in a file: an ambiguous one takes the other's base.
-        # (Not the binary Dark column's: 0/1 is natural for a yes/no column whatever the convention.)
-        other = "intensity" if task == "target" else "target"
-        if other not in bases:
-            raise err
-        bases[task] = bases[other]
-
+    bases = _column_bases(records, get, label_base, path)
     col = _Collector(skip_bad)
 
     def parse(i: int, rec: dict) -> Meme:
@@ -220,6 +196,34 @@ def read_dhumor_table(path: str | Path, images: str | Path | None = None, skip_b
     _check_unique(col.result.memes, path)
     col.result.schema_name = DHUMOR.name
     return col.result
+
+
+def _column_bases(records: list[dict], get: Callable, label_base, path: Path) -> dict[str, int]:
+    """Each label column's code base (0 or 1), from the rows it applies to: target and intensity codes only
+    count on dark rows (a non-dark row may carry a 0 meaning "none" in 1-based files)."""
+    humor_raw = [get(r, "humor") for r in records]
+    n_humor = DHUMOR.task("humor").num_classes
+    bases = {"humor": int(label_base) if label_base != "auto"
+             else _detect_base(humor_raw, n_humor, path, _DHUMOR_COLUMNS["humor"])}
+    dark = [_is_positive(h, bases["humor"]) for h in humor_raw]
+    ambiguous: dict[str, DataError] = {}
+    for task in ("target", "intensity"):
+        if label_base != "auto":
+            bases[task] = int(label_base)
+            continue
+        vals = [get(r, task) for r, d in zip(records, dark) if d]
+        try:
+            bases[task] = _detect_base(vals, DHUMOR.task(task).num_classes, path, _DHUMOR_COLUMNS[task])
+        except DataError as e:
+            ambiguous[task] = e
+    for task, err in ambiguous.items():
+        # Target and intensity follow one convention in a file: an ambiguous one takes the other's base.
+        # (Not the binary Dark column's: 0/1 is natural for a yes/no column whatever the convention.)
+        other = "intensity" if task == "target" else "target"
+        if other not in bases:
+            raise err
+        bases[task] = bases[other]
+    return bases
 
 
 def _cell(v):

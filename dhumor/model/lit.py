@@ -14,7 +14,6 @@ import math
 from typing import Literal
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -108,6 +107,12 @@ class DHumorModule(L.LightningModule):
             self.hparams.update(a, pretrained=pretrained)
         cfg = TCRNetConfig(**{k: self.hparams[k] for k in _NET_FIELDS})
         self.net = TCRNet(self.schema, input_dims, cfg)
+        self._init_training_state()
+        if init_from:
+            self._load_initial_weights(init_from)
+
+    def _init_training_state(self) -> None:
+        """Class-weight buffers (filled in ``setup``), metric collectors, and the compiled network's slot."""
         for t in self.schema.tasks:
             self.register_buffer(f"class_weight_{t.name}", torch.ones(t.num_classes), persistent=False)
         self._collectors = nn.ModuleDict({
@@ -116,8 +121,6 @@ class DHumorModule(L.LightningModule):
         })
         self.last_metrics: dict[str, dict] = {}
         self._compiled = None
-        if init_from:
-            self._load_initial_weights(init_from)
 
     def _load_initial_weights(self, path: str) -> None:
         from ..checkpoint import read_checkpoint
