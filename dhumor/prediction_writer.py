@@ -6,7 +6,6 @@ import logging
 import os
 from pathlib import Path
 
-import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from .decision import Decider
@@ -28,6 +27,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.output = output
         self._decider: Decider | None = None
+        self._by_id: dict | None = None
 
     def decider(self, trainer, pl_module) -> Decider:
         """The module's own metadata, else what fit stored in the run's export beside ``--ckpt_path``."""
@@ -44,6 +44,12 @@ class JsonlPredictionWriter(BasePredictionWriter):
             self._decider = Decider.from_meta(pl_module.schema, meta)
         return self._decider
 
+    def _memes(self, trainer) -> dict:
+        if self._by_id is None:
+            ds = getattr(getattr(trainer, "datamodule", None), "datasets", {}).get("predict")
+            self._by_id = {m.id: m for m in getattr(ds, "memes", [])}
+        return self._by_id
+
     def _part(self, rank: int) -> Path:
         return Path(f"{self.output}.rank{rank}.part")
 
@@ -57,10 +63,15 @@ class JsonlPredictionWriter(BasePredictionWriter):
             return
         decider = self.decider(trainer, pl_module)
         probs = decider.calibrate({t: v.numpy() for t, v in prediction["probs"].items()})
+        memes = self._memes(trainer)
         lines = []
         for i, mid in enumerate(prediction["ids"]):
             row = decider.describe({t: v[i] for t, v in probs.items()})
-            lines.append(json.dumps({"id": mid, **row}, ensure_ascii=False) + "\n")
+            m = memes.get(mid)  # the meme's identity, as a score row carries it
+            ident = {"path": str(m.image) if m else None, "sha256": _sha256(m.image) if m else None,
+                     "caption": m.caption if m else None, "caption_source": "given" if m and m.caption is not None
+                     else None}
+            lines.append(json.dumps({"id": mid, **ident, **row, "error": None}, ensure_ascii=False) + "\n")
         with open(self._part(trainer.global_rank), "a", encoding="utf-8") as fh:
             fh.write("".join(lines))
             fh.flush()
@@ -88,3 +99,16 @@ class JsonlPredictionWriter(BasePredictionWriter):
                 self._part(r).unlink(missing_ok=True)
             print(f"dhumor predict: {len(rows)} rows -> {self.output}")
         trainer.strategy.barrier()
+
+
+def _sha256(path) -> str | None:
+    import hashlib
+
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError:
+        return None
+    return h.hexdigest()

@@ -176,6 +176,9 @@ def test_one_meme_one_decision_in_score_evaluate_predict_and_demo(tmp_path, trai
 
     a, b, c = load(scored), load(evaluated), load(predicted)
     assert set(a) == set(b) == set(c) == set(demo)
+    for mid in a:  # every command's row says which meme it is, as score's does
+        for other in (b[mid], c[mid]):
+            assert {k: other[k] for k in ("path", "sha256", "caption")} == {k: a[mid][k] for k in ("path", "sha256", "caption")}
     for mid in a:
         for other in (b[mid], c[mid], demo[mid]):
             assert other["decision"]["flagged"] == a[mid]["decision"]["flagged"]
