@@ -122,6 +122,11 @@ def build_demo(pipe: Pipeline, review_log: ReviewLog, max_file_mb: float = 10.0,
     has_explainer = pipe.explainer is not None
     used_by_model = "reasoning" in pipe.streams
     models = models or ModelThread()  # every model call on one thread: dhumor/model_thread.py says why
+    from .app.model_calls import pipeline_on
+
+    # Compute on the model thread, explanation waits on the request's own thread: concurrent users'
+    # explanations are decoded together (dhumor/app/model_calls.py).
+    run_pipe = pipeline_on(models, pipe)
 
     def _empty_outputs(status: str):
         return ["", "", *[None for _ in schema.tasks], "", None, status]
@@ -138,8 +143,7 @@ def build_demo(pipe: Pipeline, review_log: ReviewLog, max_file_mb: float = 10.0,
             return
         t0 = time.perf_counter()
         try:
-            for result in models.iterate(pipe.stream_file(path, caption=caption if use_caption else None,
-                                                          threshold=threshold)):
+            for result in run_pipe.stream_file(path, caption=caption if use_caption else None, threshold=threshold):
                 result["filename"] = path.name
                 result["latency"] = round(time.perf_counter() - t0, 3)
                 if result.get("error"):
