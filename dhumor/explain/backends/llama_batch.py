@@ -148,6 +148,7 @@ class LlamaBatchBackend(Backend):
         self._thread: threading.Thread | None = None
         self._start = threading.Lock()
         self._broken: str | None = None  # why the scheduler stopped, when it did
+        self.stats = {"steps": 0, "max_sequences": 0, "max_callers": 0}  # how much was decoded together
 
     def fingerprint(self) -> dict:
         # Thread and sequence counts change speed, not what a sequence's sampler does.
@@ -330,6 +331,10 @@ class LlamaBatchBackend(Backend):
                 active.append(s)
             if not active:
                 continue
+            st = self.stats
+            st["steps"] += 1
+            st["max_sequences"] = max(st["max_sequences"], len(active))
+            st["max_callers"] = max(st["max_callers"], len({id(s.client) for s in active}))
             t0 = time.perf_counter()
             try:
                 finished = self._step(active)
