@@ -295,3 +295,25 @@ def test_a_dhumor_manifest_csv_is_inert(tmp_path, dhumor_fixture):
     export_reviews(log, tmp_path / "m.csv")
     row = next(csv.DictReader((tmp_path / "m.csv").open()))
     assert row["Text"].startswith("'=") and row["note"].startswith("'=")
+
+
+def test_a_decompression_bomb_or_a_non_image_is_the_rows_error(team, tmp_path):
+    from gradio_client import handle_file
+    from PIL import Image
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (12_000, 12_000)).save(bomb, optimize=True)  # 144 Mpx in a few kB
+    assert bomb.stat().st_size < 0.5 * 2**20
+    fake = tmp_path / "fake.png"
+    fake.write_text("<html>not an image</html>")
+    rita = _client(team, "rita")
+    for f in (bomb, fake):
+        out = rita.predict(handle_file(str(f)), 0.5, api_name="/analyze")
+        assert out[-1].startswith("**Cannot use this file:**"), out[-1]
+    out = rita.predict(handle_file(str(EXAMPLE)), 0.5, api_name="/analyze")  # and the demo goes on
+    assert out[-1].startswith("Scored in")
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG" + bytes(2**20))  # over the demo's 0.5 MB cap: refused at the upload
+    s = _session(team, "rita")
+    r = s.post(team["url"] + "gradio_api/upload", files={"files": ("big.png", big.read_bytes())}, timeout=30)
+    assert r.status_code == 413
