@@ -470,6 +470,9 @@ def cmd_demo(args) -> int:
         closing = threading.Thread(target=demo.close, daemon=True)
         closing.start()
         closing.join(1)
+        exports = getattr(demo, "_dhumor_exports", None)
+        if exports is not None:  # os._exit below skips the finalizer that would remove it
+            exports.cleanup()
         print("dhumor demo: stopped", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()

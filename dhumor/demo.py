@@ -304,8 +304,12 @@ def build_demo(pipe: Pipeline, review_log: ReviewLog, max_file_mb: float = 10.0,
         from .review_queue import build_queue_tab
 
         demo = gr.TabbedInterface([demo, build_queue_tab(pipe, review_log, queue, models, access=access,
-                                                         queue_root=queue_root, run_pipe=run_pipe)],
+                                                         queue_root=queue_root, run_pipe=run_pipe,
+                                                         exports_dir=exports.name)],
                                   ["Score a meme", "Review queue"], title="dhumor — dark humor moderation")
+        # Gradio's copies of served files (exports, queue images) expire after an hour, and all go
+        # when the server restarts; it reads this from the Blocks it launches.
+        demo.delete_cache = (600, 3600)
     demo.queue(default_concurrency_limit=concurrency, max_size=64)  # more users than that wait their turn
     demo._dhumor_exports = exports  # the export folder lives (and is removed) with the demo
     return demo

@@ -180,7 +180,7 @@ def queue_candidates(root: str | Path | None) -> dict[str, Path]:
 
 
 def build_queue_tab(pipe, review_log: ReviewLog, source: str | None = None, models=None, access=None,
-                    queue_root: str | None = None, run_pipe=None):
+                    queue_root: str | None = None, run_pipe=None, exports_dir: str | None = None):
     """The review queue page (a ``gr.Blocks``); the demo shows it as its second tab.
 
     Queues come only from ``source`` (``--queue``, given when the demo starts) or from the entries
@@ -311,7 +311,11 @@ def build_queue_tab(pipe, review_log: ReviewLog, source: str | None = None, mode
             state = {**state, "skipped": [*state.get("skipped", []), state["current"]]}
         return show(state, access.reviewer(request, reviewer), "Skipped.")
 
-    exports = Path(tempfile.mkdtemp(prefix="dhumor-reviewed-"))
+    page_exports = None
+    if exports_dir is None:  # a page of its own: its folder lives (and is removed) with the page
+        page_exports = tempfile.TemporaryDirectory(prefix="dhumor-reviewed-")
+        exports_dir = page_exports.name
+    exports = Path(exports_dir)
 
 
     @with_request
@@ -395,5 +399,6 @@ def build_queue_tab(pipe, review_log: ReviewLog, source: str | None = None, mode
         page.load(on_load, [order, seed, reviewer], [src, root_pick, root_btn, export_btn, export_file, *outputs],
                   api_name="queue_load", **score)
         page.load(None, None, None, js=_keyboard_js(schema))
-    page._dhumor_exports = exports
+    if page_exports is not None:
+        page._dhumor_exports = page_exports
     return page

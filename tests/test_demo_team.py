@@ -229,6 +229,9 @@ def test_every_event_of_both_tabs_through_the_client(team, tmp_path):
     assert path and "Exported 1 memes" in msg
     rec = json.loads(Path(path).read_text().splitlines()[0])
     assert rec["note"] == NOTE  # JSONL, not a spreadsheet: kept as typed
+    adam.predict(api_name="/queue_export")  # again: replaced, not piled up
+    assert sorted(p.name for p in exports.iterdir()) == ["reviewed-adam.jsonl", "reviews-adam.csv"]
+    assert team["demo"].delete_cache == (600, 3600)  # Gradio's served copies expire
     # a folder under the root is scored on the way, on the demo's model thread
     got = adam.predict("memes", "uncertain", 0, "", api_name="/queue_open")
     assert any(isinstance(x, str) and "0 of 4 reviewed** by adam" in x for x in got), [x for x in got if isinstance(x, str) and "review" in x]
