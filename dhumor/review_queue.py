@@ -199,7 +199,10 @@ def build_queue_tab(pipe, review_log: ReviewLog, source: str | None = None, mode
 
     schema = pipe.schema
     access = access or Access(None)
-    run_pipe = run_pipe or pipe
+    if run_pipe is None:
+        from .app.model_calls import pipeline_on
+
+        run_pipe = pipeline_on(models, pipe) if models is not None else pipe
     root = Path(queue_root).resolve() if queue_root else None
     cache: dict[tuple, ReviewQueue] = {}
     loading = threading.Lock()  # one queue scored at a time; a second request for it waits, then reuses it
