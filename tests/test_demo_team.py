@@ -114,6 +114,9 @@ def test_a_public_host_without_sign_in_is_refused_before_models_load(tmp_path):
                         str(tmp_path / "none")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "--auth USERS_FILE" in r.stderr and "dhumor users add" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "dhumor.cli", "demo", "--auth", str(tmp_path / "none.json")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "dhumor users add" in r.stderr
 
 
 def test_a_visitor_not_signed_in_reaches_only_the_login(team):
@@ -194,7 +197,7 @@ def test_every_event_of_both_tabs_through_the_client(team, tmp_path):
     names = set(adam.view_api(print_info=False, return_format="dict")["named_endpoints"])
     assert {"/analyze", "/rescore", "/preset", "/threshold", "/record", "/export", "/whoami", "/queue_start",
             "/queue_reviewer", "/queue_open", "/queue_save", "/queue_skip", "/queue_export", "/queue_load",
-            "/queue_harmfulness", "/queue_harmful"} <= names, names
+            "/queue_harmfulness", "/queue_harmful", "/queue_clear_note"} <= names, names
     out = adam.predict(handle_file(str(EXAMPLE)), 0.5, api_name="/analyze")
     assert any(isinstance(x, str) and x.startswith("## Decision") for x in out)
     out = adam.predict(handle_file(str(EXAMPLE)), "WHEN THE VET SAYS", 0.5, api_name="/rescore")
@@ -223,6 +226,7 @@ def test_every_event_of_both_tabs_through_the_client(team, tmp_path):
     assert adam.predict("yes", "not harmful", api_name="/queue_harmful") == "somewhat harmful"
     got = adam.predict("", "a caption", NOTE, "yes", "very harmful", "community", api_name="/queue_save")
     assert any(isinstance(x, str) and "Recorded review #" in x for x in got), got
+    assert adam.predict(api_name="/queue_clear_note") == ""  # the note box empties after a save
     got = adam.predict("", api_name="/queue_skip")
     assert any(isinstance(x, str) and "Skipped" in x for x in got)
     path, msg = adam.predict(api_name="/queue_export")
