@@ -6,6 +6,14 @@ each meme in a freshly loaded page and waits for the decision to appear.
 
     python bench/demo_latency.py --n 20                   # memes: --images, default <data root>/images
     python bench/demo_latency.py --images ... --n 20 --explain offline
+    python bench/demo_latency.py --explain offline --users 4 --n 2   # 1 user, then 4 users at once
+
+``--users N`` measures through Gradio's own client instead of a browser (N browsers would take the
+CPU the server is measured on): first with one user scoring ``--n`` memes one after another, then
+with N users doing so at the same time, in the same warm demo, each meme a new one (never served
+from the cache). Times are from the request to the first streamed output showing the decision,
+the first finished explanation iteration, and the last output. Results (with the machine and its
+load average) go to bench/results/demo_latency.json.
 """
 from __future__ import annotations
 
@@ -51,7 +59,13 @@ def main(argv=None):
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--threads", type=int, default=None, help="the demo's llama.cpp threads (default: all)")
     ap.add_argument("--samples", action="store_true", help="also print each meme's latencies")
+    ap.add_argument("--users", type=int, default=None,
+                    help="concurrent users through gradio_client: measure 1 user, then this many at once")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "demo_latency.json"),
+                    help="where --users writes its results")
     args = ap.parse_args(argv)
+    if args.users:
+        return users_main(args)
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
@@ -136,6 +150,123 @@ def main(argv=None):
         out["samples"] = samples
     print(json.dumps(out))
     return out
+
+
+def _pick_memes(folder: Path, n: int, skip: set[bytes] = frozenset()) -> list[Path]:
+    files, seen = [], set(skip)
+    for p in sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".png")):
+        b = p.read_bytes()
+        if b not in seen and len(files) < n:
+            seen.add(b)
+            files.append(p)
+    return files
+
+
+def _start_demo(args, tmp: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DHUMOR_CACHE": str(tmp / "cache.sqlite"), "GRADIO_ANALYTICS_ENABLED": "False"}
+    cmd = [sys.executable, str(ROOT / "app" / "app.py"), "--port", str(port), "--review-log", str(tmp / "r.sqlite"),
+           "--explain", args.explain, "--concurrency", str(max(4, args.users or 1))]
+    if args.checkpoint:
+        cmd += ["--checkpoint", args.checkpoint]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / "log", "w"))
+    url = f"http://127.0.0.1:{port}/"
+    for _ in range(1200):
+        if proc.poll() is not None:
+            sys.exit(f"demo_latency: the demo exited: {(tmp / 'log').read_text()[-2000:]}")
+        try:
+            if requests.get(url, timeout=1).status_code == 200:
+                break
+        except requests.RequestException:
+            time.sleep(0.2)
+    return proc, url
+
+
+def _one_meme(client, path: Path) -> dict:
+    """Upload ``path`` through /analyze and time the streamed outputs (seconds from the request)."""
+    from gradio_client import handle_file
+
+    t0, marks = time.perf_counter(), {}
+    job = client.submit(handle_file(str(path)), 0.5, api_name="/analyze")
+    for out in job:
+        now = time.perf_counter() - t0
+        texts = [x for x in out if isinstance(x, str)]
+        if "decision" not in marks and any(t.startswith("## Decision:") and "pending" not in t for t in texts):
+            marks["decision"] = now
+        if "first_explanation" not in marks and any("Iteration" in t and "<details>" in t for t in texts):
+            marks["first_explanation"] = now
+    out = job.outputs()[-1] if job.outputs() else []
+    marks["full"] = time.perf_counter() - t0
+    status = out[-1] if out else ""
+    if not str(status).startswith("Scored in"):
+        marks = {"failed": str(status)[:200]}
+    return {"meme": path.name, **{k: round(v, 2) if isinstance(v, float) else v for k, v in marks.items()}}
+
+
+def _stats(samples: list[dict]) -> dict:
+    out = {"memes": len([s for s in samples if "failed" not in s]), "failed": len([s for s in samples if "failed" in s])}
+    for k in ("decision", "first_explanation", "full"):
+        v = [s[k] for s in samples if k in s]
+        if v:
+            out[k] = {"p50": round(float(np.percentile(v, 50)), 2), "p95": round(float(np.percentile(v, 95)), 2),
+                      "mean": round(float(np.mean(v)), 2)}
+    return out
+
+
+def users_main(args) -> dict:
+    """1 user, then ``args.users`` at once, each scoring ``args.n`` new memes one after another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client
+
+    folder = Path(args.images)
+    if not folder.is_dir():
+        print(f"demo_latency: no folder of memes at {args.images}: pass --images DIR", file=sys.stderr)
+        sys.exit(2)
+    warm = _pick_memes(EXAMPLES_DIR, 1)
+    files = _pick_memes(folder, args.n * (1 + args.users), skip={p.read_bytes() for p in warm})
+    if len(files) < args.n * (1 + args.users):
+        print(f"demo_latency: {folder} has {len(files)} distinct memes; --users {args.users} --n {args.n} needs "
+              f"{args.n * (1 + args.users)}", file=sys.stderr)
+        sys.exit(2)
+    tmp = Path(tempfile.mkdtemp())
+    proc, url = _start_demo(args, tmp)
+    result = {"explain": args.explain, "threads": args.threads or "all", "memes_per_user": args.n,
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores", "load_average_before": os.getloadavg(),
+              "note": "a CPU shared with other work: compare the rows of one run as ratios, not across runs"}
+    try:
+        clients = [Client(url, verbose=False) for _ in range(args.users)]
+        _one_meme(clients[0], warm[0])  # loads and warms the models; not counted
+        plans = {1: [files[: args.n]]}
+        rest = files[args.n:]
+        plans[args.users] = [rest[u * args.n:(u + 1) * args.n] for u in range(args.users)]
+        t_all = time.perf_counter()
+        for users, shares in plans.items():
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(users) as pool:
+                per_user = list(pool.map(lambda cs: [_one_meme(cs[0], f) for f in cs[1]], zip(clients, shares)))
+            samples = [s for u in per_user for s in u]
+            result[f"users_{users}"] = {**_stats(samples), "wall_s": round(time.perf_counter() - t0, 1),
+                                        **({"samples": samples} if args.samples else {})}
+        result["total_s"] = round(time.perf_counter() - t_all, 1)
+        result["load_average_after"] = os.getloadavg()
+        one, many = result["users_1"], result[f"users_{args.users}"]
+        if "first_explanation" in one and "first_explanation" in many:
+            result["ratio_first_explanation_p50"] = round(many["first_explanation"]["p50"] /
+                                                          one["first_explanation"]["p50"], 2)
+            # memes per second, all users together, relative to one user
+            result["throughput_ratio"] = round((many["memes"] / many["wall_s"]) / (one["memes"] / one["wall_s"]), 2)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

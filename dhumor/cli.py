@@ -272,7 +272,29 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-file-mb", type=_positive_float, default=10.0, help="upload size limit")
     d.add_argument("--queue", default=None, metavar="RESULTS_OR_FOLDER",
                    help="add a review-queue tab over a `dhumor score` results .jsonl (or a folder, scored on the way)")
+    d.add_argument("--queue-root", default=None, metavar="DIR",
+                   help="admins may open, from a list, the results files and folders directly under DIR as queues "
+                        "(never a typed path)")
+    d.add_argument("--auth", default=None, metavar="USERS_FILE",
+                   help="sign-in in front of every page, API and file route, with the users and roles of this file "
+                        "(`dhumor users add`); required for a --host other than loopback")
+    d.add_argument("--concurrency", type=_positive_int, default=4,
+                   help="memes scored and explained at once (requests beyond it wait their turn)")
     _add_common(d)
+
+    u = add("users", "the demo's users file: sign-in names, roles and argon2 password hashes")
+    usub = u.add_subparsers(dest="users_command", metavar="ACTION", required=True)
+    ua = usub.add_parser("add", formatter_class=_HelpFormatter, help="add a user (or replace their password and role)")
+    ua.add_argument("file", help="users file (made if missing)")
+    ua.add_argument("name")
+    ua.add_argument("--role", default="reviewer", choices=["reviewer", "admin"],
+                    help="reviewer: score uploads and review; admin: also open queues and export verdicts")
+    ua.add_argument("--password-stdin", action="store_true", help="read the password from standard input (scripts)")
+    ua.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    ur = usub.add_parser("remove", formatter_class=_HelpFormatter, help="remove a user")
+    ur.add_argument("file")
+    ur.add_argument("name")
+    ur.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
     r = add("reviews", "the review log: export queue verdicts as training data")
     rsub = r.add_subparsers(dest="reviews_command", metavar="ACTION", required=True)
@@ -283,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     rx.add_argument("--include-conflicts", action="store_true",
                     help="keep memes reviewers disagree on (the latest verdict wins)")
     rx.add_argument("--task", default=None, help="task schema of the verdicts (default: inferred from them)")
+    rx.add_argument("--user", action="append", default=None, metavar="NAME",
+                    help="only this reviewer's verdicts (repeat for several)")
+    rx.add_argument("--since", default=None, metavar="TIME", help="only verdicts at or after this ISO time (UTC "
+                                                                   "unless it says), e.g. 2026-12-01 or 2026-12-01T09:00")
+    rx.add_argument("--until", default=None, metavar="TIME", help="only verdicts before this ISO time")
     rx.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
     o = add("ocr", "print the OCR text of memes (an image, a folder or a manifest)")
@@ -471,6 +498,16 @@ def cmd_demo(args) -> int:
     from .preflight import check_checkpoint, check_demo, check_explainer, check_ocr
 
     check_demo()
+    from .app.auth import Users, is_loopback
+
+    users = Users.load(args.auth) if args.auth else None
+    if users is None and not is_loopback(args.host):
+        raise ConfigError(f"--host {args.host} serves the demo to other machines: add --auth USERS_FILE "
+                          f"(`dhumor users add USERS_FILE NAME --role admin`), or keep --host 127.0.0.1")
+    if users is not None and not len(users):
+        raise ConfigError(f"{args.auth}: no users in this file (add one with `dhumor users add {args.auth} NAME`)")
+    if args.queue_root and not os.path.isdir(args.queue_root):
+        raise ConfigError(f"--queue-root {args.queue_root}: no such folder")
     from .demo import launch
     from .model_thread import ModelThread
     from .ocr import create_ocr
@@ -491,7 +528,7 @@ def cmd_demo(args) -> int:
     models = ModelThread()  # models load and run on one thread (dhumor/model_thread.py says why)
     pipe = models.call(load)
     demo = launch(pipe, review_log, host=args.host, port=args.port, max_file_mb=args.max_file_mb, queue=args.queue,
-                  models=models, block=False)
+                  models=models, block=False, users=users, queue_root=args.queue_root, concurrency=args.concurrency)
     try:
         while True:  # serve until Ctrl-C (or SIGTERM, made one by main)
             time.sleep(0.5)
@@ -504,6 +541,9 @@ def cmd_demo(args) -> int:
         closing = threading.Thread(target=demo.close, daemon=True)
         closing.start()
         closing.join(1)
+        exports = getattr(demo, "_dhumor_exports", None)
+        if exports is not None:  # os._exit below skips the finalizer that would remove it
+            exports.cleanup()
         print("dhumor demo: stopped", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -523,7 +563,11 @@ def cmd_reviews(args) -> int:
     path = Path(args.review_log) if args.review_log else default_review_log()
     if not path.is_file():
         raise ConfigError(f"{path}: no review log here (pass --review-log)")
-    rep = export_reviews(ReviewLog(path), args.out, include_conflicts=args.include_conflicts, schema=args.task)
+    from .reviews_export import parse_time
+
+    since, until = parse_time(args.since, "--since"), parse_time(args.until, "--until")
+    rep = export_reviews(ReviewLog(path), args.out, include_conflicts=args.include_conflicts, schema=args.task,
+                         users=args.user, since=since, until=until)
     for c in rep.conflicts:
         print(f"dhumor reviews: conflict on {c['id'] or c['sha256'][:12]} ({c['path']}): "
               + "; ".join(f"{m}: {json.dumps(v)}" for m, v in c["verdicts"].items()), file=sys.stderr)
@@ -533,6 +577,27 @@ def cmd_reviews(args) -> int:
     print(f"dhumor reviews: {rep.written} memes -> {rep.out}"
           + ("" if args.include_conflicts or not rep.conflicts else f" ({len(rep.conflicts)} conflicted left out; "
              f"--include-conflicts keeps them)"), file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_users(args) -> int:
+    import getpass
+
+    from .app.auth import add_user, check_name, remove_user
+
+    if args.users_command == "remove":
+        remove_user(args.file, args.name)
+        print(f"dhumor users: removed {args.name} from {args.file}", file=sys.stderr)
+        return EXIT_OK
+    check_name(args.name)  # before asking for a password
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass(f"password for {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            raise ConfigError("the two passwords differ; nothing was changed")
+    new = add_user(args.file, args.name, password, role=args.role)
+    print(f"dhumor users: {'added' if new else 'updated'} {args.name} ({args.role}) in {args.file}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -579,7 +644,8 @@ def cmd_ocr(args) -> int:
 
 
 COMMANDS = {"data": cmd_data, "evaluate": cmd_evaluate, "score": cmd_score, "explain": cmd_explain,
-            "demo": cmd_demo, "merge": cmd_merge, "ocr": cmd_ocr, "reviews": cmd_reviews}
+            "demo": cmd_demo, "merge": cmd_merge, "ocr": cmd_ocr, "reviews": cmd_reviews,
+            "users": cmd_users}
 
 
 def _debug_wanted(argv: list[str]) -> bool:

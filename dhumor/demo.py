@@ -33,30 +33,31 @@ def explanation_markdown(result: dict, has_explainer: bool, used_by_model: bool)
     if not trail:
         return "*Explaining the meme…*" if result.get("explanation_pending") else \
             "*No explanation was produced for this meme.*"
+    from .app.text import md
     from .explain.schema import FIELDS, LABELS
 
-    parts = []
+    parts = []  # model text is escaped: a caption can steer the model into writing markup
     if result.get("explanation_pending"):
         n = len(trail.get("iterations") or [])
         parts.append(f"*Iteration {n} done; the author is revising it…*")
     elif trail.get("status") != "ok":
-        parts.append(f"**The explanation failed:** {trail.get('error') or 'unknown error'}")
+        parts.append(f"**The explanation failed:** {md(trail.get('error') or 'unknown error')}")
     else:
         note = "" if used_by_model else " (shown for review; this checkpoint has no reasoning stream)"
-        parts.append(f"**Explanation**{note} — {trail.get('stop_reason', '')}")
-        parts += [f"- **{LABELS[f]}:** {trail['final'].get(f, '')}" for f in FIELDS if trail["final"].get(f)]
+        parts.append(f"**Explanation**{note} — {md(trail.get('stop_reason', ''))}")
+        parts += [f"- **{LABELS[f]}:** {md(trail['final'].get(f, ''))}" for f in FIELDS if trail["final"].get(f)]
     if trail.get("visual_cues"):
-        parts.append(f"\n*The text model was told the image shows:* {', '.join(trail['visual_cues'])}")
+        parts.append(f"\n*The text model was told the image shows:* {md(', '.join(trail['visual_cues']))}")
     for it in trail.get("iterations", []):
         kind = "explanation" if it["kind"] == "explain" else "role reversal: the author critiques and revises"
         sim = f", similarity to previous {it['similarity']:.2f}" if it.get("similarity") is not None else ""
         body = []
         if it.get("critique"):
-            body.append(f"**Critique:**\n\n{it['critique']}")
+            body.append(f"**Critique:**\n\n{md(it['critique'])}")
         if it.get("text"):
-            body.append(f"**{'Revised' if it['kind'] != 'explain' else 'Explanation'}:**\n\n{it['text']}")
+            body.append(f"**{'Revised' if it['kind'] != 'explain' else 'Explanation'}:**\n\n{md(it['text'])}")
         if it.get("error"):
-            body.append(f"**Error:** {it['error']}")
+            body.append(f"**Error:** {md(it['error'])}")
         parts.append(f"\n<details><summary>Iteration {it['iteration']} — {kind}{sim}</summary>\n\n"
                      + "\n\n".join(body) + "\n\n</details>")
     return "\n".join(parts)
@@ -114,36 +115,52 @@ def _safe_image_class():
 
 
 def build_demo(pipe: Pipeline, review_log: ReviewLog, max_file_mb: float = 10.0,
-               examples_dir: Path | None = EXAMPLES_DIR, queue: str | None = None, models: ModelThread | None = None):
+               examples_dir: Path | None = EXAMPLES_DIR, queue: str | None = None, models: ModelThread | None = None,
+               users=None, queue_root: str | None = None, concurrency: int = 4):
+    """The demo's page. ``users`` (a :class:`~dhumor.app.auth.Users`): verdicts carry the signed-in
+    user and each handler checks their role; ``queue_root``: admins open queues from the folders and
+    results files directly under it; ``concurrency``: memes scored and explained at once."""
     import gradio as gr
+
+    from .app.access import Access, Forbidden, with_request
+    from .app.audit import checkpoint_digest
+    from .app.model_calls import pipeline_on
+    from .app.text import md
 
     schema = pipe.schema
     presets = pipe.presets
     has_explainer = pipe.explainer is not None
     used_by_model = "reasoning" in pipe.streams
     models = models or ModelThread()  # every model call on one thread: dhumor/model_thread.py says why
+    access = Access(users)
+    # Compute on the model thread, explanation waits on the request's own thread: concurrent users'
+    # explanations are decoded together (dhumor/app/model_calls.py).
+    run_pipe = pipeline_on(models, pipe)
+    exports = tempfile.TemporaryDirectory(prefix="dhumor-exports-")  # removed with the demo (see below)
 
     def _empty_outputs(status: str):
         return ["", "", *[None for _ in schema.tasks], "", None, status]
 
-    def analyze(image_path, caption, threshold, use_caption: bool):
+    def analyze(image_path, caption, threshold, use_caption: bool, request):
         """A generator: the page updates at every step (decision, then each explanation iteration)."""
+        if not access.may(request, "score"):
+            yield _empty_outputs("**Sign in to score memes.**")
+            return
         if not image_path:
             yield _empty_outputs("Upload, paste or pick a meme.")
             return
         path = Path(image_path)
         size = path.stat().st_size if path.exists() else 0
         if size > max_file_mb * 1024 * 1024:
-            yield _empty_outputs(f"**{path.name}** is {size / 2**20:.1f} MB; the limit is {max_file_mb:g} MB.")
+            yield _empty_outputs(f"**{md(path.name)}** is {size / 2**20:.1f} MB; the limit is {max_file_mb:g} MB.")
             return
         t0 = time.perf_counter()
         try:
-            for result in models.iterate(pipe.stream_file(path, caption=caption if use_caption else None,
-                                                          threshold=threshold)):
+            for result in run_pipe.stream_file(path, caption=caption if use_caption else None, threshold=threshold):
                 result["filename"] = path.name
                 result["latency"] = round(time.perf_counter() - t0, 3)
                 if result.get("error"):
-                    yield _empty_outputs(f"**This meme could not be scored:** {result['error']}")
+                    yield _empty_outputs(f"**This meme could not be scored:** {md(result['error'])}")
                     return
                 pending = result.get("explanation_pending")
                 status = (f"Explaining… ({result['latency']:.1f} s so far)" if pending
@@ -151,7 +168,7 @@ def build_demo(pipe: Pipeline, review_log: ReviewLog, max_file_mb: float = 10.0,
                 yield [result.get("caption") or "", explanation_markdown(result, has_explainer, used_by_model),
                        *label_updates(pipe, result), decision_markdown(pipe, result), result, status]
         except DataError as e:
-            yield _empty_outputs(f"**Cannot use this file:** {e.reason}")
+            yield _empty_outputs(f"**Cannot use this file:** {md(e.reason)}")
         except Exception as e:  # never a stack trace on the page; the log has it
             log.exception("scoring failed for %s", path)
             yield _empty_outputs(f"**Something went wrong while scoring this meme** ({type(e).__name__}).")
@@ -162,31 +179,64 @@ def build_demo(pipe: Pipeline, review_log: ReviewLog, max_file_mb: float = 10.0,
         result = redecide(pipe, result, threshold)
         return [decision_markdown(pipe, result), *label_updates(pipe, result), result]
 
-    def record(result, threshold, verdict, note, moderator):
-        if not result:
+
+    @with_request
+    def record(result, threshold, preset, verdict, note, moderator, request):
+        if not access.may(request, "review"):
+            return "**Sign in to record verdicts.**", gr.update()
+        if not result or not result.get("sha256") or not result.get("tasks"):
             return "Score a meme first.", gr.update()
-        result = redecide(pipe, result, threshold)
+        name = access.reviewer(request, moderator)
+        try:
+            result = redecide(pipe, result, threshold)
+        except (KeyError, TypeError, ValueError):  # a state the page did not make (an API client's own)
+            return "**Not recorded:** this is not a scored meme.", gr.update()
         dec = result["decision"]
         out = {k: result.get(k) for k in ("tasks", "caption", "explanation", "timings")}
+        preset_used = preset if preset in presets and abs(presets[preset] - threshold) < 1e-9 else None
+        seen = {"probability": dec["probability"], "threshold": threshold, "preset": preset_used,
+                "flagged": dec["flagged"]}
         rid = review_log.record(sha256=result["sha256"], filename=result.get("filename"), model_output=out,
-                                model_flagged=dec["flagged"], verdict=verdict, note=note, moderator=moderator,
-                                checkpoint=pipe.checkpoint, threshold=threshold)
-        return f"Recorded review #{rid}: {verdict}.", table()
+                                model_flagged=dec["flagged"], verdict=verdict, note=note, moderator=name,
+                                checkpoint=pipe.checkpoint, threshold=threshold,
+                                checkpoint_digest=checkpoint_digest(str(pipe.checkpoint)), seen=seen,
+                                signed_in=access.signed_in)
+        return f"Recorded review #{rid}: {md(verdict)}.", table(request)
 
-    def table():
-        rows = review_log.rows(limit=20)
-        return [[r["id"], r["created"], r["filename"], r["sha256"][:12], bool(r["model_flagged"]), r["verdict"],
-                 bool(r["final_flagged"]), r["note"]] for r in rows]
+    def table(request=None):
+        # A reviewer sees their own verdicts; an admin (or the one user of an unshared demo) all of them.
+        mine = None if access.may(request, "export") else (access.user(request) or "")
+        rows = review_log.rows(limit=20, moderator=mine)
+        return [[r["id"], r["created"], r["moderator"], r["filename"], r["sha256"][:12], bool(r["model_flagged"]),
+                 r["verdict"], bool(r["final_flagged"]), r["note"]] for r in rows]
 
-    def export():
-        out = Path(tempfile.mkdtemp(prefix="dhumor-reviews-")) / "reviews.csv"
-        return review_log.export_csv(out)
 
-    with gr.Blocks(title="dhumor — dark humor moderation") as demo:
+    @with_request
+    def export(request):
+        try:
+            access.require(request, "export")
+        except Forbidden as e:
+            return None, f"**Not allowed:** {md(e)}"
+        # One file per user, replaced by each export: clicks do not pile files up (Gradio serves a
+        # copy from its own cache, which delete_cache below empties).
+        out = Path(exports.name) / f"reviews-{access.user(request) or 'local'}.csv"
+        review_log.export_csv(out)
+        return str(out), f"Exported {len(review_log.rows())} reviews."
+
+
+    @with_request
+    def on_load(request):
+        admin = access.may(request, "export")
+        who = access.user(request)
+        hello = (f"Signed in as **{md(who)}** ({md(users.role(who))})" if who else "")
+        return gr.update(visible=admin), gr.update(visible=admin), hello, table(request)
+
+    with gr.Blocks(title="dhumor — dark humor moderation", delete_cache=(600, 3600)) as demo:
         ckpt = Path(pipe.checkpoint)
         ckpt_name = "/".join(ckpt.parts[-2:]) if ckpt.name == "export" else ckpt.name
-        gr.Markdown(f"# dhumor moderation demo\nCheckpoint: `{ckpt_name}` · tasks: "
-                    f"{', '.join(t.name for t in schema.tasks)} · decision on **{schema.primary}**")
+        gr.Markdown(f"# dhumor moderation demo\nCheckpoint: `{md(ckpt_name)}` · tasks: "
+                    f"{', '.join(md(t.name) for t in schema.tasks)} · decision on **{md(schema.primary)}**")
+        whoami = gr.Markdown(elem_id="whoami")
         result_state = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1):
@@ -209,50 +259,70 @@ def build_demo(pipe: Pipeline, review_log: ReviewLog, max_file_mb: float = 10.0,
         with gr.Accordion("Review", open=True):
             with gr.Row():
                 verdict = gr.Radio(list(VERDICTS), value="confirm", label="Verdict", elem_id="verdict")
-                moderator = gr.Textbox(label="Moderator", elem_id="moderator")
+                # Signed in, the verdict carries the user's name: no box to type someone else's.
+                moderator = gr.Textbox(label="Moderator", elem_id="moderator", visible=users is None)
             note = gr.Textbox(label="Note", elem_id="note")
             with gr.Row():
                 record_btn = gr.Button("Record verdict", variant="primary", elem_id="record")
-                export_btn = gr.Button("Export CSV", elem_id="export")
+                export_btn = gr.Button("Export CSV", elem_id="export", visible=users is None)
             review_status = gr.Markdown(elem_id="review-status")
-            reviews = gr.Dataframe(value=table(), headers=["id", "time", "file", "sha256", "model flagged", "verdict",
-                                                           "final flagged", "note"], interactive=False,
-                                   elem_id="reviews")
-            export_file = gr.File(label="reviews.csv", elem_id="export-file")
+            reviews = gr.Dataframe(value=None, headers=["id", "time", "moderator", "file", "sha256", "model flagged",
+                                                        "verdict", "final flagged", "note"],
+                                   datatype="str", interactive=False, elem_id="reviews")
+            export_file = gr.File(label="reviews.csv", elem_id="export-file", visible=users is None)
 
         outputs = [caption, explanation, *labels, decision, result_state, status]
         # Named generator functions (not lambdas returning generators): Gradio streams only what it can
         # see is a generator function.
-        def on_upload(img, t):
-            yield from analyze(img, None, t, False)
+        @with_request
+        def on_upload(img, t, request):
+            yield from analyze(img, None, t, False, request)
 
-        def on_rescore(img, c, t):
-            yield from analyze(img, c, t, True)
+
+        @with_request
+        def on_rescore(img, c, t, request):
+            yield from analyze(img, c, t, True, request)
+
+        def on_preset(p):
+            return presets.get(p, gr.update())
 
         # The page says itself what is pending (decision, "Iteration n done…"); Gradio's full overlay
         # would redraw a timer on every output while a meme streams, CPU a small server shares with
-        # its browser.
-        image.change(on_upload, [image, threshold], outputs, api_name="analyze", show_progress="minimal")
-        caption.submit(on_rescore, [image, caption, threshold], outputs, api_name="rescore",
-                       show_progress="minimal")
-        preset.change(lambda p: presets[p], preset, threshold)
-        threshold.change(on_threshold, [result_state, threshold], [decision, *labels, result_state])
-        record_btn.click(record, [result_state, threshold, verdict, note, moderator], [review_status, reviews],
+        # its browser. Scoring events share one limit: that many memes are scored and explained at
+        # once (their explanations decoded together), more wait their turn.
+        score = dict(concurrency_limit=concurrency, concurrency_id="score", show_progress="minimal")
+        image.change(on_upload, [image, threshold], outputs, api_name="analyze", **score)
+        caption.submit(on_rescore, [image, caption, threshold], outputs, api_name="rescore", **score)
+        preset.change(on_preset, preset, threshold, api_name="preset")
+        threshold.change(on_threshold, [result_state, threshold], [decision, *labels, result_state],
+                         api_name="threshold")
+        record_btn.click(record, [result_state, threshold, preset, verdict, note, moderator], [review_status, reviews],
                          api_name="record")
-        export_btn.click(export, None, export_file)
-    if queue is not None:  # the review queue (dhumor/review_queue.py) as a second tab
+        export_btn.click(export, None, [export_file, review_status], api_name="export")
+        demo.load(on_load, None, [export_btn, export_file, whoami, reviews], api_name="whoami")
+    if queue is not None or queue_root is not None:  # the review queue (dhumor/review_queue.py) as a second tab
         from .review_queue import build_queue_tab
 
-        demo = gr.TabbedInterface([demo, build_queue_tab(pipe, review_log, queue, models)], ["Score a meme", "Review queue"],
-                                  title="dhumor — dark humor moderation")
-    demo.queue(default_concurrency_limit=1, max_size=64)  # one model, many users: requests wait their turn
+        demo = gr.TabbedInterface([demo, build_queue_tab(pipe, review_log, queue, models, access=access,
+                                                         queue_root=queue_root, run_pipe=run_pipe,
+                                                         exports_dir=exports.name)],
+                                  ["Score a meme", "Review queue"], title="dhumor — dark humor moderation")
+        # Gradio's copies of served files (exports, queue images) expire after an hour, and all go
+        # when the server restarts; it reads this from the Blocks it launches.
+        demo.delete_cache = (600, 3600)
+    demo.queue(default_concurrency_limit=concurrency, max_size=64)  # more users than that wait their turn
+    demo._dhumor_exports = exports  # the export folder lives (and is removed) with the demo
     return demo
 
 
 def launch(pipe: Pipeline, review_log: ReviewLog, host: str = "127.0.0.1", port: int = 7860,
-           max_file_mb: float = 10.0, block: bool = True, queue: str | None = None, models: ModelThread | None = None):
-    """Serve the demo; ``models``: the thread ``pipe`` was loaded on, if it was (its models then run there)."""
-    demo = build_demo(pipe, review_log, max_file_mb=max_file_mb, queue=queue, models=models)
+           max_file_mb: float = 10.0, block: bool = True, queue: str | None = None, models: ModelThread | None = None,
+           users=None, queue_root: str | None = None, concurrency: int = 4):
+    """Serve the demo; ``models``: the thread ``pipe`` was loaded on, if it was (its models then run there).
+    With ``users``, Gradio's sign-in stands in front of every route (pages, API, files)."""
+    demo = build_demo(pipe, review_log, max_file_mb=max_file_mb, queue=queue, models=models, users=users,
+                      queue_root=queue_root, concurrency=concurrency)
     demo.launch(server_name=host, server_port=port, max_file_size=f"{int(max_file_mb * 1024)}kb", prevent_thread_lock=not block,
-                show_error=False, allowed_paths=[str(EXAMPLES_DIR)])
+                show_error=False, allowed_paths=[str(EXAMPLES_DIR)], auth=users.check if users is not None else None,
+                auth_message="dhumor moderation: sign in with the name and password your admin gave you.")
     return demo

@@ -7,6 +7,11 @@ sleeps instead. llama.cpp meets a barrier at every operation of every token, so 
 Gradio ran each step of a request on whichever of its worker threads was free, the offline explainer
 decoded at about 30 tokens/s instead of 50 on 2 cores. With every model call on one thread, PyTorch
 and llama.cpp reuse a single team (``bench/demo_latency.py`` measures the difference).
+
+The batched offline explainer is the exception: its llama.cpp context belongs to its own scheduler
+thread (``explain/backends/llama_batch.py``), so that several users' answers are decoded in one
+batch; the demo runs only compute stages here and waits for explanations on each request's own
+thread (``app/model_calls.py``).
 """
 from __future__ import annotations
 

@@ -47,8 +47,10 @@ class ReviewLog:
             " note TEXT, moderator TEXT)")
         self._add_columns()
 
-    # Columns added for the review queue (per-task verdicts); older logs gain them on open.
-    QUEUE_COLUMNS = {"labels": "TEXT", "queue": "TEXT", "item_id": "TEXT", "path": "TEXT", "caption": "TEXT"}
+    # Columns added for the review queue (per-task verdicts) and the audit trail (the checkpoint's
+    # digest, the row the moderator saw, whether the name is a signed-in user); older logs gain them on open.
+    QUEUE_COLUMNS = {"labels": "TEXT", "queue": "TEXT", "item_id": "TEXT", "path": "TEXT", "caption": "TEXT",
+                     "checkpoint_digest": "TEXT", "seen": "TEXT", "signed_in": "INTEGER"}
 
     def _add_columns(self) -> None:
         with self._lock:
@@ -56,16 +58,24 @@ class ReviewLog:
             for name, kind in self.QUEUE_COLUMNS.items():
                 if name not in have:
                     self.conn.execute(f"ALTER TABLE reviews ADD COLUMN {name} {kind}")
+            # Append-only: a verdict is never changed or deleted; a correction is a new verdict.
+            for op in ("UPDATE", "DELETE"):
+                self.conn.execute(f"CREATE TRIGGER IF NOT EXISTS reviews_no_{op.lower()} BEFORE {op} ON reviews "
+                                  f"BEGIN SELECT RAISE(ABORT, 'the review log is append-only: record a new verdict "
+                                  f"instead'); END")
 
     def record(self, sha256: str, filename: str | None, model_output: dict, model_flagged: bool, verdict: str,
                note: str = "", moderator: str = "", checkpoint: str | None = None, threshold: float | None = None,
                labels: dict | None = None, queue: str | None = None, item_id: str | None = None,
-               path: str | None = None, caption: str | None = None) -> int:
+               path: str | None = None, caption: str | None = None, checkpoint_digest: str | None = None,
+               seen: dict | None = None, signed_in: bool = False) -> int:
         """Store one verdict (``confirm`` or an override) and return its row id.
 
         ``labels`` (task -> class name, ``None`` for a gated task that does not apply) is the
         moderator's verdict on every task; ``queue``, ``item_id``, ``path`` and ``caption`` (as
-        reviewed) tie a queue verdict to its meme so that it can become training data."""
+        reviewed) tie a queue verdict to its meme so that it can become training data. For the audit:
+        ``checkpoint_digest`` names the model exactly, ``seen`` is what the moderator was shown
+        (probability, threshold, preset), ``signed_in`` says ``moderator`` is a signed-in user's name."""
         if verdict not in VERDICTS:
             raise ValueError(f"unknown verdict {verdict!r}; one of {list(VERDICTS)}")
         if not sha256:
@@ -75,18 +85,23 @@ class ReviewLog:
         with self._lock:
             cur = self.conn.execute(
                 "INSERT INTO reviews (created, sha256, filename, checkpoint, model_output, model_flagged, threshold,"
-                " verdict, final_flagged, note, moderator, labels, queue, item_id, path, caption)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " verdict, final_flagged, note, moderator, labels, queue, item_id, path, caption, checkpoint_digest,"
+                " seen, signed_in) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (now, sha256, filename, checkpoint, json.dumps(model_output, ensure_ascii=False), int(model_flagged),
                  threshold, verdict, int(final), note or "", moderator or "",
                  json.dumps(labels, ensure_ascii=False) if labels is not None else None, queue, item_id,
-                 path, caption))
+                 path, caption, checkpoint_digest, json.dumps(seen, ensure_ascii=False) if seen is not None else None,
+                 int(bool(signed_in))))
             return int(cur.lastrowid)
 
-    def rows(self, limit: int | None = None) -> list[dict]:
-        q = "SELECT * FROM reviews ORDER BY id DESC" + (f" LIMIT {int(limit)}" if limit else "")
+    def rows(self, limit: int | None = None, moderator: str | None = None) -> list[dict]:
+        """Reviews, newest first (only ``moderator``'s when given)."""
+        q, args = "SELECT * FROM reviews", ()
+        if moderator is not None:
+            q, args = q + " WHERE moderator = ?", (moderator,)
+        q += " ORDER BY id DESC" + (f" LIMIT {int(limit)}" if limit else "")
         with self._lock:
-            cur = self.conn.execute(q)
+            cur = self.conn.execute(q, args)
             cols = [c[0] for c in cur.description]
             return [dict(zip(cols, r)) for r in cur.fetchall()]
 
@@ -109,16 +124,34 @@ class ReviewLog:
             return {r[0] for r in self.conn.execute(q, args)}
 
     def export_csv(self, out: str | Path) -> Path:
-        """All reviews, oldest first, as CSV (write-then-rename)."""
+        """All reviews, oldest first, as CSV (write-then-rename); text cells are made inert for
+        spreadsheets (:func:`csv_safe`)."""
         out = Path(out)
-        rows = list(reversed(self.rows()))
+        rows = [{k: csv_safe(v) for k, v in r.items()} for r in reversed(self.rows())]
         tmp = out.with_name(out.name + ".tmp")
         with open(tmp, "w", newline="", encoding="utf-8") as fh:
             cols = ["id", "created", "sha256", "filename", "checkpoint", "model_flagged", "threshold", "verdict",
-                    "final_flagged", "note", "moderator", "labels", "queue", "item_id", "path", "caption",
-                    "model_output"]
+                    "final_flagged", "note", "moderator", "signed_in", "labels", "queue", "item_id", "path",
+                    "caption", "checkpoint_digest", "seen", "model_output"]
             w = csv.DictWriter(fh, cols, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
         os.replace(tmp, out)
         return out
+
+
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection); tab and
+# carriage return too, as some programs strip them before reading the formula.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value):
+    """``value`` for a CSV cell: text that a spreadsheet would read as a formula gets a leading ``'``
+    (OWASP's advice), so it is shown, not run. Numbers are left as they are.
+
+    >>> csv_safe("=cmd|' /C calc'!A0"), csv_safe("-1 looks fine"), csv_safe(-1), csv_safe("ok")
+    ("'=cmd|' /C calc'!A0", "'-1 looks fine", -1, 'ok')
+    """
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value

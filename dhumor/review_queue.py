@@ -99,8 +99,9 @@ class ReviewQueue:
         done = self.log.reviewed_shas(reviewer)
         return next((r for r in self.rows if r["sha256"] not in done and r["id"] not in skipped), None)
 
+
     def record(self, row: dict, labels: dict, reviewer: str, note: str = "", caption: str | None = None,
-               checkpoint: str | None = None) -> int:
+               checkpoint: str | None = None, **audit) -> int:
         """Validate and store a verdict on every task; returns the review id."""
         if not reviewer.strip():
             raise InvalidValueError("enter your name as reviewer first (verdicts carry it)")
@@ -115,7 +116,8 @@ class ReviewQueue:
                                ("override: flag" if final else "override: do not flag"),
                                note=note, moderator=reviewer.strip(), checkpoint=checkpoint,
                                threshold=dec["threshold"], labels=labels, queue=self.source, item_id=row["id"],
-                               path=row["path"], caption=row.get("caption") if caption is None else caption)
+                               path=row["path"], caption=row.get("caption") if caption is None else caption,
+                               **audit)
 
 
 def default_labels(schema: TaskSchema, row: dict) -> dict[str, str]:
@@ -161,95 +163,205 @@ def _keyboard_js(schema: TaskSchema) -> str:
 }""".replace("PRIM", prim).replace("NEXT", repr(nxt) if nxt else "null")
 
 
-def build_queue_tab(pipe, review_log: ReviewLog, source: str | None = None, models=None):
-    """The review queue page (a ``gr.Blocks``); the demo shows it as its second tab. ``models``: the
-    demo's :class:`~dhumor.model_thread.ModelThread`, on which a folder given as queue is scored."""
+def queue_candidates(root: str | Path | None) -> dict[str, Path]:
+    """What an admin may open under ``root``: its folders and ``.jsonl`` results files (not hidden),
+    by name, resolved inside ``root`` (a link out of it is left out)."""
+    if root is None:
+        return {}
+    root = Path(root).resolve()
+    out = {}
+    for p in sorted(root.iterdir()):
+        if p.name.startswith("."):
+            continue
+        real = p.resolve()
+        if not real.is_relative_to(root) or not (real.is_dir() or (real.is_file() and real.suffix == ".jsonl")):
+            continue
+        out[p.name] = real
+    return out
+
+
+def build_queue_tab(pipe, review_log: ReviewLog, source: str | None = None, models=None, access=None,
+                    queue_root: str | None = None, run_pipe=None, exports_dir: str | None = None):
+    """The review queue page (a ``gr.Blocks``); the demo shows it as its second tab.
+
+    Queues come only from ``source`` (``--queue``, given when the demo starts) or from the entries
+    of ``queue_root`` that an admin opens from a list; a visitor never types a server path.
+    ``run_pipe``: the pipeline whose compute runs on the demo's model thread (a folder is scored
+    with it); ``access``: who may do what (:class:`~dhumor.app.access.Access`)."""
+    import threading
+
     import gradio as gr
 
+    from .app.access import Access, Forbidden, with_request
+    from .app.audit import checkpoint_digest
+    from .app.text import md
     from .demo import explanation_markdown
     from .images import load_image
 
     schema = pipe.schema
-    cache: dict[tuple, ReviewQueue] = {}
+    access = access or Access(None)
+    if run_pipe is None:
+        from .app.model_calls import pipeline_on
 
-    def get_queue(src: str, order: str, seed: float) -> ReviewQueue:
-        key = (src, order, int(seed))
-        if key not in cache:
-            load = models.call if models is not None else (lambda f, *a: f(*a))
-            path, rows = load(load_queue_rows, src, pipe, review_log)
-            cache[key] = ReviewQueue(rows, path, review_log, schema, order, int(seed))
+        run_pipe = pipeline_on(models, pipe) if models is not None else pipe
+    root = Path(queue_root).resolve() if queue_root else None
+    cache: dict[tuple, ReviewQueue] = {}
+    loading = threading.Lock()  # one queue scored at a time; a second request for it waits, then reuses it
+    opened: dict[str, Path] = {}  # name -> source, shared by every session (an admin opens, reviewers review)
+    if source:
+        opened[Path(source).name] = Path(source)
+
+    def get_queue(name: str, order: str, seed: float) -> ReviewQueue:
+        if name not in opened:
+            raise ValueError(f"no open queue named {name!r}" if name else "no queue is open yet")
+        key = (name, order, int(seed))
+        with loading:
+            if key not in cache:
+                path, rows = load_queue_rows(opened[name], run_pipe, review_log)
+                cache[key] = ReviewQueue(rows, path, review_log, schema, order, int(seed))
         return cache[key]
+
+    def image_of(row: dict):
+        path = Path(row["path"])
+        if root is not None and opened and not path.resolve().is_relative_to(root) and \
+                not any(path.resolve().is_relative_to(Path(s).resolve().parent) for s in ([source] if source else [])):
+            raise ValueError("the image is outside the queue root; not shown")
+        return load_image(path)
 
     n_out = 7 + len(schema.tasks)  # len(outputs) below
 
     def show(state: dict, reviewer: str, status: str = ""):
         blank = [state, None, "", "", "", *[gr.update(value=None) for _ in schema.tasks], "", status]
         if not state.get("source"):
-            blank[-2] = "Open a results file (`dhumor score ... --out x.jsonl`) or a folder of memes."
+            blank[-2] = ("Pick a queue." if opened else
+                         "No queue is open yet" + (": an admin opens one from the queue root." if root else "."))
             return blank
         try:
             q = get_queue(state["source"], state["order"], state["seed"])
         except ValueError as e:
-            blank[-1] = f"**Cannot open the queue:** {e}"
+            blank[-1] = f"**Cannot open the queue:** {md(e)}"
             return blank
-        done, total = q.progress(reviewer.strip())
-        prog = f"**{done} of {total} reviewed** by {reviewer.strip() or '(enter your name)'} · order: {state['order']}"
-        row = q.next_item(reviewer.strip(), set(state.get("skipped", [])))
+        done, total = q.progress(reviewer)
+        prog = (f"**{done} of {total} reviewed** by {md(reviewer) or '(enter your name)'} · queue: "
+                f"{md(state['source'])} · order: {md(state['order'])}")
+        row = q.next_item(reviewer, set(state.get("skipped", [])))
         state = {**state, "current": row["id"] if row else None}
         if row is None:
             return [state, None, "", "*Nothing left to review in this order.*", "",
                     *[gr.update(value=None) for _ in schema.tasks], prog, status]
         try:
-            img = load_image(row["path"])
+            img = image_of(row)
         except Exception as e:  # the file moved or broke since scoring: say so, keep the verdict controls
-            img, status = None, f"{status} **Cannot show {row['path']}:** {e}"
+            img, status = None, f"{status} **Cannot show {md(Path(row['path']).name)}:** {md(e)}"
         defaults = default_labels(schema, row)
         return [state, img, row.get("caption") or "", model_markdown(schema, row),
                 explanation_markdown(row, row.get("explanation_trail") is not None, "reasoning" in pipe.streams),
-                *[gr.update(value=defaults[t.name]) for t in schema.tasks], prog + f" · now: `{row['id']}`", status]
+                *[gr.update(value=defaults[t.name]) for t in schema.tasks], prog + f" · now: {md(row['id'])}", status]
 
-    def open_queue(src, order, seed, reviewer):
-        return show({"source": (src or "").strip(), "order": order, "seed": int(seed or 0), "skipped": []}, reviewer)
 
-    def save(state, reviewer, caption, note, *labels):
+    @with_request
+    def start(name, order, seed, reviewer, request):
+        """Review queue ``name`` (one already open) in ``order``."""
+        if not access.may(request, "review"):
+            return show({}, "", "**Sign in to review.**")
+        order = order if order in ORDERS else "uncertain"
+        return show({"source": name if name in opened else "", "order": order, "seed": int(seed or 0),
+                     "skipped": []}, access.reviewer(request, reviewer))
+
+
+    @with_request
+    def open_from_root(entry, order, seed, reviewer, request):
+        """An admin opens an entry of the queue root (chosen from the list; anything else is refused)."""
+        try:
+            access.require(request, "open_queue")
+            found = queue_candidates(root)
+            if entry not in found:
+                raise ValueError(f"{entry!r} is not in the queue root's list")
+        except (Forbidden, ValueError) as e:
+            return [gr.update(), *show({}, access.reviewer(request, reviewer), f"**Not opened:** {md(e)}")]
+        opened[entry] = found[entry]
+        out = show({"source": entry, "order": order if order in ORDERS else "uncertain", "seed": int(seed or 0),
+                    "skipped": []}, access.reviewer(request, reviewer))
+        return [gr.update(choices=list(opened), value=entry), *out]
+
+
+    @with_request
+    def save(request, state, reviewer, caption, note, *labels):  # the request first: labels vary
+        reviewer = access.reviewer(request, reviewer)
+        if not access.may(request, "review"):
+            return show({}, "", "**Sign in to review.**")
         q_row = None
-        if state.get("current"):
+        if state.get("current") and state.get("source") in opened:
             q = get_queue(state["source"], state["order"], state["seed"])
             q_row = q.by_id.get(state["current"])
         if q_row is None:
             return show(state, reviewer, "Open a queue first.")
+        dec = q_row["decision"]
+        seen = {"probability": dec["probability"], "threshold": dec["threshold"], "preset": q_row.get("preset"),
+                "flagged": dec["flagged"], "order": state["order"]}
         try:
             rid = q.record(q_row, dict(zip(schema.task_names, labels)), reviewer, note=note, caption=caption,
-                           checkpoint=pipe.checkpoint)
+                           checkpoint=pipe.checkpoint, checkpoint_digest=checkpoint_digest(str(pipe.checkpoint)),
+                           seen=seen, signed_in=access.signed_in)
         except ValueError as e:
-            out = show(state, reviewer, f"**Not recorded:** {e}")
+            out = show(state, reviewer, f"**Not recorded:** {md(e)}")
             return out[:1] + [gr.update()] * (n_out - 2) + out[-2:]  # keep the meme and the edits on the page
-        return show(state, reviewer, f"Recorded review #{rid} for `{q_row['id']}`.")
+        return show(state, reviewer, f"Recorded review #{rid} for {md(q_row['id'])}.")
 
-    def skip(state, reviewer):
+
+    @with_request
+    def skip(state, reviewer, request):
         if state.get("current"):
             state = {**state, "skipped": [*state.get("skipped", []), state["current"]]}
-        return show(state, reviewer, "Skipped.")
+        return show(state, access.reviewer(request, reviewer), "Skipped.")
 
-    def export():
-        out = Path(tempfile.mkdtemp(prefix="dhumor-reviewed-")) / ("reviewed.jsonl" if schema.name != "dhumor"
-                                                                    else "reviewed.csv")
+    page_exports = None
+    if exports_dir is None:  # a page of its own: its folder lives (and is removed) with the page
+        page_exports = tempfile.TemporaryDirectory(prefix="dhumor-reviewed-")
+        exports_dir = page_exports.name
+    exports = Path(exports_dir)
+
+
+    @with_request
+    def export(request):
+        try:
+            access.require(request, "export")
+        except Forbidden as e:
+            return None, f"**Not allowed:** {md(e)}"
+        # One file per user, replaced by each export (Gradio serves its own copy, which it expires).
+        out = exports / (f"reviewed-{access.user(request) or 'local'}" + (".jsonl" if schema.name != "dhumor" else ".csv"))
         try:
             rep = export_reviews(review_log, out, schema=schema)
         except ValueError as e:
-            return None, f"**Export failed:** {e}"
+            return None, f"**Export failed:** {md(e)}"
         return str(out), (f"Exported {rep.written} memes; {len(rep.conflicts)} conflicts left out; "
                           f"{len(rep.skipped)} unusable.")
+
+
+    @with_request
+    def on_load(order, seed, reviewer, request):
+        admin = access.may(request, "open_queue") and root is not None
+        first = next(iter(opened), "")
+        pick = gr.update(choices=list(opened), value=first)
+        roots = gr.update(choices=list(queue_candidates(root)), visible=admin)
+        show_export = access.may(request, "export")
+        return [pick, roots, gr.update(visible=admin), gr.update(visible=show_export), gr.update(visible=show_export),
+                *start(first, order, seed, reviewer, request)]
 
     with gr.Blocks(title="dhumor — review queue") as page:
         gr.Markdown(f"## Review queue\n{KEYS_HELP}")
         state = gr.State({})
         with gr.Row():
-            src = gr.Textbox(value=source or "", label="Results file (.jsonl) or folder", elem_id="queue-source", scale=3)
+            src = gr.Dropdown(choices=list(opened), value=next(iter(opened), None), label="Queue",
+                              elem_id="queue-source", scale=2, allow_custom_value=True)
             order = gr.Radio(list(ORDERS), value="uncertain", label="Order", elem_id="queue-order", scale=2)
             seed = gr.Number(value=0, precision=0, label="Seed (random)", elem_id="queue-seed", scale=1)
-            reviewer = gr.Textbox(label="Reviewer", elem_id="queue-reviewer", scale=1)
-            open_btn = gr.Button("Open", elem_id="queue-open", scale=1)
+            reviewer = gr.Textbox(label="Reviewer", elem_id="queue-reviewer", scale=1, visible=not access.signed_in)
+            start_btn = gr.Button("Review", elem_id="queue-open", scale=1)
+        with gr.Row():
+            root_pick = gr.Dropdown(choices=[], label="Open from the queue root (admin)", elem_id="queue-root",
+                                    visible=False, scale=3, allow_custom_value=True)
+            root_btn = gr.Button("Open", elem_id="queue-root-open", visible=False, scale=1)
         progress = gr.Markdown(elem_id="queue-progress")
         with gr.Row():
             with gr.Column(scale=1):
@@ -267,22 +379,30 @@ def build_queue_tab(pipe, review_log: ReviewLog, source: str | None = None, mode
                 status = gr.Markdown(elem_id="queue-status")
         explanation = gr.Markdown(elem_id="queue-explanation")
         with gr.Row():
-            export_btn = gr.Button("Export reviewed manifest", elem_id="queue-export")
-            export_file = gr.File(label="reviewed manifest", elem_id="queue-export-file")
+            export_btn = gr.Button("Export reviewed manifest", elem_id="queue-export", visible=not access.signed_in)
+            export_file = gr.File(label="reviewed manifest", elem_id="queue-export-file", visible=not access.signed_in)
         export_status = gr.Markdown(elem_id="queue-export-status")
 
         outputs = [state, image, caption, model_md, explanation, *radios, progress, status]
-        open_btn.click(open_queue, [src, order, seed, reviewer], outputs)
-        reviewer.submit(open_queue, [src, order, seed, reviewer], outputs)
-        save_btn.click(save, [state, reviewer, caption, note, *radios], outputs).then(lambda: "", None, note)
-        skip_btn.click(skip, [state, reviewer], outputs)
-        export_btn.click(export, None, [export_file, export_status])
+        score = dict(concurrency_limit=4, concurrency_id="queue")  # opening a folder scores it
+        start_btn.click(start, [src, order, seed, reviewer], outputs, api_name="queue_start", **score)
+        reviewer.submit(start, [src, order, seed, reviewer], outputs, api_name="queue_reviewer", **score)
+        root_btn.click(open_from_root, [root_pick, order, seed, reviewer], [src, *outputs], api_name="queue_open",
+                       **score)
+        save_btn.click(save, [state, reviewer, caption, note, *radios], outputs, api_name="queue_save").then(
+            lambda: "", None, note, api_name="queue_clear_note")
+        skip_btn.click(skip, [state, reviewer], outputs, api_name="queue_skip")
+        export_btn.click(export, None, [export_file, export_status], api_name="queue_export")
         if schema.name == "harmeme":  # harmful follows harmfulness (HarMeme derives one from the other)
             by = {t.name: r for t, r in zip(schema.tasks, radios)}
-            by["harmfulness"].input(lambda h: "no" if h == "not harmful" else "yes", by["harmfulness"], by["harmful"])
+            by["harmfulness"].input(lambda h: "no" if h == "not harmful" else "yes", by["harmfulness"], by["harmful"],
+                                    api_name="queue_harmfulness")
             by["harmful"].input(lambda f, h: "not harmful" if f == "no" else
                                 (h if h != "not harmful" else "somewhat harmful"),
-                                [by["harmful"], by["harmfulness"]], by["harmfulness"])
-        page.load(open_queue, [src, order, seed, reviewer], outputs)
+                                [by["harmful"], by["harmfulness"]], by["harmfulness"], api_name="queue_harmful")
+        page.load(on_load, [order, seed, reviewer], [src, root_pick, root_btn, export_btn, export_file, *outputs],
+                  api_name="queue_load", **score)
         page.load(None, None, None, js=_keyboard_js(schema))
+    if page_exports is not None:
+        page._dhumor_exports = page_exports
     return page

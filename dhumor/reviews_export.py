@@ -25,8 +25,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .review import ReviewLog
 from .errors import InvalidValueError
+from .review import ReviewLog, csv_safe
 from .schema import PRESETS, TaskSchema, get_schema
 
 
@@ -136,17 +136,48 @@ def _render(schema: TaskSchema, records: list[dict]) -> str:
     w = csv.DictWriter(buf, ["post id", "Text", "Explanation1", "Dark", "Target", "Intensity", "sha256", "reviewers",
                              "note"])
     w.writeheader()
-    w.writerows(records)
+    w.writerows({k: csv_safe(v) for k, v in rec.items()} for rec in records)
     return buf.getvalue()
 
 
+def parse_time(text: str | None, flag: str = "time"):
+    """An ISO date or time (UTC unless it names a zone) as an aware datetime; None for None."""
+    import datetime as dt
+
+    if text is None:
+        return None
+    try:
+        t = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidValueError(f"{flag} {text!r}: not an ISO date or time (e.g. 2026-12-01 or 2026-12-01T09:30)") from None
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+
+
+def select_rows(rows: list[dict], users=None, since=None, until=None) -> list[dict]:
+    """Verdicts by any of ``users`` (names) recorded in ``[since, until)`` (aware datetimes); None: any."""
+    out = []
+    for r in rows:
+        if users and r["moderator"] not in set(users):
+            continue
+        t = parse_time(r["created"])
+        if (since is not None and t < since) or (until is not None and t >= until):
+            continue
+        out.append(r)
+    return out
+
+
 def export_reviews(log: ReviewLog, out: str | Path, include_conflicts: bool = False,
-                   schema: str | TaskSchema | None = None) -> ExportReport:
-    """Write the queue verdicts of ``log`` as a labelled manifest at ``out`` (write-then-rename)."""
+                   schema: str | TaskSchema | None = None, users=None, since=None, until=None) -> ExportReport:
+    """Write the queue verdicts of ``log`` as a labelled manifest at ``out`` (write-then-rename);
+    ``users``, ``since``, ``until`` keep only those reviewers' verdicts of that time span (see :func:`select_rows`)."""
     out = Path(out)
     rows = log.labelled_rows()
     if not rows:
         raise InvalidValueError(f"{log.path}: no queue verdicts to export (review memes in the demo's queue first)")
+    rows = select_rows(rows, users, since, until)
+    if not rows:
+        raise InvalidValueError(f"{log.path}: no queue verdicts by {', '.join(users) if users else 'anyone'} in that "
+                                f"time span (check --user, --since, --until)")
     sch = get_schema(schema) if schema is not None else infer_schema(rows)
     formats = {"harmeme": (".jsonl", _harmeme_record), "dhumor": (".csv", _dhumor_record)}
     if sch.name not in formats:

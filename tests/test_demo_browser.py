@@ -170,7 +170,7 @@ def test_review_log_survives_a_killed_app(trained, tmp_path):
     proc = _start_app(trained / "export", log, port, "--ocr", "none")
     client = Client(f"http://127.0.0.1:{port}/", verbose=False)
     client.predict(handle_file(str(ROOT / "examples" / "horse.jpg")), 0.5, api_name="/analyze")
-    status = client.predict(0.5, "confirm", "ok", "mod-1", api_name="/record")
+    status = client.predict(0.5, "balanced", "confirm", "ok", "mod-1", api_name="/record")
     assert "Recorded review #1" in status[0]
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)

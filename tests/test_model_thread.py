@@ -65,9 +65,10 @@ def test_exceptions_come_back_and_closing_closes_the_generator_on_the_model_thre
     models.shutdown()
 
 
-def test_the_demo_runs_each_step_of_a_request_on_its_model_thread(tmp_path):
-    """Through Gradio's own request handling (its worker threads), every step of scoring and
-    explaining a meme runs on the demo's model thread, for every request."""
+def test_the_demo_runs_each_model_call_of_a_request_on_its_model_thread(tmp_path):
+    """Through Gradio's own request handling (its worker threads), every compute stage of scoring a
+    meme (decode and OCR, features and the model) runs on the demo's model thread, for every request;
+    the wait for the explanation server does not (it would hold every other user)."""
     from gradio_client import Client, handle_file
 
     from dhumor.demo import build_demo
@@ -81,14 +82,15 @@ def test_the_demo_runs_each_step_of_a_request_on_its_model_thread(tmp_path):
         cache = StageCache(tmp_path / "c.sqlite")
         pipe = models.call(lambda: Pipeline.from_checkpoint(
             cache=cache, explainer=create_explainer("openai", cache=cache, iterations=2, model="m", base_url=srv.url)))
-        threads, stream = [], pipe.stream_file
+        threads, preprocess, forward = [], pipe.preprocess, pipe.forward
 
-        def recorded(*a, **kw):
-            for step in stream(*a, **kw):
+        def on(fn):
+            def recorded(*a, **kw):
                 threads.append(threading.current_thread().name)
-                yield step
+                return fn(*a, **kw)
+            return recorded
 
-        pipe.stream_file = recorded
+        pipe.preprocess, pipe.forward = on(preprocess), on(forward)
         demo = build_demo(pipe, ReviewLog(tmp_path / "r.sqlite"), models=models)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -101,7 +103,7 @@ def test_the_demo_runs_each_step_of_a_request_on_its_model_thread(tmp_path):
                 assert out[-1].startswith("Scored in"), out[-1]
         finally:
             demo.close()
-        assert len(threads) >= 4  # two memes: a decision and at least one explanation step each
+        assert len(threads) >= 4  # two memes: a preprocess and a forward each
         assert set(threads) == {models.call(lambda: threading.current_thread().name)}
     finally:
         models.shutdown()

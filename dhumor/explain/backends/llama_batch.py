@@ -3,15 +3,19 @@
 
 On a small CPU a decode step of one token costs nearly as much as a step of eight (the weights are
 read once per step either way), so decoding several memes' answers side by side multiplies
-throughput. Each sequence has its own sampler chain (repeat penalty, JSON-schema grammar, seeded
-sampling), the same chain ``Llama.create_chat_completion`` builds, and stops at end-of-generation,
+throughput. One scheduler thread owns the context: requests from any number of callers (two users
+of the demo, a queue folder being scored) arrive through a queue and are decoded in the same batch,
+and nothing is locked while a caller's stream is suspended. Each sequence has its own sampler chain
+(repeat penalty, JSON-schema grammar, seeded sampling), the same chain ``Llama.create_chat_completion`` builds, and stops at end-of-generation,
 at ``max_tokens``, at a stop string, or when its top-level JSON object closes.
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import json
 import os
+import queue
 import threading
 import time
 import zlib
@@ -53,8 +57,9 @@ class JsonEnd:
 
 @dataclass
 class _Seq:
-    """One answer being decoded: its slot in the context, its sampler and what it has produced."""
+    """One answer being decoded: its caller, its slot in the context, its sampler and what it has produced."""
 
+    client: "_Client"
     key: Any
     slot: int
     prompt: list[int]
@@ -76,8 +81,23 @@ class _Seq:
         self.text = text
 
 
+class _Client:
+    """One caller of :meth:`LlamaBatchBackend.stream`: its answers come back on its own queue; ``gone``
+    when it stopped listening (its sequences are then dropped at the next step)."""
+
+    def __init__(self):
+        self.answers: queue.SimpleQueue = queue.SimpleQueue()
+        self.gone = False
+
+
+_CLOSE = object()
+
+
 class LlamaBatchBackend(Backend):
-    """llama.cpp with ``n_seq`` answers decoded side by side (see the module docstring)."""
+    """llama.cpp with ``n_seq`` answers decoded side by side (see the module docstring).
+
+    One scheduler thread owns the llama.cpp context; :meth:`stream` and :meth:`generate` may be called
+    from any number of threads at once, and their requests share the scheduler's batch."""
 
     name = "llama-cpp"  # same outputs' family as the one-at-a-time backend; fingerprint says "batched"
     supports_images = False
@@ -88,7 +108,6 @@ class LlamaBatchBackend(Backend):
                  decode_threads: int = 1):
         import llama_cpp
         from llama_cpp import Llama
-        from llama_cpp._internals import LlamaContext
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self.model_path = str(model_path or smollm2_gguf())
@@ -97,8 +116,10 @@ class LlamaBatchBackend(Backend):
         self.n_ctx_per_seq = n_ctx_per_seq
         threads = n_threads or os.cpu_count() or 1
         self._lc = llama_cpp
-        # The Llama object supplies the model, the tokenizer and the chat template; its own small
-        # context is unused. The batch context is made here because Llama() cannot ask for n_seq_max.
+        # The Llama object supplies the model, the tokenizer and the chat template (its public API);
+        # its own small context is unused. The batch context is made here with llama.cpp's public C
+        # API (llama-cpp-python's ctypes bindings) because Llama() cannot ask for n_seq_max.
+        # tests/test_llama_contract.py pins every binding and struct field used here.
         self.llm = Llama(model_path=self.model_path, n_ctx=256, n_threads=threads, seed=seed, verbose=False)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.n_seq * n_ctx_per_seq
@@ -111,18 +132,23 @@ class LlamaBatchBackend(Backend):
         # busy process, where one thread keeps ~45 (and ~50 idle, against ~60 for two).
         params.n_threads, params.n_threads_batch = max(1, decode_threads), threads
         params.kv_unified = False  # sequences share no prefix worth keeping: separate KV streams are faster
-        self.ctx = LlamaContext(model=self.llm._model, params=params, verbose=False)
+        self.ctx = llama_cpp.llama_init_from_model(self.llm.model, params)
+        if not self.ctx:
+            raise RuntimeError(f"llama.cpp could not create a context of {params.n_ctx} tokens for {self.model_path}")
         self.batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
         self.n_batch = params.n_batch
-        self.vocab = self.llm._model.vocab
+        self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         self.n_vocab = self.llm.n_vocab()
         meta = self.llm.metadata
         self.formatter = Jinja2ChatFormatter(
-            template=meta["tokenizer.chat_template"],
-            eos_token=self.llm._model.token_get_text(self.llm.token_eos()),
-            bos_token=self.llm._model.token_get_text(self.llm.token_bos()), add_generation_prompt=True)
-        self._grammars: dict[str, object] = {}
-        self._lock = threading.Lock()  # one context: one batch at a time
+            template=meta["tokenizer.chat_template"], eos_token=self._text(self.llm.token_eos()),
+            bos_token=self._text(self.llm.token_bos()), add_generation_prompt=True)
+        self._grammars: dict[str, str] = {}
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # (client, key, request), or _CLOSE
+        self._thread: threading.Thread | None = None
+        self._start = threading.Lock()
+        self._broken: str | None = None  # why the scheduler stopped, when it did
+        self.stats = {"steps": 0, "max_sequences": 0, "max_callers": 0}  # how much was decoded together
 
     def fingerprint(self) -> dict:
         # Thread and sequence counts change speed, not what a sequence's sampler does.
@@ -131,35 +157,36 @@ class LlamaBatchBackend(Backend):
                 "sampling": [self.top_k, self.top_p, self.min_p], "stop_at_json_end": self.stop_at_json_end}
 
     # ------------------------------------------------------------ pieces
-    def _grammar(self, schema: dict):
-        from llama_cpp.llama_grammar import LlamaGrammar
+    def _text(self, token: int) -> str:
+        return self._lc.llama_vocab_get_text(self.vocab, token).decode("utf-8")
+
+    def _grammar(self, schema: dict) -> str:
+        from llama_cpp.llama_grammar import json_schema_to_gbnf
 
         key = json.dumps(schema, sort_keys=True)
         if key not in self._grammars:
-            self._grammars[key] = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+            self._grammars[key] = json_schema_to_gbnf(json.dumps(schema))
         return self._grammars[key]
 
     def _sampler(self, req: GenerationRequest, seed: int) -> "_Sampler":
-        from llama_cpp._internals import LlamaSampler
-
-        chain = LlamaSampler()
-        chain.add_penalties(self.n_vocab, 64, self.repeat_penalty, 0.0, 0.0)
+        lc = self._lc
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(self.n_vocab, 64, self.repeat_penalty,
+                                                                          0.0, 0.0))
         if req.temperature <= 0:
-            chain.add_greedy()
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
         else:
-            chain.add_top_k(self.top_k)
-            chain.add_top_p(self.top_p, 1)
-            chain.add_min_p(self.min_p, 1)
-            chain.add_temp(req.temperature)
-            chain.add_dist(seed & 0xFFFFFFFF)
+            for s in (lc.llama_sampler_init_top_k(self.top_k), lc.llama_sampler_init_top_p(self.top_p, 1),
+                      lc.llama_sampler_init_min_p(self.min_p, 1), lc.llama_sampler_init_temp(req.temperature),
+                      lc.llama_sampler_init_dist(seed & 0xFFFFFFFF)):
+                lc.llama_sampler_chain_add(chain, s)  # the chain owns (and frees) what is added to it
         grammar = None
         if req.json_schema:
-            g = self._grammar(req.json_schema)
-            grammar = self._lc.llama_sampler_init_grammar(self.vocab, g._grammar.encode(), g._root.encode())
+            grammar = lc.llama_sampler_init_grammar(self.vocab, self._grammar(req.json_schema).encode(), b"root")
             if not grammar:  # llama.cpp could not build it: decoding unconstrained would hide that
-                chain.close()
+                lc.llama_sampler_free(chain)
                 raise ValueError("llama.cpp could not build a grammar from this request's JSON schema")
-        return _Sampler(self._lc, chain, grammar, self.n_vocab)
+        return _Sampler(lc, chain, grammar, self.n_vocab)
 
     def _tokens(self, req: GenerationRequest) -> list[int]:
         prompt = self.formatter(messages=chat_messages(req, False)).prompt
@@ -173,7 +200,7 @@ class LlamaBatchBackend(Backend):
             n = self._lc.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
         return buf.raw[:n]
 
-    # ------------------------------------------------------------ generation
+    # ------------------------------------------------------------ generation (any thread)
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
         todo = list(enumerate(requests))
         out: list[Generation | None] = [None] * len(requests)
@@ -188,49 +215,144 @@ class LlamaBatchBackend(Backend):
 
     def stream(self, pull: Callable[[int], list[tuple[Any, GenerationRequest]]]) -> Iterator[tuple[Any, Generation]]:
         """Continuous batching: ``pull(n)`` is asked for up to ``n`` new ``(key, request)`` whenever
-        sequence slots are free, and ``(key, generation)`` comes back as each answer finishes, so
-        a short answer's slot goes to the next request at once. Ends when pull returns nothing and
-        every answer is out."""
-        lc = self._lc
-        with self._lock:
-            mem = lc.llama_get_memory(self.ctx.ctx)
-            lc.llama_memory_clear(mem, True)
-            free, active = list(range(self.n_seq)), []
-            while True:
-                new = pull(len(free)) if free else []
-                for key, req in new:
-                    s, err = self._admit(key, req, free[0])
-                    if err is not None:
-                        yield key, err
-                        continue
-                    free.pop(0)
-                    active.append(s)
-                if not active:
-                    if not new:
-                        return
-                    continue
-                t0 = time.perf_counter()
-                try:
-                    finished = self._step(active)
-                except RuntimeError as e:  # a failed decode: these answers fail, the run goes on
-                    lc.llama_memory_clear(mem, True)
-                    for s in active:
-                        s.sampler.close()
-                        free.append(s.slot)
-                        yield s.key, Generation("", len(s.prompt), s.n_out, s.seconds, error=f"RuntimeError: {e}")
-                    active = []
-                    continue
-                share = (time.perf_counter() - t0) / len(active)
-                for s in active:
-                    s.seconds += share
-                for s in finished:
-                    active.remove(s)
-                    lc.llama_memory_seq_rm(mem, s.slot, -1, -1)
-                    free.append(s.slot)
-                    s.sampler.close()
-                    yield s.key, Generation(s.text or "", len(s.prompt), s.n_out, s.seconds)
+        this caller has fewer than ``n_seq`` answers pending, and ``(key, generation)`` comes back as
+        each answer finishes, so a short answer's place goes to the next request at once. Ends when
+        pull returns nothing and every answer is out.
 
-    def _admit(self, key, req: GenerationRequest, slot: int):
+        Safe to call from many threads at once: requests go to the scheduler thread's queue and are
+        decoded in one batch with every other caller's; nothing is locked while this generator is
+        suspended, and closing it early drops its sequences from the batch."""
+        self._ensure_scheduler()
+        client, pending = _Client(), 0
+        try:
+            while True:
+                new = pull(self.n_seq - pending) if pending < self.n_seq else []
+                for key, req in new:
+                    self._inbox.put((client, key, req))
+                    pending += 1
+                if not pending:
+                    return
+                key, gen = self._answer(client)
+                pending -= 1
+                yield key, gen
+        finally:
+            client.gone = pending > 0
+
+    def _answer(self, client: _Client) -> tuple[Any, Generation]:
+        while True:
+            try:
+                return client.answers.get(timeout=1.0)
+            except queue.Empty:  # never wait forever on a scheduler that has died
+                if self._broken is not None or self._thread is None or not self._thread.is_alive():
+                    raise RuntimeError(f"the llama.cpp scheduler stopped: {self._broken or 'closed'}") from None
+
+    def _ensure_scheduler(self) -> None:
+        if self._broken is not None:
+            raise RuntimeError(f"the llama.cpp scheduler stopped: {self._broken}")
+        with self._start:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="dhumor-llama-batch", daemon=True)
+                self._thread.start()
+
+    def close(self) -> None:
+        """Stop the scheduler (pending callers get an error) and free the context."""
+        with self._start:
+            thread, self._thread = self._thread, None
+            self._broken = self._broken or "closed"
+        if thread is not None:
+            self._inbox.put(_CLOSE)
+            thread.join(10)
+        if not (thread and thread.is_alive()) and self.ctx:
+            self._lc.llama_batch_free(self.batch)
+            self._lc.llama_free(self.ctx)
+            self.ctx = None
+
+    # ------------------------------------------------------------ the scheduler (its own thread)
+    def _serve(self) -> None:
+        """The one thread that touches the context: takes requests from the queue into free
+        sequence slots, decodes every active sequence in one batch per step, hands each finished
+        answer to its caller."""
+        active: list[_Seq] = []
+        waiting: collections.deque = collections.deque()
+        try:
+            self._schedule(active, waiting)
+        except BaseException as e:  # a bug here must not leave callers waiting forever
+            self._broken = f"{type(e).__name__}: {e}"
+            err = Generation("", error=f"the llama.cpp scheduler stopped: {self._broken}")
+            for s in active:
+                s.client.answers.put((s.key, err))
+            for client, key, _ in waiting:
+                client.answers.put((key, err))
+            if not isinstance(e, Exception):
+                raise
+
+    def _schedule(self, active: list[_Seq], waiting: collections.deque) -> None:
+        lc = self._lc
+        mem = lc.llama_get_memory(self.ctx)
+        lc.llama_memory_clear(mem, True)
+        free = list(range(self.n_seq))
+
+        def release(s: _Seq) -> None:
+            active.remove(s)
+            lc.llama_memory_seq_rm(mem, s.slot, -1, -1)
+            free.append(s.slot)
+            s.sampler.close()
+
+        while True:
+            # Wait for work only when there is nothing to decode; otherwise take what has arrived.
+            try:
+                item = self._inbox.get(block=not active and not waiting)
+                while True:
+                    if item is _CLOSE:
+                        raise _Closed
+                    waiting.append(item)
+                    item = self._inbox.get_nowait()
+            except queue.Empty:
+                pass
+            except _Closed:
+                for s in list(active):
+                    release(s)
+                    s.client.answers.put((s.key, Generation("", error="the llama.cpp backend was closed")))
+                for client, key, _ in waiting:
+                    client.answers.put((key, Generation("", error="the llama.cpp backend was closed")))
+                waiting.clear()
+                return
+            for s in [s for s in active if s.client.gone]:  # its caller stopped listening
+                release(s)
+            while free and waiting:
+                client, key, req = waiting.popleft()
+                if client.gone:
+                    continue
+                s, err = self._admit(client, key, req, free[0])
+                if err is not None:
+                    client.answers.put((key, err))
+                    continue
+                free.pop(0)
+                active.append(s)
+            if not active:
+                continue
+            st = self.stats
+            st["steps"] += 1
+            st["max_sequences"] = max(st["max_sequences"], len(active))
+            st["max_callers"] = max(st["max_callers"], len({id(s.client) for s in active}))
+            t0 = time.perf_counter()
+            try:
+                finished = self._step(active)
+            except RuntimeError as e:  # a failed decode: these answers fail, the others go on
+                lc.llama_memory_clear(mem, True)
+                for s in list(active):
+                    release(s)
+                    s.client.answers.put((s.key, Generation("", len(s.prompt), s.n_out, s.seconds,
+                                                            error=f"RuntimeError: {e}")))
+                continue
+            share = (time.perf_counter() - t0) / len(active)
+            for s in active:
+                s.seconds += share
+            for s in finished:
+                release(s)
+                s.client.answers.put((s.key, Generation(s.text or "", len(s.prompt), s.n_out, s.seconds)))
+
+    def _admit(self, client: _Client, key, req: GenerationRequest, slot: int):
         try:
             toks = self._tokens(req)
             if len(toks) + req.max_tokens > self.n_ctx_per_seq:
@@ -238,7 +360,8 @@ class LlamaBatchBackend(Backend):
                                  f"context of {self.n_ctx_per_seq} tokens per sequence")
             # The sampler's seed follows the request, not its place in a batch: reruns sample alike.
             seed = self.seed + zlib.crc32(f"{req.system}\0{req.user}".encode())
-            return _Seq(key, slot, toks, req.max_tokens, self._sampler(req, seed), tuple(req.stop or ())), None
+            return _Seq(client, key, slot, toks, req.max_tokens, self._sampler(req, seed),
+                        tuple(req.stop or ())), None
         except Exception as e:  # one bad request must not stop the others
             return None, Generation("", error=f"{type(e).__name__}: {e}")
 
@@ -254,7 +377,7 @@ class LlamaBatchBackend(Backend):
                 b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, want
                 b.seq_id[i][0] = s.slot
             b.n_tokens = len(chunk)
-            rc = self._lc.llama_decode(self.ctx.ctx, b)
+            rc = self._lc.llama_decode(self.ctx, b)
             if rc != 0:
                 raise RuntimeError(f"llama_decode returned {rc}")
             for i, (s, _, _, want) in enumerate(chunk):
@@ -267,7 +390,7 @@ class LlamaBatchBackend(Backend):
 
     def _sample(self, s: _Seq, row: int) -> bool:
         """Sample the next token of ``s`` from logits row ``row``; True when ``s`` is finished."""
-        tok = s.sampler.sample(self.ctx.ctx, row)
+        tok = s.sampler.sample(self.ctx, row)
         s.n_out += 1
         if self._lc.llama_vocab_is_eog(self.vocab, tok):
             s.text = s.out.decode("utf-8", "replace")
@@ -296,6 +419,10 @@ class LlamaBatchBackend(Backend):
                 s.finish(text)
                 return True
         return False
+
+
+class _Closed(Exception):
+    pass
 
 
 _TOKEN_DATA = None
@@ -328,7 +455,7 @@ class _Sampler:
     def sample(self, ctx, row: int) -> int:
         lc = self.lc
         arr = self._candidates(ctx, row)
-        lc.llama_sampler_apply(self.chain.sampler, ctypes.byref(arr))
+        lc.llama_sampler_apply(self.chain, ctypes.byref(arr))
         tok = arr.data[arr.selected].id
         if self.grammar is not None:
             self.one[0].id, self.one[0].logit, self.one[0].p = tok, 1.0, 0.0
@@ -338,14 +465,14 @@ class _Sampler:
                 self.grammar_resamples += 1
                 arr = self._candidates(ctx, row)
                 lc.llama_sampler_apply(self.grammar, ctypes.byref(arr))
-                lc.llama_sampler_apply(self.chain.sampler, ctypes.byref(arr))
+                lc.llama_sampler_apply(self.chain, ctypes.byref(arr))
                 tok = arr.data[arr.selected].id
             lc.llama_sampler_accept(self.grammar, tok)
-        lc.llama_sampler_accept(self.chain.sampler, tok)
+        lc.llama_sampler_accept(self.chain, tok)
         return tok
 
     def close(self) -> None:
         if self.grammar is not None:
             self.lc.llama_sampler_free(self.grammar)
             self.grammar = None
-        self.chain.close()
+        self.lc.llama_sampler_free(self.chain)

@@ -1,0 +1,1 @@
+"""The apps: the Gradio demo and its team features."""
