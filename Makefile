@@ -48,7 +48,7 @@ setup-dev: $(VENV)/.installed-dev
 
 examples: setup
 	$(BIN)/dhumor score examples --out outputs/examples.jsonl --quiet; rc=$$?; \
-	  $(BIN)/python -m dhumor.report outputs/examples.jsonl; exit $$rc
+	  $(BIN)/python -m dhumor.inference.report outputs/examples.jsonl; exit $$rc
 
 test: setup-dev
 	$(BIN)/python -m pytest

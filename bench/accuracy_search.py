@@ -37,7 +37,7 @@ from tune_cv import headline, predict_probs, train_module  # noqa: E402
 
 from dhumor.cache import StageCache  # noqa: E402
 from dhumor.data.readers import read_manifest  # noqa: E402
-from dhumor.features import FeatureExtractor, StreamFeature  # noqa: E402
+from dhumor.encoders.features import FeatureExtractor, StreamFeature  # noqa: E402
 from dhumor.model import calibration  # noqa: E402
 from dhumor.model.calibration import calibrated_probs, expected_calibration_error  # noqa: E402
 from dhumor.model.metrics import compute_metrics  # noqa: E402

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from dhumor.checkpoint import read_checkpoint, write_checkpoint
+from dhumor.model.checkpoint import read_checkpoint, write_checkpoint
 from dhumor.data.datamodule import split_train_val
 from dhumor.data.readers import read_manifest
 from dhumor.errors import DataError
-from dhumor.items import Item
+from dhumor.inference.items import Item
 from dhumor.model.calibration import fit_calibration
 from dhumor.paths import resolve_data_path
-from dhumor.pipeline import Pipeline
+from dhumor.inference.pipeline import Pipeline
 from dhumor.schema import get_schema
 
 

@@ -24,7 +24,7 @@ from harmeme_results import VAL, quiet
 def primary_probs(checkpoint: str | None, manifest: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(P(classes) of the primary task per scored meme, its gold class index, the class names)."""
     from dhumor.data.readers import read_manifest
-    from dhumor.pipeline import Pipeline
+    from dhumor.inference.pipeline import Pipeline
 
     pipe = Pipeline.from_checkpoint(checkpoint)
     task = pipe.schema.task(pipe.schema.primary)

@@ -37,7 +37,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import faultkit  # noqa: E402  (tests/faultkit.py: the fault makers the tests use too)
 
-from dhumor.results_file import ResultsFile  # noqa: E402
+from dhumor.inference.results_file import ResultsFile  # noqa: E402
 from dhumor.schema import HARMEME, TaskSchema  # noqa: E402
 
 SCHEMA = HARMEME  # the scoring checkpoint's tasks (they name the CSV columns); set in main()
@@ -398,7 +398,7 @@ def cache_full(b: Bench):
 
 # ---------------------------------------------------------------- 7. damaged checkpoint metadata
 def damaged_checkpoint(b: Bench, damage: Callable[[dict], object], must: str):
-    from dhumor.pipeline import default_checkpoint
+    from dhumor.inference.pipeline import default_checkpoint
 
     d = b.dir("ckpt")
     ckpt = d / "ckpt"
@@ -830,7 +830,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     global SCHEMA
     if args.checkpoint:
-        from dhumor.checkpoint import read_meta
+        from dhumor.model.checkpoint import read_meta
 
         SCHEMA = TaskSchema.from_dict(read_meta(args.checkpoint)["schema"])
     scratch = Path(tempfile.mkdtemp(prefix="dhumor-faults-"))

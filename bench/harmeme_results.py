@@ -80,8 +80,8 @@ def mean_std(rows: list[dict], keys: list[str]) -> dict:
 
 
 def run_variant(name: str, extra: list[str], seed: int, root: Path, extra_args: list[str]) -> dict:
-    from dhumor.evaluation import evaluate
-    from dhumor.pipeline import Pipeline
+    from dhumor.inference.evaluation import evaluate
+    from dhumor.inference.pipeline import Pipeline
 
     run_dir = root / f"{name.replace(' ', '_').replace('+', '_')}-seed{seed}"
     export, fit_seconds = fit(extra, seed, run_dir, extra_args)
@@ -98,7 +98,7 @@ def logistic_floor() -> dict:
 
     from dhumor.cache import StageCache
     from dhumor.data.readers import read_manifest
-    from dhumor.features import FeatureExtractor
+    from dhumor.encoders.features import FeatureExtractor
 
     fx = FeatureExtractor({"caption": "all-mpnet-base-v2"}, StageCache(), progress=False)
     out = {}
@@ -125,7 +125,7 @@ def time_features(n: int = 200) -> dict:
     """Cold-cache feature extraction, seconds per meme, for the default encoders (models loaded first)."""
     from dhumor.cache import StageCache
     from dhumor.data.readers import read_manifest
-    from dhumor.features import FeatureExtractor
+    from dhumor.encoders.features import FeatureExtractor
 
     memes = read_manifest(TRAIN).memes[:n]
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,7 +3,7 @@
 A full forward of MPNet-base and EfficientNet-Lite0 per training step costs ~22 s per batch of 32
 here; the frozen lower layers give the same output every epoch, so they run once: their output (the
 hidden states entering MPNet's top ``k`` layers, the feature map entering Lite0's top ``k`` blocks)
-goes to the stage cache through :class:`~dhumor.features.FeatureExtractor` (a lower-part module and
+goes to the stage cache through :class:`~dhumor.encoders.features.FeatureExtractor` (a lower-part module and
 a salt), and each step runs only the top layers and TCRNet. Issue 13's "fine-tune the offline
 encoders" direction, measured by ``bench/accuracy_search.py`` (candidates ``ft_*``).
 """
@@ -17,7 +17,7 @@ from torch import nn
 from dhumor.data.datasets import _pad_stream
 from dhumor.encoders.modules import EfficientNetLiteEncoder, EncoderOutput, TextEncoder, masked_mean
 from dhumor.encoders.registry import get_entry
-from dhumor.features import FeatureExtractor
+from dhumor.encoders.features import FeatureExtractor
 from dhumor.model.lit import DHumorModule
 from dhumor.model.tcrnet import StreamInput
 

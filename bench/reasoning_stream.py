@@ -55,8 +55,8 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT / "outputs" / "results" / "reasoning_stream.json"))
     args = ap.parse_args(argv)
     quiet()
-    from dhumor.evaluation import evaluate
-    from dhumor.pipeline import Pipeline
+    from dhumor.inference.evaluation import evaluate
+    from dhumor.inference.pipeline import Pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -58,7 +58,7 @@ def sha256_file(path: Path) -> str:
 
 def score_rows(pipe, memes, shas: dict) -> list[dict]:
     """Result rows (as `dhumor score` writes them) of ``memes`` under the pipeline's checkpoint."""
-    from dhumor.items import Item
+    from dhumor.inference.items import Item
 
     items = [Item(m.id, m.image, m.caption or "") for m in memes]
     return [r for batch in pipe.run(items, batch_size=64) for r in batch if not r["error"]]
@@ -70,14 +70,14 @@ def moderator_labels(schema, meme) -> dict:
 
 
 def run_seed(seed: int, budgets: list[int], n_init: int, work: Path, max_epochs: int, patience: int) -> list[dict]:
-    from dhumor.checkpoint import load_module
+    from dhumor.model.loading import load_module
     from dhumor.data.readers import read_manifest
-    from dhumor.evaluation import evaluate
+    from dhumor.inference.evaluation import evaluate
     from dhumor.paths import data_root
-    from dhumor.pipeline import Pipeline
-    from dhumor.review import ReviewLog
-    from dhumor.review_queue import ReviewQueue
-    from dhumor.reviews_export import export_reviews
+    from dhumor.inference.pipeline import Pipeline
+    from dhumor.review.log import ReviewLog
+    from dhumor.review.queue import ReviewQueue
+    from dhumor.review.export import export_reviews
 
     root = data_root()
     train_path, val_path, images = root / "train.jsonl", root / "val.jsonl", root / "images"

@@ -71,7 +71,7 @@ def run_score(code: Path, folder: Path, out: Path, cache: Path, checkpoint: str 
 def scan_memory(out: Path) -> dict:
     """Peak Python memory to read the finished file: every row (rows()) vs the ids (index())."""
     sys.path.insert(0, str(ROOT))
-    from dhumor.results_file import ResultsFile
+    from dhumor.inference.results_file import ResultsFile
     from dhumor.schema import HARMEME
 
     res = {"file_mb": round(out.stat().st_size / 2**20, 1)}

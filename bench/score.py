@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 
 from dhumor.cache import StageCache
-from dhumor.features import FeatureExtractor
+from dhumor.encoders.features import FeatureExtractor
 from dhumor.images import load_image_with_digest
 from dhumor.ocr import OCR
-from dhumor.pipeline import Pipeline
-from dhumor.results_file import ResultsFile
-from dhumor.scoring import Scorer, collect_items
+from dhumor.inference.pipeline import Pipeline
+from dhumor.inference.results_file import ResultsFile
+from dhumor.inference.scoring import Scorer, collect_items
 from dhumor.paths import data_root
 
 

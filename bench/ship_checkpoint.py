@@ -11,10 +11,10 @@ import argparse
 import json
 from pathlib import Path
 
-from dhumor.checkpoint import read_checkpoint, write_checkpoint
-from dhumor.evaluation import evaluate
+from dhumor.model.checkpoint import read_checkpoint, write_checkpoint
+from dhumor.inference.evaluation import evaluate
 from dhumor.paths import resolve_data_path
-from dhumor.pipeline import Pipeline
+from dhumor.inference.pipeline import Pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -26,7 +26,7 @@ from dhumor.cache import StageCache
 from dhumor.data.datamodule import split_train_val
 from dhumor.data.datasets import FeatureDataset, feature_collate
 from dhumor.data.readers import read_manifest
-from dhumor.features import FeatureExtractor
+from dhumor.encoders.features import FeatureExtractor
 from dhumor.model.lit import DHumorModule
 from dhumor.model.metrics import compute_metrics
 from dhumor.paths import resolve_data_path

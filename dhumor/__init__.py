@@ -8,16 +8,16 @@ Quick start::
     result["tasks"]["harmful"]["probs"]
 """
 
-from .schema import DHUMOR, HARMEME, Meme, Task, TaskSchema, get_schema  # noqa: E402,F401
-from .version import __version__  # noqa: F401
+from dhumor.schema import DHUMOR, HARMEME, Meme, Task, TaskSchema, get_schema  # noqa: E402,F401
+from dhumor.version import __version__  # noqa: F401
 
 
 def __getattr__(name):
     # Heavy imports (torch, transformers) only when the pipeline is asked for.
     if name == "Pipeline":
-        from .pipeline import Pipeline
+        from dhumor.inference.pipeline import Pipeline
         return Pipeline
     if name == "load_module":
-        from .checkpoint import load_module
+        from dhumor.model.loading import load_module
         return load_module
     raise AttributeError(name)

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 
-from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE, ConfigError,
+from dhumor.errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE, ConfigError,
                      DataError, DHumorError)
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -38,10 +38,10 @@ def run_lightning(argv: list[str] | None, run: bool = True):
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
 
-    from .callbacks import ExportBestCheckpoint
-    from .data.datamodule import MemeDataModule, check_subcommand_data
-    from .model.lit import DHumorModule
-    from .prediction_writer import JsonlPredictionWriter
+    from dhumor.model.export import ExportBestCheckpoint
+    from dhumor.data.datamodule import MemeDataModule, check_subcommand_data
+    from dhumor.model.lit import DHumorModule
+    from dhumor.inference.prediction_writer import JsonlPredictionWriter
 
     # "Seed set to N" would come before any one-line configuration error; the seed is in the saved config.
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
@@ -67,7 +67,7 @@ def run_lightning(argv: list[str] | None, run: bool = True):
             # Set under model: as well, though DHumorModule.__init__ applies them itself: jsonargparse links
             # model.* into data.* again when it instantiates, so data: alone would be overwritten.
             if cfg.get("model") is not None and cfg["model"].get("init_from"):
-                from .model.lit import architecture_from_checkpoint
+                from dhumor.model.lit import architecture_from_checkpoint
 
                 arch = architecture_from_checkpoint(cfg["model"]["init_from"])
                 for k, v in arch.items():
@@ -137,7 +137,7 @@ def _port(text: str) -> int:
 
 def _add_explainer(p: argparse.ArgumentParser, default: str = "none") -> None:
     """The explanation options, named the same in every subcommand (``dhumor explain`` has no "none")."""
-    from .explain.backends import BACKENDS, backend_choices
+    from dhumor.explain.backends import BACKENDS, backend_choices
 
     p.add_argument("--explain", default=default, choices=backend_choices(with_none=default == "none"),
                    help=f"explanation backend (Role-Reversal loop): {BACKENDS.help()}")
@@ -171,7 +171,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser; choices of ``--ocr`` and ``--explain`` come from the registries (no model is imported)."""
-    from .ocr import ENGINES, engine_choices
+    from dhumor.ocr import ENGINES, engine_choices
 
     p = _Parser(
         prog="dhumor", formatter_class=_HelpFormatter,
@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _explainer_from_args(args, cache, **extra):
-    from .explain import create_explainer
+    from dhumor.explain import create_explainer
 
     return create_explainer(args.explain, cache=cache, iterations=args.iterations,
                             similarity_threshold=args.similarity_threshold, model=args.explain_model,
@@ -329,8 +329,8 @@ def _explainer_from_args(args, cache, **extra):
 
 
 def cmd_data(args) -> int:
-    from .data.convert import convert_harmeme
-    from .paths import data_root
+    from dhumor.data.convert import convert_harmeme
+    from dhumor.paths import data_root
 
     out = data_root(args.out).resolve()
     counts = convert_harmeme(args.src, out)
@@ -343,15 +343,15 @@ def cmd_data(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .cache import StageCache
-    from .evaluation import evaluate, format_metrics
-    from .ocr import create_ocr
-    from .paths import resolve_data_path
-    from .pipeline import Pipeline
-    from .preflight import check_checkpoint, check_input, check_ocr
+    from dhumor.cache import StageCache
+    from dhumor.inference.evaluation import evaluate, format_metrics
+    from dhumor.ocr import create_ocr
+    from dhumor.paths import resolve_data_path
+    from dhumor.inference.pipeline import Pipeline
+    from dhumor.inference.preflight import check_checkpoint, check_input, check_ocr
 
     if args.predictions:
-        from .results_file import claim_output
+        from dhumor.inference.results_file import claim_output
 
         claim_output(args.predictions, (".jsonl",))  # a bad or busy path is refused before any model loads
     manifest = check_input(resolve_data_path(args.manifest))
@@ -368,18 +368,18 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from .results_file import ResultsFile, check_not_input, check_own, claim_output, output_files
+    from dhumor.inference.results_file import ResultsFile, check_not_input, check_own, claim_output, output_files
 
     check_not_input(args.out, args.input, args.images)  # a run never writes what it reads
     claim_output(args.out)  # a bad --out, or another run on it, is refused at once, before torch is imported
     check_own(args.out, "score")  # a file that is not a results file: refused, untouched, in a second
-    from .cache import StageCache
-    from .items import collect_items, in_shard, parse_shard
-    from .ocr import create_ocr
-    from .pipeline import Pipeline
-    from .preflight import check_checkpoint, check_explainer, check_input, check_ocr
-    from .schema import TaskSchema
-    from .scoring import Scorer
+    from dhumor.cache import StageCache
+    from dhumor.inference.items import collect_items, in_shard, parse_shard
+    from dhumor.ocr import create_ocr
+    from dhumor.inference.pipeline import Pipeline
+    from dhumor.inference.preflight import check_checkpoint, check_explainer, check_input, check_ocr
+    from dhumor.schema import TaskSchema
+    from dhumor.inference.scoring import Scorer
 
     # Everything a user can get wrong is checked before a model loads.
     shard = parse_shard(args.shard)
@@ -392,7 +392,7 @@ def cmd_score(args) -> int:
     items = [it for it in collect_items(source, args.format, args.images, exclude=output_files(args.out))
              if in_shard(it.id, shard)]
     if done is not None:
-        from .scoring import summary_if_done
+        from dhumor.inference.scoring import summary_if_done
 
         summary = summary_if_done(results, items, done, args.retry_errors)
         if summary is not None:  # every meme has its final row: no model needs to load to say so
@@ -429,10 +429,10 @@ def _check_provenance_early(results, ckpt, meta, args) -> None:
     """Before any model loads: refuse an --out whose rows another checkpoint, threshold or OCR engine wrote
     (the explainer's settings are compared too, once it is built: :meth:`Scorer.run`). Returns the file's
     index when every setting is known to match (no explainer), so a finished run needs no model."""
-    from .checkpoint import checkpoint_digest
-    from .decision import Decider
-    from .schema import TaskSchema
-    from .scoring import check_provenance
+    from dhumor.model.checkpoint import checkpoint_digest
+    from dhumor.inference.decision import Decider
+    from dhumor.schema import TaskSchema
+    from dhumor.inference.scoring import check_provenance
 
     if args.rescore or not results.path.exists():
         return None
@@ -447,16 +447,16 @@ def _check_provenance_early(results, ckpt, meta, args) -> None:
 
 
 def cmd_explain(args) -> int:
-    from .results_file import ResultsFile, check_not_input, claim_output, output_files
+    from dhumor.inference.results_file import ResultsFile, check_not_input, claim_output, output_files
 
     check_not_input(args.out, args.input, args.images)
     claim_output(args.out, (".jsonl",))
     ResultsFile(args.out, None, kind="explain").verify()  # a foreign file is refused before any model loads
-    from .cache import StageCache
-    from .explain.run import order_items, run_explain
-    from .items import collect_items, in_shard, parse_shard
-    from .ocr import create_ocr
-    from .preflight import check_explainer, check_input, check_ocr
+    from dhumor.cache import StageCache
+    from dhumor.inference.explain_run import order_items, run_explain
+    from dhumor.inference.items import collect_items, in_shard, parse_shard
+    from dhumor.ocr import create_ocr
+    from dhumor.inference.preflight import check_explainer, check_input, check_ocr
 
     shard = parse_shard(args.shard)
     source = check_input(args.input)
@@ -494,11 +494,11 @@ def cmd_explain(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .cache import StageCache
-    from .preflight import check_checkpoint, check_demo, check_explainer, check_ocr
+    from dhumor.cache import StageCache
+    from dhumor.inference.preflight import check_checkpoint, check_demo, check_explainer, check_ocr
 
     check_demo()
-    from .app.auth import Users, is_loopback
+    from dhumor.app.auth import Users, is_loopback
 
     users = Users.load(args.auth) if args.auth else None
     if users is None and not is_loopback(args.host):
@@ -508,11 +508,11 @@ def cmd_demo(args) -> int:
         raise ConfigError(f"{args.auth}: no users in this file (add one with `dhumor users add {args.auth} NAME`)")
     if args.queue_root and not os.path.isdir(args.queue_root):
         raise ConfigError(f"--queue-root {args.queue_root}: no such folder")
-    from .demo import launch
-    from .model_thread import ModelThread
-    from .ocr import create_ocr
-    from .pipeline import Pipeline
-    from .review import ReviewLog
+    from dhumor.app.demo import launch
+    from dhumor.app.model_thread import ModelThread
+    from dhumor.ocr import create_ocr
+    from dhumor.inference.pipeline import Pipeline
+    from dhumor.review.log import ReviewLog
 
     check_ocr(args.ocr)
     check_explainer(args.explain, args.explain_model, args.base_url)
@@ -525,7 +525,7 @@ def cmd_demo(args) -> int:
         return Pipeline.from_checkpoint(ckpt, cache=cache, device=args.device, ocr=create_ocr(args.ocr, cache),
                                         explainer=explainer, threshold=args.decision_threshold)
 
-    models = ModelThread()  # models load and run on one thread (dhumor/model_thread.py says why)
+    models = ModelThread()  # models load and run on one thread (dhumor/app/model_thread.py says why)
     pipe = models.call(load)
     demo = launch(pipe, review_log, host=args.host, port=args.port, max_file_mb=args.max_file_mb, queue=args.queue,
                   models=models, block=False, users=users, queue_root=args.queue_root, concurrency=args.concurrency)
@@ -557,13 +557,13 @@ def cmd_demo(args) -> int:
 def cmd_reviews(args) -> int:
     from pathlib import Path
 
-    from .review import ReviewLog, default_review_log
-    from .reviews_export import export_reviews
+    from dhumor.review.log import ReviewLog, default_review_log
+    from dhumor.review.export import export_reviews
 
     path = Path(args.review_log) if args.review_log else default_review_log()
     if not path.is_file():
         raise ConfigError(f"{path}: no review log here (pass --review-log)")
-    from .reviews_export import parse_time
+    from dhumor.review.export import parse_time
 
     since, until = parse_time(args.since, "--since"), parse_time(args.until, "--until")
     rep = export_reviews(ReviewLog(path), args.out, include_conflicts=args.include_conflicts, schema=args.task,
@@ -583,7 +583,7 @@ def cmd_reviews(args) -> int:
 def cmd_users(args) -> int:
     import getpass
 
-    from .app.auth import add_user, check_name, remove_user
+    from dhumor.app.auth import add_user, check_name, remove_user
 
     if args.users_command == "remove":
         remove_user(args.file, args.name)
@@ -602,7 +602,7 @@ def cmd_users(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .merge import merge_results
+    from dhumor.inference.merge import merge_results
 
     n = merge_results(args.inputs, args.out)
     print(f"dhumor merge: {n} rows -> {args.out}", file=sys.stderr)
@@ -610,16 +610,16 @@ def cmd_merge(args) -> int:
 
 
 def cmd_ocr(args) -> int:
-    from .cache import StageCache
-    from .items import collect_items
-    from .ocr import OCR
-    from .preflight import check_input, check_ocr
-    from .results_file import dumps_row
+    from dhumor.cache import StageCache
+    from dhumor.inference.items import collect_items
+    from dhumor.ocr import OCR
+    from dhumor.inference.preflight import check_input, check_ocr
+    from dhumor.inference.results_file import dumps_row
 
     source = check_input(args.input)
     check_ocr(args.ocr)
     ocr = OCR(args.ocr, StageCache(args.cache))
-    from .ocr import OCRFailed
+    from dhumor.ocr import OCRFailed
 
     failed = 0
     for it in collect_items(source)[: args.limit]:
@@ -720,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         return _report(args.command, e, debug)
     finally:
-        from .results_file import release_output_locks
+        from dhumor.inference.results_file import release_output_locks
 
         release_output_locks()  # the output is free for the next run as soon as this command ends
 

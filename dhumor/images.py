@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError
-from .longpaths import open_fd
+from dhumor.errors import ImageError
+from dhumor.util.longpaths import open_fd
 
 try:  # HEIC/HEIF (phone photos) decode when the optional pillow-heif package is installed
     from pillow_heif import register_heif_opener

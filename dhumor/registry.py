@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Callable, Iterable
 
-from .errors import ConfigError
+from dhumor.errors import ConfigError
 
 log = logging.getLogger("dhumor")
 

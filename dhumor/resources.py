@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import CheckpointError
+from dhumor.errors import CheckpointError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 SHIPPED_CHECKPOINT = ASSETS / "checkpoints" / "harmeme-tcrnet"

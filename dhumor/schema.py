@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from .errors import UnknownNameError
+from dhumor.errors import UnknownNameError
 
 MISSING = -1  # label index for "this row has no label for this task": masked out of loss and metrics
 

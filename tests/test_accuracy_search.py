@@ -64,7 +64,7 @@ def test_second_view_trains_on_both_views_and_keeps_the_split_single(monkeypatch
     """OCR-robust training: inner-train rows come in both views (gold and OCR caption features), while
     the selection split holds one view only, so no meme sits on both sides of it."""
     import tune_cv
-    from dhumor.features import StreamFeature
+    from dhumor.encoders.features import StreamFeature
     from dhumor.schema import Meme
 
     rng = np.random.default_rng(0)

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from dhumor.checkpoint import load_module, read_checkpoint
+from dhumor.model.checkpoint import read_checkpoint
+from dhumor.model.loading import load_module
 from dhumor.cli import main
 from dhumor.data.readers import read_manifest
-from dhumor.pipeline import Pipeline
+from dhumor.inference.pipeline import Pipeline
 
 from conftest import fit_cli as _fit
 
@@ -158,7 +159,7 @@ def test_calibrating_an_older_export_recovers_what_fit_fitted(trained, tmp_path)
     config, the same temperatures and presets; the weights untouched."""
     import sys
 
-    from dhumor.checkpoint import write_checkpoint
+    from dhumor.model.checkpoint import write_checkpoint
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
     import calibrate_checkpoint

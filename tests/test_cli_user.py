@@ -166,7 +166,7 @@ def test_one_meme_one_decision_in_score_evaluate_predict_and_demo(tmp_path, trai
     assert main(["predict", "--config", str(trained / "config.yaml"), "--ckpt_path", str(best), "--data.predict",
                  str(harmeme_fixture), "--prediction_writer.output", str(predicted),
                  "--trainer.default_root_dir", str(tmp_path)]) == 0
-    from dhumor.pipeline import Pipeline
+    from dhumor.inference.pipeline import Pipeline
 
     demo_pipe = Pipeline.from_checkpoint(export)  # what the demo calls, with the caption the moderator sees
     demo = {m.id: demo_pipe.score_file(m.image, caption=m.caption) for m in memes}
@@ -201,7 +201,7 @@ def test_one_meme_one_row_from_a_folder_without_captions(tmp_path, trained, caps
     assert main(["score", str(folder), "--checkpoint", str(export), "--out", str(scored), "--quiet"]) == 0
     rows = {r["id"]: r for r in map(json.loads, scored.read_text().splitlines())}
     from dhumor.ocr import create_ocr
-    from dhumor.pipeline import Pipeline
+    from dhumor.inference.pipeline import Pipeline
 
     demo_pipe = Pipeline.from_checkpoint(export, ocr=create_ocr("rapidocr"))
     for name, row in rows.items():
@@ -260,7 +260,7 @@ def test_data_harmeme_into_an_unwritable_place_is_exit_2(tmp_path, capsys):
 
 
 def test_graded_task_and_gated_task_follow_the_threshold():
-    from dhumor.decision import Decider
+    from dhumor.inference.decision import Decider
     from dhumor.schema import get_schema
 
     d = Decider(get_schema("harmeme"))
@@ -293,13 +293,13 @@ def test_two_names_for_one_output_meet_at_one_lock(tmp_path):
     real.touch()
     alias = tmp_path / "alias.jsonl"
     alias.symlink_to(real.name)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dhumor.results_file import claim_output; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dhumor.inference.results_file import claim_output; "
                                f"claim_output({str(real)!r}); print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         from dhumor.errors import ConfigError
-        from dhumor.results_file import claim_output
+        from dhumor.inference.results_file import claim_output
 
         with pytest.raises(ConfigError, match="already writing"):
             claim_output(alias)

@@ -28,11 +28,11 @@ def test_four_clients_at_once_all_get_decision_and_explanation(trained, harmeme_
     from gradio_client import Client, handle_file
 
     from dhumor.cache import StageCache
-    from dhumor.demo import launch
+    from dhumor.app.demo import launch
     from dhumor.explain import create_explainer
-    from dhumor.model_thread import ModelThread
-    from dhumor.pipeline import Pipeline
-    from dhumor.review import ReviewLog
+    from dhumor.app.model_thread import ModelThread
+    from dhumor.inference.pipeline import Pipeline
+    from dhumor.review.log import ReviewLog
 
     images = sorted((harmeme_fixture.parent / "images").glob("*.png"))
     root = tmp_path / "queues"

@@ -52,9 +52,9 @@ def team(trained, harmeme_fixture, tmp_path_factory):
     """The demo in this process, signed-in, with a queue root holding a results file and a folder."""
     from dhumor.app.auth import Users
     from dhumor.cache import StageCache
-    from dhumor.demo import launch
-    from dhumor.pipeline import Pipeline
-    from dhumor.review import ReviewLog
+    from dhumor.app.demo import launch
+    from dhumor.inference.pipeline import Pipeline
+    from dhumor.review.log import ReviewLog
 
     tmp = tmp_path_factory.mktemp("team")
     root = tmp / "queues"
@@ -243,7 +243,7 @@ def test_every_event_of_both_tabs_through_the_client(team, tmp_path):
 
 def test_stored_text_is_escaped_in_markdown():
     from dhumor.app.text import md
-    from dhumor.demo import explanation_markdown
+    from dhumor.app.demo import explanation_markdown
 
     trail = {"status": "ok", "stop_reason": "done", "final": {"summary": "<script>x</script> ![t](http://e/t.png)"},
              "iterations": [{"iteration": 1, "kind": "explain", "text": "[click](javascript:alert(1))"}]}
@@ -254,8 +254,8 @@ def test_stored_text_is_escaped_in_markdown():
 
 
 def test_audit_log_is_append_only_and_export_filters_by_user_and_time(tmp_path, harmeme_fixture):
-    from dhumor.review import ReviewLog
-    from dhumor.reviews_export import export_reviews, parse_time
+    from dhumor.review.log import ReviewLog
+    from dhumor.review.export import export_reviews, parse_time
 
     log = ReviewLog(tmp_path / "r.sqlite")
     img = sorted(harmeme_fixture.parent.rglob("*.png"))[0]
@@ -291,8 +291,8 @@ def test_audit_log_is_append_only_and_export_filters_by_user_and_time(tmp_path, 
 
 def test_a_dhumor_manifest_csv_is_inert(tmp_path, dhumor_fixture):
     from dhumor.images import sha256_bytes
-    from dhumor.review import ReviewLog
-    from dhumor.reviews_export import export_reviews
+    from dhumor.review.log import ReviewLog
+    from dhumor.review.export import export_reviews
 
     log = ReviewLog(tmp_path / "r.sqlite")
     img = sorted(p for p in dhumor_fixture.parent.rglob("*") if p.suffix in (".png", ".jpg"))[0]

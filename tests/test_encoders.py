@@ -8,7 +8,7 @@ import torch
 from dhumor.encoders.modules import build_encoder
 from dhumor.encoders.registry import REGISTRY, get_entry
 from dhumor.errors import WeightsNotFoundError
-from dhumor.features import FeatureExtractor
+from dhumor.encoders.features import FeatureExtractor
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_efficientnet_classifies_a_cat():
     from torchvision.models import ResNet50_Weights
 
     from dhumor.data.synthetic import sample_image
-    from dhumor.data.transforms import eval_transform
+    from dhumor.encoders.transforms import eval_transform
 
     e = get_entry("efficientnet-lite0")
     enc = build_encoder(e).eval()

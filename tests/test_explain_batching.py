@@ -283,8 +283,8 @@ def test_explain_run_turns_one_ocr_failure_into_that_memes_row(tmp_path):
     gives that meme a failed row (permanent: not retried) and the others are explained."""
     import shutil
 
-    from dhumor.explain.run import run_explain
-    from dhumor.items import collect_items
+    from dhumor.inference.explain_run import run_explain
+    from dhumor.inference.items import collect_items
     from dhumor.ocr import OCRFailed
 
     ex = Path(__file__).resolve().parent.parent / "dhumor" / "assets" / "examples"

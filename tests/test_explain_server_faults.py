@@ -23,8 +23,8 @@ from dhumor.cli import main
 from dhumor.explain import Explainer
 from dhumor.explain.backends.base import GenerationRequest
 from dhumor.explain.backends.openai_compat import OpenAIBackend
-from dhumor.explain.run import run_explain
-from dhumor.items import Item
+from dhumor.inference.explain_run import run_explain
+from dhumor.inference.items import Item
 
 import faultkit
 

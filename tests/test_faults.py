@@ -21,12 +21,12 @@ import pytest
 
 import faultkit
 from dhumor.cache import StageCache
-from dhumor.checkpoint import read_checkpoint, read_meta
+from dhumor.model.checkpoint import read_checkpoint, read_meta
 from dhumor.data.readers import walk_folder
 from dhumor.errors import CheckpointError, ConfigError, DataError, ImageError
 from dhumor.images import load_image, load_image_with_digest
-from dhumor.merge import merge_results
-from dhumor.results_file import (DamagedResultsError, ResultsFile, claim_output, escape_text, release_output_lock,
+from dhumor.inference.merge import merge_results
+from dhumor.inference.results_file import (DamagedResultsError, ResultsFile, claim_output, escape_text, release_output_lock,
                                  unescape_text)
 from dhumor.schema import HARMEME
 
@@ -119,7 +119,7 @@ def test_failed_explanation_is_visible_in_csv(tmp_path):
 
 # ---------------------------------------------------------------- one run per output
 def _second_process_claims(out: Path) -> subprocess.CompletedProcess:
-    code = "import sys; from dhumor.results_file import claim_output; claim_output(sys.argv[1])"
+    code = "import sys; from dhumor.inference.results_file import claim_output; claim_output(sys.argv[1])"
     return subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
 
@@ -139,7 +139,7 @@ def test_second_process_is_refused_while_a_run_holds_the_output(tmp_path):
 
 def test_lock_of_a_killed_run_does_not_block_the_next(tmp_path):
     out = tmp_path / "r.csv"
-    code = ("import sys, time; from dhumor.results_file import claim_output; claim_output(sys.argv[1]); "
+    code = ("import sys, time; from dhumor.inference.results_file import claim_output; claim_output(sys.argv[1]); "
             "print('held', flush=True); time.sleep(60)")
     p = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -252,7 +252,7 @@ def test_output_inside_the_input_folder_is_not_listed(odd_folder):
     faultkit.write_bytes_at(odd_folder / "a.png", faultkit.png_bytes())
     (odd_folder / "r.jsonl").write_text("")
     (odd_folder / "r.jsonl.lock").write_text("")
-    from dhumor.results_file import output_files
+    from dhumor.inference.results_file import output_files
 
     assert [e.id for e in walk_folder(odd_folder, output_files(odd_folder / "r.jsonl"))] == ["a.png"]
 
@@ -506,7 +506,7 @@ def test_a_results_file_with_a_torn_first_row_is_still_ours(tmp_path):
 
 
 def test_legacy_csv_results_are_read(tmp_path):
-    from dhumor.results_file import legacy_csv_columns
+    from dhumor.inference.results_file import legacy_csv_columns
 
     out = tmp_path / "r.csv"
     with ResultsFile(out, HARMEME) as rf:
@@ -522,7 +522,7 @@ def test_legacy_csv_results_are_read(tmp_path):
 
 # ---------------------------------------------------------------- one JSON-lines splitter
 def test_manifest_with_line_separators_bom_and_a_bad_line_gives_one_row_per_meme(tmp_path):
-    from dhumor.items import collect_items
+    from dhumor.inference.items import collect_items
 
     imgs = tmp_path / "images"
     imgs.mkdir()
@@ -629,7 +629,7 @@ def _first_linear(t):
     (lambda m: m["hparams"].update(heads=3), None, "not a multiple of heads"),
 ])
 def test_damaged_checkpoint_is_one_line_naming_the_tensor_or_field(tmp_path, meta_change, tensors_change, says):
-    from dhumor.preflight import check_checkpoint
+    from dhumor.inference.preflight import check_checkpoint
 
     ckpt = _damaged_copy(tmp_path, meta_change, tensors_change)
     with pytest.raises(ConfigError) as e:
@@ -650,7 +650,7 @@ def test_damaged_checkpoint_cli_exit_2_one_line(tmp_path):
 
 
 def test_missing_thresholds_are_a_stated_warning(tmp_path, dhumor_warnings):
-    from dhumor.preflight import check_checkpoint
+    from dhumor.inference.preflight import check_checkpoint
 
     ckpt = _damaged_copy(tmp_path, lambda m: m.update(thresholds=None))
     check_checkpoint(ckpt)
@@ -659,7 +659,7 @@ def test_missing_thresholds_are_a_stated_warning(tmp_path, dhumor_warnings):
 
 # ---------------------------------------------------------------- calibration belongs to its checkpoint
 def test_calibration_applies_only_to_the_checkpoint_it_was_fitted_for(tmp_path, dhumor_warnings):
-    from dhumor.checkpoint import file_sha256, fitted_beside
+    from dhumor.model.checkpoint import file_sha256, fitted_beside
 
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)

@@ -11,7 +11,7 @@ import pytest
 
 import faultkit
 from dhumor.cli import main
-from dhumor.results_file import ResultsFile
+from dhumor.inference.results_file import ResultsFile
 from dhumor.schema import HARMEME
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -193,7 +193,7 @@ def _err(capsys) -> list[str]:
 
 
 def test_rows_record_provenance_and_a_rerun_with_other_settings_is_refused(trained, src, tmp_path, capsys):
-    from dhumor.checkpoint import checkpoint_digest
+    from dhumor.model.checkpoint import checkpoint_digest
 
     expected = _images(src, 3, start=100)
     out = tmp_path / "r.jsonl"
@@ -241,7 +241,7 @@ def test_rows_of_an_older_dhumor_are_read_but_not_resumed_into(trained, src, tmp
 
 def test_merge_refuses_to_mix_settings(trained, src, tmp_path):
     from dhumor.errors import DataError
-    from dhumor.merge import merge_results
+    from dhumor.inference.merge import merge_results
 
     _images(src, 4, start=120)
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
@@ -292,7 +292,7 @@ def test_a_bug_in_the_pipeline_is_exit_1_not_a_row(trained, src, tmp_path, monke
     def broken(path, *a, **k):
         raise TypeError("a bug in dhumor")  # not the file's fault: must not become a "transient" row
 
-    monkeypatch.setattr("dhumor.pipeline.load_image_with_digest", broken)
+    monkeypatch.setattr("dhumor.inference.pipeline.load_image_with_digest", broken)
     assert _score(trained / "export", src, out) == 1
     assert "internal error: TypeError: a bug in dhumor" in capsys.readouterr().err
     assert not out.exists() or not ResultsFile(out, HARMEME).rows()
@@ -301,7 +301,7 @@ def test_a_bug_in_the_pipeline_is_exit_1_not_a_row(trained, src, tmp_path, monke
 def test_other_ckpt_of_the_run_decides_uncalibrated_with_a_warning(trained, src, tmp_path, capsys):
     import shutil
 
-    from dhumor.checkpoint import file_sha256, read_checkpoint
+    from dhumor.model.checkpoint import file_sha256, read_checkpoint
 
     sel = json.loads((trained / "export" / "dhumor.json").read_text())["metrics"]["selection"]
     best = trained / "checkpoints" / sel["checkpoint"]

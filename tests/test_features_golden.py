@@ -1,5 +1,5 @@
 """The features' numbers are pinned: a change to preprocessing, an encoder's forward or pooling that
-alters them must bump :data:`dhumor.features.FEATURE_VERSION` (so that cached features are recomputed)
+alters them must bump :data:`dhumor.encoders.features.FEATURE_VERSION` (so that cached features are recomputed)
 and regenerate the golden file: ``python tests/test_features_golden.py``. A refactor that keeps the
 numbers needs neither (the cache key no longer hashes source code)."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ STREAMS = {"image": "efficientnet-lite0", "caption": "all-minilm-l6-v2", "reason
 
 def compute() -> dict:
     from dhumor.cache import StageCache
-    from dhumor.features import FEATURE_VERSION, FeatureExtractor
+    from dhumor.encoders.features import FEATURE_VERSION, FeatureExtractor
     from dhumor.images import load_image_with_digest
 
     fx = FeatureExtractor(STREAMS, StageCache(":memory:"), device="cpu", progress=False)
@@ -43,7 +43,7 @@ def test_features_match_the_golden_numbers():
         # float16 storage: a few 1e-3 of slack; a real change moves these by far more
         assert abs(x["norm"] - g["norm"]) <= 2e-3 * max(1.0, g["norm"]), (s, x["norm"], g["norm"])
         np.testing.assert_allclose(x["head"], g["head"], atol=2e-3, err_msg=(
-            f"{s} features changed without a FEATURE_VERSION bump (dhumor/features.py)"))
+            f"{s} features changed without a FEATURE_VERSION bump (dhumor/encoders/features.py)"))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def test_finetune_mode_trains_end_to_end(tmp_path, harmeme_fixture, tiny_encoder
 
     keys = load_file(export / "model.safetensors").keys()
     assert any(k.startswith("encoders.") for k in keys)  # fine-tuned encoder weights travel in the checkpoint
-    from dhumor.pipeline import Pipeline
+    from dhumor.inference.pipeline import Pipeline
 
     pred = Pipeline.from_checkpoint(export).predict_memes(read_manifest(harmeme_fixture).memes[:5])
     assert pred.probs["harmful"].shape == (5, 2)
@@ -72,7 +72,7 @@ CONFIGS = sorted(str(p.relative_to(ROOT / "configs")) for p in (ROOT / "configs"
 def test_every_config_fits_a_step_and_reloads(config, tmp_path, harmeme_fixture, dhumor_fixture, tiny_encoders):
     """Each YAML (an ablation after configs/harmeme.yaml, as documented) trains one batch through the CLI,
     exports, and the export loads back into a module that predicts what the exported weights predict."""
-    from dhumor.checkpoint import read_checkpoint
+    from dhumor.model.checkpoint import read_checkpoint
 
     path = ROOT / "configs" / config
     cfg = path.read_text()
@@ -105,7 +105,7 @@ def test_every_config_fits_a_step_and_reloads(config, tmp_path, harmeme_fixture,
         assert meta["reasoning_source"] | {"file": None} == {
             "kind": "explanations", "file": None, "backend": "offline", "model": "tiny.gguf",
             "prompt_version": "v1-test", "iteration": -1}
-    from dhumor.pipeline import Pipeline
+    from dhumor.inference.pipeline import Pipeline
 
     best = next(tmp_path.rglob("best-*.ckpt"))
     memes = read_manifest(fixture, images=fixture.parent / "images").memes[:4]

@@ -1,4 +1,4 @@
-"""Every model call of the demo on one thread (dhumor/model_thread.py says why: PyTorch and llama.cpp
+"""Every model call of the demo on one thread (dhumor/app/model_thread.py says why: PyTorch and llama.cpp
 share libgomp, which stops spin-waiting once several threads own OpenMP teams)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dhumor.cache import StageCache
-from dhumor.model_thread import ModelThread
+from dhumor.app.model_thread import ModelThread
 
 from test_explain_server_faults import FaultServer
 
@@ -71,10 +71,10 @@ def test_the_demo_runs_each_model_call_of_a_request_on_its_model_thread(tmp_path
     the wait for the explanation server does not (it would hold every other user)."""
     from gradio_client import Client, handle_file
 
-    from dhumor.demo import build_demo
+    from dhumor.app.demo import build_demo
     from dhumor.explain import create_explainer
-    from dhumor.pipeline import Pipeline
-    from dhumor.review import ReviewLog
+    from dhumor.inference.pipeline import Pipeline
+    from dhumor.review.log import ReviewLog
 
     srv = FaultServer()
     models = ModelThread()
@@ -119,7 +119,7 @@ def test_a_busy_model_thread_does_not_hold_the_process_at_exit(tmp_path):
     script = tmp_path / "busy.py"
     script.write_text(
         "import threading, time, sys\n"
-        "from dhumor.model_thread import ModelThread\n"
+        "from dhumor.app.model_thread import ModelThread\n"
         "m = ModelThread()\n"
         "threading.Thread(target=m.call, args=(time.sleep, 60), daemon=True).start()\n"
         "time.sleep(0.5)\n"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from dhumor.cache import StageCache
 from dhumor.explain import create_explainer
-from dhumor.pipeline import Pipeline
+from dhumor.inference.pipeline import Pipeline
 
 from test_explain_server_faults import FaultServer
 

@@ -12,9 +12,9 @@ import torch
 
 from dhumor.cli import main
 from dhumor.data.readers import read_manifest
-from dhumor.review import ReviewLog
-from dhumor.review_queue import ReviewQueue, order_queue
-from dhumor.reviews_export import check_labels, export_reviews
+from dhumor.review.log import ReviewLog
+from dhumor.review.queue import ReviewQueue, order_queue
+from dhumor.review.export import check_labels, export_reviews
 from dhumor.schema import DHUMOR, HARMEME
 
 from conftest import SMALL, fit_cli
@@ -189,7 +189,8 @@ def test_mix_extra():
 
 
 def test_retrain_from_checkpoint_on_reviewed_memes(tmp_path, trained, harmeme_fixture):
-    from dhumor.checkpoint import load_module, read_checkpoint
+    from dhumor.model.checkpoint import read_checkpoint
+    from dhumor.model.loading import load_module
     from dhumor.model.lit import DHumorModule
 
     parent = trained / "export"
@@ -234,8 +235,8 @@ def test_init_from_refuses_a_missing_checkpoint(tmp_path):
 
 
 def test_queue_over_a_folder_is_scored_once(tmp_path, trained, harmeme_fixture):
-    from dhumor.pipeline import Pipeline
-    from dhumor.review_queue import load_queue_rows
+    from dhumor.inference.pipeline import Pipeline
+    from dhumor.review.queue import load_queue_rows
 
     log = ReviewLog(tmp_path / "reviews.sqlite")
     pipe = Pipeline.from_checkpoint(trained / "export")

@@ -15,7 +15,7 @@ import pytest
 
 from badimages import write_all
 from dhumor.cli import main
-from dhumor.results_file import ResultsFile
+from dhumor.inference.results_file import ResultsFile
 from dhumor.schema import HARMEME
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,7 +6,7 @@ role server-side, whatever the page shows or hides.
 """
 from __future__ import annotations
 
-from .auth import Users
+from dhumor.app.auth import Users
 
 
 class Forbidden(Exception):

@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError
+from dhumor.errors import ConfigError
 
 ROLES = ("reviewer", "admin")
 # What each role may do; the demo's handlers check these server-side (gr.Request.username).

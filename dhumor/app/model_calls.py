@@ -1,6 +1,6 @@
 """A pipeline whose model stages run on the demo's model thread while its waits do not.
 
-The demo runs every PyTorch call on one :class:`~dhumor.model_thread.ModelThread` (that module says
+The demo runs every PyTorch call on one :class:`~dhumor.app.model_thread.ModelThread` (that module says
 why). Running a whole request there, explanation included, made each request's wait for its
 explanation hold the thread: a second user waited behind the first, and could not share the
 llama.cpp batch with it. Here only the compute stages go to the model thread (decoding and OCR,
@@ -15,8 +15,8 @@ import copy
 import functools
 from typing import Any
 
-from ..explain.backends.base import Backend
-from ..model_thread import ModelThread
+from dhumor.explain.backends.base import Backend
+from dhumor.app.model_thread import ModelThread
 
 
 class _OnThread:
@@ -51,8 +51,8 @@ class _BackendOnThread(Backend):
 
 def serves_concurrently(backend: Backend) -> bool:
     """Whether ``backend`` may be called from many threads at once without computing on them."""
-    from ..explain.backends.llama_batch import LlamaBatchBackend
-    from ..explain.backends.openai_compat import OpenAIBackend
+    from dhumor.explain.backends.llama_batch import LlamaBatchBackend
+    from dhumor.explain.backends.openai_compat import OpenAIBackend
 
     return isinstance(backend, (LlamaBatchBackend, OpenAIBackend))
 

@@ -19,10 +19,10 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from ..errors import DataError
-from ..util.files import atomic_write
-from ..schema import HARMEME
-from .readers import read_harmeme_jsonl
+from dhumor.errors import DataError
+from dhumor.util.files import atomic_write
+from dhumor.schema import HARMEME
+from dhumor.data.readers import read_harmeme_jsonl
 
 SPLITS = ("train", "val", "test")
 MMF_DEFAULTS = Path("data") / "datasets" / "memes" / "defaults"
@@ -115,7 +115,7 @@ def _write(read: dict, base: Path, out: Path) -> dict[str, dict]:
     for split, (f, memes) in read.items():
         for m in memes:  # the manifest's relative image path is kept (subfolders too)
             _place(m.image, out / "images" / m.image.relative_to(images))
-        from .readers import json_lines
+        from dhumor.data.readers import json_lines
 
         lines = [line for _, line in json_lines(f.read_bytes()) if line is not None]  # "\n" only ends a row
         atomic_write(out / f"{split}.jsonl", "".join(line + "\n" for line in lines))

@@ -10,23 +10,23 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from ..errors import InvalidValueError
+from dhumor.errors import InvalidValueError
 from typing import Literal, Sequence
 
 import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader
 
-from ..cache import StageCache
-from ..errors import ConfigError, DataError
-from ..features import FeatureExtractor, StreamFeature
-from ..images import load_image
-from ..schema import MISSING, STREAMS, Meme, TaskSchema, get_schema
-from .datasets import FeatureDataset, ImageTextDataset, feature_collate, finetune_collate
-from ..paths import data_root, get_data_hint, resolve_data_path
-from .explanations import attach_explanations, explanations_source
-from .readers import ReadResult, read_manifest
-from .transforms import eval_transform, resize_uint8, train_transform
+from dhumor.cache import StageCache
+from dhumor.errors import ConfigError, DataError
+from dhumor.encoders.features import FeatureExtractor, StreamFeature
+from dhumor.images import load_image
+from dhumor.schema import MISSING, STREAMS, Meme, TaskSchema, get_schema
+from dhumor.data.datasets import FeatureDataset, ImageTextDataset, feature_collate, finetune_collate
+from dhumor.paths import data_root, get_data_hint, resolve_data_path
+from dhumor.data.explanations import attach_explanations, explanations_source
+from dhumor.data.readers import ReadResult, read_manifest
+from dhumor.encoders.transforms import eval_transform, resize_uint8, train_transform
 
 log = logging.getLogger("dhumor")
 
@@ -271,7 +271,7 @@ class MemeDataModule(L.LightningDataModule):
         return result
 
     def _images(self, memes: list[Meme]) -> tuple[list[Meme], list[np.ndarray]]:
-        from ..encoders.registry import get_entry
+        from dhumor.encoders.registry import get_entry
 
         entry = get_entry(self.hparams.image_encoder)
         kept, arrays = [], []
@@ -307,7 +307,7 @@ class MemeDataModule(L.LightningDataModule):
                 memes, feats = self._features(split)
                 self.datasets[split] = FeatureDataset(memes, feats)
             else:
-                from ..encoders.registry import get_entry
+                from dhumor.encoders.registry import get_entry
 
                 memes, arrays = self._images(self._memes(split))
                 entry = get_entry(self.hparams.image_encoder)
@@ -328,8 +328,8 @@ class MemeDataModule(L.LightningDataModule):
             return feature_collate(self.schema, self.extractor().dims(self.streams), self.hparams.inputs == "tokens")
         from transformers import AutoTokenizer
 
-        from ..encoders.modules import text_source  # each text encoder's own tokenizer files
-        from ..encoders.registry import get_entry
+        from dhumor.encoders.modules import text_source  # each text encoder's own tokenizer files
+        from dhumor.encoders.registry import get_entry
 
         toks = {}
         for s in ("caption", "reasoning"):

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..features import StreamFeature
-from ..schema import MISSING, Meme, TaskSchema
+from dhumor.encoders.features import StreamFeature
+from dhumor.schema import MISSING, Meme, TaskSchema
 
 
 def label_tensor(memes: Sequence[Meme], schema: TaskSchema) -> dict[str, torch.Tensor]:

@@ -6,8 +6,8 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import DataError
-from ..schema import Meme
+from dhumor.errors import DataError
+from dhumor.schema import Meme
 
 log = logging.getLogger("dhumor")
 
@@ -18,7 +18,7 @@ def read_explanations(path: str | Path) -> dict[str, dict]:
     if not path.exists():
         raise DataError(path, "explanations file not found (write it with `dhumor explain`)")
     by_key: dict[str, dict] = {}
-    from .readers import json_lines
+    from dhumor.data.readers import json_lines
 
     for n, line in json_lines(path.read_bytes()):  # the one JSON-lines splitter ("\n" only)
         if line is None:
@@ -48,7 +48,7 @@ def explanation_text(row: dict, iteration: int = -1) -> str | None:
 
 def attach_explanations(memes: Sequence[Meme], path: str | Path, iteration: int = -1) -> int:
     """Set ``meme.explanation`` from an explanations file (matched by id, then by image sha256); returns matches."""
-    from ..images import read_image_bytes, sha256_bytes
+    from dhumor.images import read_image_bytes, sha256_bytes
 
     rows = read_explanations(path)
     found = 0

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal
 
-from ..errors import DataError, InvalidValueError
-from ..images import IMAGE_EXTENSIONS, is_image_name
-from ..schema import DHUMOR, HARMEME, MISSING, Meme
+from dhumor.errors import DataError, InvalidValueError
+from dhumor.images import IMAGE_EXTENSIONS, is_image_name
+from dhumor.schema import DHUMOR, HARMEME, MISSING, Meme
 
 Format = Literal["auto", "harmeme", "dhumor", "folder"]
 
@@ -316,7 +316,7 @@ def walk_folder(root: str | Path, exclude: Iterable[str | Path] = ()) -> Iterato
     Links to folders are not followed, so a link loop cannot make the walk endless. ``exclude``: paths
     never listed (the run's own output and its lock file when they live inside the input folder).
     """
-    from ..longpaths import open_fd
+    from dhumor.util.longpaths import open_fd
 
     root = Path(root)
     skip = {os.path.abspath(p) for p in exclude}

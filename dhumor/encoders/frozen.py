@@ -1,6 +1,6 @@
 """Frozen encoders per stream: loaded on first use, shared between streams that name the same
 encoder, and run in inference mode. Turning a batch of pixels or texts into features is all they do;
-the stage cache and batching live in :mod:`dhumor.features`."""
+the stage cache and batching live in :mod:`dhumor.encoders.features`."""
 from __future__ import annotations
 
 import contextlib
@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..cache import StageCache
-from .modules import build_encoder
-from .registry import EncoderEntry, get_entry
+from dhumor.cache import StageCache
+from dhumor.encoders.modules import build_encoder
+from dhumor.encoders.registry import EncoderEntry, get_entry
 
 
 @dataclass

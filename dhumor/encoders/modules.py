@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import WeightsNotFoundError
-from ..registry import Registry
-from . import weights
-from .registry import EncoderEntry, with_dim
+from dhumor.errors import WeightsNotFoundError
+from dhumor.registry import Registry
+from dhumor.encoders import weights
+from dhumor.encoders.registry import EncoderEntry, with_dim
 
 # Encoder families: an architecture and how it loads. A family's module knows its own layers
 # (``blocks``/``head``), so fine-tuning never sniffs a third-party model's attributes.

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
-from ..errors import UnknownNameError
+from dhumor.errors import UnknownNameError
 
 _LITE_MEAN = (127.0 / 255,) * 3  # TF-Lite preprocessing of the EfficientNet-Lite checkpoints
 _LITE_STD = (128.0 / 255,) * 3

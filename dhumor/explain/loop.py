@@ -14,7 +14,7 @@ explanation. Requests for many memes are batched per iteration.
 from __future__ import annotations
 
 import collections
-from ..errors import InvalidValueError
+from dhumor.errors import InvalidValueError
 import dataclasses
 import difflib
 import json
@@ -23,9 +23,9 @@ from typing import Iterable, Iterator, Sequence
 
 from PIL import Image
 
-from .backends.base import Backend, Generation, GenerationRequest
-from .prompts import Prompts
-from .schema import FIELDS, Explanation, ParseError, parse_critique, parse_explanation, trim_capped
+from dhumor.explain.backends.base import Backend, Generation, GenerationRequest
+from dhumor.explain.prompts import Prompts
+from dhumor.explain.schema import FIELDS, Explanation, ParseError, parse_critique, parse_explanation, trim_capped
 
 def _string(max_chars: int | None) -> dict:
     return {"type": "string", "maxLength": max_chars} if max_chars else {"type": "string"}

@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from ..errors import InvalidValueError, MissingConfigFileError
+from dhumor.errors import InvalidValueError, MissingConfigFileError
 
 PROMPTS_DIR = Path(__file__).parent / "prompts"
 DEFAULT_VERSION = "v2"  # v2: the critique returns only what it changes (bench/explain_throughput.py)

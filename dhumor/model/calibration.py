@@ -22,7 +22,7 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 from sklearn.metrics import f1_score, precision_score, recall_score
 
-from ..schema import MISSING
+from dhumor.schema import MISSING
 
 # Temperatures outside this range mean a degenerate held-out split, not a real calibration.
 T_MIN, T_MAX = 0.05, 20.0

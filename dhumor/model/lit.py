@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.aggregation import CatMetric
 
-from ..encoders.registry import get_entry
-from ..schema import MISSING, STREAMS, TaskSchema, get_schema
-from .metrics import compute_metrics, mean_macro_f1
-from .tcrnet import StreamInput, TCRNet, TCRNetConfig
+from dhumor.encoders.registry import get_entry
+from dhumor.schema import MISSING, STREAMS, TaskSchema, get_schema
+from dhumor.model.metrics import compute_metrics, mean_macro_f1
+from dhumor.model.tcrnet import StreamInput, TCRNet, TCRNetConfig
 
 log = logging.getLogger("dhumor")
 _NET_FIELDS = ("d_model", "heads", "dropout", "fusion", "inputs", "tokens_per_stream", "hidden", "modality_dropout",
@@ -123,8 +123,8 @@ class DHumorModule(L.LightningModule):
         self._compiled = None
 
     def _load_initial_weights(self, path: str) -> None:
-        from ..checkpoint import read_checkpoint
-        from ..errors import CheckpointError
+        from dhumor.model.checkpoint import read_checkpoint
+        from dhumor.errors import CheckpointError
 
         _, state = read_checkpoint(path)
         own = self.state_dict()
@@ -141,7 +141,7 @@ class DHumorModule(L.LightningModule):
 
     # ------------------------------------------------------------ encoders (fine-tune mode)
     def _build_encoders(self, pretrained: bool, top_layers: int) -> None:
-        from ..encoders.modules import build_encoder
+        from dhumor.encoders.modules import build_encoder
 
         for s in self.stream_names:
             name = self.encoder_names[s]
@@ -160,7 +160,7 @@ class DHumorModule(L.LightningModule):
             return self.encoders[encoder_key(name)].entry.dim
         e = get_entry(name)
         if e.dim is None:
-            from ..encoders.modules import build_encoder
+            from dhumor.encoders.modules import build_encoder
             return build_encoder(e, pretrained=True).entry.dim
         return e.dim
 
@@ -298,7 +298,7 @@ ARCHITECTURE = ("task", "streams", "mode", "inputs", "max_tokens", "image_encode
 
 def architecture_from_checkpoint(path: str) -> dict:
     """What a model started from checkpoint ``path`` must share with it: schema, streams, encoders, widths."""
-    from ..checkpoint import read_checkpoint
+    from dhumor.model.checkpoint import read_checkpoint
 
     meta, _ = read_checkpoint(path)
     hp = meta["hparams"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
-from ..schema import MISSING, TaskSchema
+from dhumor.schema import MISSING, TaskSchema
 
 
 def task_metrics(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:

@@ -27,8 +27,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..encoders.modules import masked_mean
-from ..schema import TaskSchema
+from dhumor.encoders.modules import masked_mean
+from dhumor.schema import TaskSchema
 
 
 @dataclass

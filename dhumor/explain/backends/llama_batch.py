@@ -22,8 +22,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from ...encoders.weights import smollm2_gguf
-from .base import Backend, Generation, GenerationRequest, chat_messages
+from dhumor.encoders.weights import smollm2_gguf
+from dhumor.explain.backends.base import Backend, Generation, GenerationRequest, chat_messages
 
 
 class JsonEnd:

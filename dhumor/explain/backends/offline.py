@@ -11,8 +11,8 @@ import os
 import threading
 import time
 
-from ...encoders.weights import smollm2_gguf, weights_dir
-from .base import Backend, Generation, GenerationRequest, chat_messages
+from dhumor.encoders.weights import smollm2_gguf, weights_dir
+from dhumor.explain.backends.base import Backend, Generation, GenerationRequest, chat_messages
 
 
 def _bounded(schema: dict | None, max_chars: int | None) -> dict | None:
@@ -144,7 +144,7 @@ def offline_backend(model_path: str | None = None, n_threads: int | None = None,
     except ImportError:
         return TransformersGGUFBackend(model_path)
     if sequences > 1:
-        from .llama_batch import LlamaBatchBackend
+        from dhumor.explain.backends.llama_batch import LlamaBatchBackend
 
         return LlamaBatchBackend(model_path, n_seq=sequences, n_threads=n_threads)
     return LlamaCppBackend(model_path, n_threads=n_threads)

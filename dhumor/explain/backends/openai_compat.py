@@ -27,10 +27,10 @@ from urllib.parse import urlsplit
 
 import requests
 
-from . import openai_settings
-from .base import Backend, Generation, GenerationRequest, chat_messages, image_data_url
-from .circuit import CircuitBreaker
-from .deadline import DeadlineWatchdog, deadline_session
+from dhumor.explain.backends import openai_settings
+from dhumor.explain.backends.base import Backend, Generation, GenerationRequest, chat_messages, image_data_url
+from dhumor.explain.backends.circuit import CircuitBreaker
+from dhumor.explain.backends.deadline import DeadlineWatchdog, deadline_session
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 # Request errors that no retry can fix: the URL or a header (the API key) is malformed.

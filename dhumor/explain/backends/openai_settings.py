@@ -1,5 +1,5 @@
 """The settings of an OpenAI-compatible explanation server, read and checked in one place: the
-backend uses them, and :mod:`dhumor.preflight` calls the same functions so a bad URL, timeout or
+backend uses them, and :mod:`dhumor.inference.preflight` calls the same functions so a bad URL, timeout or
 key is one line (exit 2) before anything loads, not a batch of failed rows. No third-party imports:
 preflight runs before the backend's packages are known to be installed."""
 from __future__ import annotations

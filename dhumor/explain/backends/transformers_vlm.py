@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from ...errors import WeightsNotFoundError
-from .base import Backend, Generation, GenerationRequest, chat_messages
+from dhumor.errors import WeightsNotFoundError
+from dhumor.explain.backends.base import Backend, Generation, GenerationRequest, chat_messages
 
 
 class TransformersVLMBackend(Backend):

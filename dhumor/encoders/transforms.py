@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..encoders.registry import EncoderEntry
+from dhumor.encoders.registry import EncoderEntry
 
 
 def _to_tensor(arr: np.ndarray, entry: EncoderEntry) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Batch scoring of meme folders, manifests and single files: resumable, exactly once, every bad file reported.
 
-The :class:`~dhumor.pipeline.Pipeline` turns items into rows; the scorer decides which items still
-need a row, writes each batch to a :class:`~dhumor.results_file.ResultsFile` (whole lines, fsynced)
+The :class:`~dhumor.inference.pipeline.Pipeline` turns items into rows; the scorer decides which items still
+need a row, writes each batch to a :class:`~dhumor.inference.results_file.ResultsFile` (whole lines, fsynced)
 and sums up. A rerun with the same output skips every id already written, so a run killed at any
 moment (SIGKILL included) resumes where it stopped with no row lost or duplicated. Rows that failed
 for a transient reason (explanation server, out of memory) are redone by the next run; permanent ones
@@ -20,10 +20,10 @@ from typing import Callable, Iterable, Sequence
 
 from tqdm.auto import tqdm
 
-from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROWS_FAILED, ConfigError
-from .items import Item, collect_items, in_shard, parse_shard  # noqa: F401  (re-exported for callers)
-from .pipeline import Pipeline
-from .results_file import ResultsFile, RowInfo, explanation_error, provenance_key
+from dhumor.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROWS_FAILED, ConfigError
+from dhumor.inference.items import Item, collect_items, in_shard, parse_shard  # noqa: F401  (re-exported for callers)
+from dhumor.inference.pipeline import Pipeline
+from dhumor.inference.results_file import ResultsFile, RowInfo, explanation_error, provenance_key
 
 log = logging.getLogger("dhumor")
 

@@ -6,15 +6,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import CheckpointError, ConfigError, DHumorError
-from .registry import installed as _installed
+from dhumor.errors import CheckpointError, ConfigError, DHumorError
+from dhumor.registry import installed as _installed
 
 PIP_EXTRA = "pip install 'dhumor[{extra}]'"
 
 
 def check_ocr(engine: str | None) -> None:
     """The OCR engine is registered and installed (:data:`dhumor.ocr.ENGINES`)."""
-    from .ocr import check_engine
+    from dhumor.ocr import check_engine
 
     check_engine(engine)
 
@@ -22,7 +22,7 @@ def check_ocr(engine: str | None) -> None:
 def check_explainer(backend: str | None, model: str | None = None, base_url: str | None = None) -> None:
     """The explanation backend can start: its packages, weights and settings are there
     (:data:`dhumor.explain.backends.BACKENDS`)."""
-    from .explain.backends import check_backend
+    from dhumor.explain.backends import check_backend
 
     check_backend(backend, model, base_url)
 
@@ -31,8 +31,8 @@ def check_checkpoint(path: str | Path | None) -> tuple[Path, dict]:
     """The checkpoint exists, its metadata reads with every number finite and within bounds, and its
     weights' shapes (from the safetensors header: no tensor is read) are the ones the metadata asks for;
     its offline encoder weights are installed. A missing threshold or calibration is a warning."""
-    from .checkpoint import META, WEIGHTS, check_weights, read_checkpoint, read_meta, safetensors_shapes
-    from .resources import default_checkpoint
+    from dhumor.model.checkpoint import META, WEIGHTS, check_weights, read_checkpoint, read_meta, safetensors_shapes
+    from dhumor.resources import default_checkpoint
 
     try:
         p = Path(path).expanduser() if path else default_checkpoint()
@@ -66,8 +66,8 @@ def _warn_unfitted(path: Path, meta: dict) -> None:
 
 def check_encoder_weights(name: str | None) -> None:
     """An offline encoder's weight package is installed (hub encoders are checked when they load)."""
-    from .encoders import weights
-    from .encoders.registry import get_entry
+    from dhumor.encoders import weights
+    from dhumor.encoders.registry import get_entry
 
     try:
         entry = get_entry(name)
@@ -104,7 +104,7 @@ def check_input(path: str | Path) -> Path:
     file or folder is here, names the example memes shipped with dhumor."""
     p = Path(path).expanduser()
     if str(path) == "examples" and not p.is_dir():
-        from .resources import examples_dir
+        from dhumor.resources import examples_dir
 
         return examples_dir()
     if not p.exists():

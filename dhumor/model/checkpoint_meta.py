@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import CheckpointError
+from dhumor.errors import CheckpointError
 
 FORMAT = "dhumor-checkpoint/1"
 STREAMS = ("image", "caption", "reasoning")

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import ConfigError
-from .schema import TaskSchema
+from dhumor.errors import ConfigError
+from dhumor.schema import TaskSchema
 
 STAGES = ("decode", "ocr", "explain", "features", "model")
 FORMATS = (".jsonl", ".csv")

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.explanations import attach_explanations
-from .data.readers import read_manifest
-from .util.files import atomic_write
-from .errors import DataError
-from .items import Item
-from .model.metrics import compute_metrics
-from .pipeline import Pipeline
-from .schema import MISSING
+from dhumor.data.explanations import attach_explanations
+from dhumor.data.readers import read_manifest
+from dhumor.util.files import atomic_write
+from dhumor.errors import DataError
+from dhumor.inference.items import Item
+from dhumor.model.metrics import compute_metrics
+from dhumor.inference.pipeline import Pipeline
+from dhumor.schema import MISSING
 
 log = logging.getLogger("dhumor")
 

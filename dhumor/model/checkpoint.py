@@ -4,7 +4,7 @@ A dhumor checkpoint is a directory: ``model.safetensors`` (weights) and ``dhumor
 schema, encoder names and provenance, hyperparameters, the resolved training config, metrics).
 Lightning ``.ckpt`` files also load, through ``torch.load(weights_only=True)``.
 
->>> from dhumor.checkpoint import load_module
+>>> from dhumor.model.loading import load_module
 >>> module = load_module("checkpoints/harmeme-tcrnet")            # doctest: +SKIP
 >>> module.schema.name, module.stream_names                         # doctest: +SKIP
 ('harmeme', ['image', 'caption'])
@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint_meta import FORMAT, validate_meta
-from .encoders.registry import get_entry
-from .errors import CheckpointError
+from dhumor.model.checkpoint_meta import FORMAT, validate_meta
+from dhumor.encoders.registry import get_entry
+from dhumor.errors import CheckpointError
 
 WEIGHTS, META = "model.safetensors", "dhumor.json"
 log = logging.getLogger("dhumor")
@@ -41,10 +41,10 @@ def checkpoint_meta(hparams: dict, metrics: dict | None = None, config: Any = No
                     fitted: dict | None = None) -> dict:
     """``dhumor.json``'s content. ``fitted``: what fit learned after training, written as top-level keys
     (``thresholds``, ``calibration``, ``reasoning_source``; see :mod:`dhumor.model.calibration`)."""
-    from .version import __version__
+    from dhumor.version import __version__
     import lightning
 
-    from .schema import get_schema
+    from dhumor.schema import get_schema
 
     hp = _plain({k: v for k, v in dict(hparams).items() if not k.startswith("_")})  # CLI bookkeeping
     streams = hp["streams"]
@@ -275,8 +275,8 @@ def expected_shapes(meta: dict) -> dict[str, tuple[int, ...]]:
     """The fusion network's tensor shapes its metadata asks for, built on the meta device (no memory)."""
     import dataclasses
 
-    from .model.tcrnet import TCRNet, TCRNetConfig  # torch only: no Lightning import before a refusal
-    from .schema import get_schema
+    from dhumor.model.tcrnet import TCRNet, TCRNetConfig  # torch only: no Lightning import before a refusal
+    from dhumor.schema import get_schema
 
     hp = meta["hparams"]
     cfg = TCRNetConfig(**{f.name: hp[f.name] for f in dataclasses.fields(TCRNetConfig) if f.name in hp})
@@ -302,25 +302,3 @@ def check_weights(meta: dict, shapes: dict[str, tuple[int, ...]], where: str | P
     extra = [k for k in shapes if k.startswith("net.") and k not in want]
     if extra:
         raise CheckpointError(f"{where}: damaged weights: unexpected tensor {extra[0]!r} (not in this model)")
-
-
-def load_module(path: str | Path, map_location: str | torch.device = "cpu"):
-    """Rebuild a :class:`~dhumor.model.lit.DHumorModule` from a checkpoint, in eval mode."""
-    from .model.lit import DHumorModule
-
-    meta, state = read_checkpoint(path)
-    import inspect
-
-    accepted = set(inspect.signature(DHumorModule.__init__).parameters) - {"self"}
-    hp = {k: v for k, v in meta["hparams"].items() if k in accepted}
-    if hp.get("mode") == "finetune":
-        hp["pretrained"] = False  # every encoder weight is in the checkpoint
-    try:
-        module = DHumorModule(**hp)
-    except (TypeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: hyperparameters do not fit this dhumor version: {e}") from None
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    module.checkpoint_meta = meta
-    return module.to(map_location).eval()

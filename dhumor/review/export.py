@@ -9,8 +9,8 @@ The manifest is in the schema's own format, so ``dhumor fit`` reads it like the 
 HarMeme jsonl for ``harmeme`` (``labels: [harmfulness, target]``), a D-HUMOR csv for ``dhumor``.
 Images are named by absolute path; the sha256 of each reviewed file is kept beside it.
 
->>> from dhumor.review import ReviewLog
->>> from dhumor.reviews_export import export_reviews
+>>> from dhumor.review.log import ReviewLog
+>>> from dhumor.review.export import export_reviews
 >>> report = export_reviews(ReviewLog("reviews.sqlite"), "reviewed.jsonl")    # doctest: +SKIP
 >>> report.written, len(report.conflicts)                                     # doctest: +SKIP
 (37, 1)
@@ -25,9 +25,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InvalidValueError
-from .review import ReviewLog, csv_safe
-from .schema import PRESETS, TaskSchema, get_schema
+from dhumor.errors import InvalidValueError
+from dhumor.review.log import ReviewLog, csv_safe
+from dhumor.schema import PRESETS, TaskSchema, get_schema
 
 
 @dataclass

@@ -21,13 +21,13 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .cache import StageCache
-from .data.transforms import eval_transform
-from .encoders.frozen import FrozenEncoders, StreamFeature, resolve_device  # noqa: F401  (public names)
-from .encoders.registry import EncoderEntry
-from .errors import DataError
-from .images import decode_many, read_image_bytes, sha256_bytes
-from .schema import Meme
+from dhumor.cache import StageCache
+from dhumor.encoders.transforms import eval_transform
+from dhumor.encoders.frozen import FrozenEncoders, StreamFeature, resolve_device  # noqa: F401  (public names)
+from dhumor.encoders.registry import EncoderEntry
+from dhumor.errors import DataError
+from dhumor.images import decode_many, read_image_bytes, sha256_bytes
+from dhumor.schema import Meme
 
 STAGE = "features"
 

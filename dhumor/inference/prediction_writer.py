@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from .decision import Decider
+from dhumor.inference.decision import Decider
 
 log = logging.getLogger("dhumor")
 
@@ -32,7 +32,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
     def decider(self, trainer, pl_module) -> Decider:
         """The module's own metadata, else what fit stored in the run's export beside ``--ckpt_path``."""
         if self._decider is None:
-            from .checkpoint import fitted_beside
+            from dhumor.model.checkpoint import fitted_beside
 
             meta = getattr(pl_module, "checkpoint_meta", None)
             ckpt = getattr(trainer, "ckpt_path", None)

@@ -5,7 +5,7 @@ and the notebook, in the shape of a transformers pipeline.
   is given; then :meth:`Pipeline.explain` runs the explainer over a batch when one is configured.
 - :meth:`Pipeline.forward`: stream features through the stage cache and the model, batched, then
   the checkpoint's calibration.
-- :meth:`Pipeline.postprocess`: labels, gating and the decision (:class:`~dhumor.decision.Decider`).
+- :meth:`Pipeline.postprocess`: labels, gating and the decision (:class:`~dhumor.inference.decision.Decider`).
 
 A failure that belongs to one meme becomes that meme's ``error`` (or ``explanation_error``) and the
 batch goes on: its file or its decode, an image the OCR engine cannot read (``error_kind``
@@ -13,7 +13,7 @@ batch goes on: its file or its decode, an image the OCR engine cannot read (``er
 memory ("transient": retried by the next run). Anything else is a bug and stops the run. Every row
 records its ``provenance``: the checkpoint's digest, the threshold, the OCR engine and the explainer.
 
->>> from dhumor.pipeline import Pipeline
+>>> from dhumor.inference.pipeline import Pipeline
 >>> pipe = Pipeline.from_checkpoint()                          # doctest: +SKIP
 >>> r = pipe.score_file("examples/chelsea.jpg")                 # doctest: +SKIP
 >>> r["tasks"]["harmful"]["label"], r["decision"]["flagged"]    # doctest: +SKIP
@@ -33,17 +33,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cache import StageCache
-from .checkpoint import load_module
-from .data.datasets import feature_collate
-from .decision import Decider
-from .errors import DataError, DHumorError
-from .features import FeatureExtractor, StreamFeature, resolve_device
-from .images import load_image_with_digest
-from .items import Item
-from .ocr import OCRFailed
-from .resources import default_checkpoint
-from .schema import Meme, TaskSchema
+from dhumor.cache import StageCache
+from dhumor.model.loading import load_module
+from dhumor.data.datasets import feature_collate
+from dhumor.inference.decision import Decider
+from dhumor.errors import DataError, DHumorError
+from dhumor.encoders.features import FeatureExtractor, StreamFeature, resolve_device
+from dhumor.images import load_image_with_digest
+from dhumor.inference.items import Item
+from dhumor.ocr import OCRFailed
+from dhumor.resources import default_checkpoint
+from dhumor.schema import Meme, TaskSchema
 
 log = logging.getLogger("dhumor")
 
@@ -152,7 +152,7 @@ class Pipeline:
         self.meta: dict = getattr(module, "checkpoint_meta", None) or {}
         self.checkpoint_digest: str | None = None
         if checkpoint:
-            from .checkpoint import checkpoint_digest
+            from dhumor.model.checkpoint import checkpoint_digest
 
             self.checkpoint_digest = checkpoint_digest(checkpoint)
         self._check_reasoning_source()

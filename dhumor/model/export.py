@@ -11,8 +11,8 @@ import torch
 import yaml
 from lightning.pytorch.utilities import move_data_to_device
 
-from .checkpoint import checkpoint_meta, file_sha256, write_checkpoint
-from .model.calibration import fit_calibration
+from dhumor.model.checkpoint import checkpoint_meta, file_sha256, write_checkpoint
+from dhumor.model.calibration import fit_calibration
 
 log = logging.getLogger("dhumor")
 

@@ -16,9 +16,9 @@ import logging
 from typing import Mapping
 
 import numpy as np
-from .errors import InvalidValueError
+from dhumor.errors import InvalidValueError
 
-from .schema import TaskSchema
+from dhumor.schema import TaskSchema
 
 log = logging.getLogger("dhumor")
 DEFAULT_THRESHOLD = 0.5

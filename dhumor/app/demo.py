@@ -14,55 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
-from .model_thread import ModelThread
-from .pipeline import Pipeline
-from .resources import EXAMPLES_DIR
-from .review import VERDICTS, ReviewLog
+from dhumor.errors import DataError
+from dhumor.app.model_thread import ModelThread
+from dhumor.app.render import NO_EXPLAINER, explanation_markdown  # noqa: F401  (NO_EXPLAINER: public)
+from dhumor.inference.pipeline import Pipeline
+from dhumor.resources import EXAMPLES_DIR
+from dhumor.review.log import VERDICTS, ReviewLog
 
 log = logging.getLogger("dhumor")
-NO_EXPLAINER = ("*No explanation backend is configured.* The decision uses the image and caption only. "
-                "Start the demo with `--explain offline` (SmolLM2-135M, text only, a weak stand-in) or "
-                "`--explain openai --explain-model NAME --base-url URL` to use a real vision-language model.")
-
-
-def explanation_markdown(result: dict, has_explainer: bool, used_by_model: bool) -> str:
-    trail = result.get("explanation_trail")
-    if not has_explainer:
-        return NO_EXPLAINER
-    if not trail:
-        return "*Explaining the meme…*" if result.get("explanation_pending") else \
-            "*No explanation was produced for this meme.*"
-    from .app.text import md
-    from .explain.schema import FIELDS, LABELS
-
-    parts = []  # model text is escaped: a caption can steer the model into writing markup
-    if result.get("explanation_pending"):
-        n = len(trail.get("iterations") or [])
-        parts.append(f"*Iteration {n} done; the author is revising it…*")
-    elif trail.get("status") != "ok":
-        parts.append(f"**The explanation failed:** {md(trail.get('error') or 'unknown error')}")
-    else:
-        note = "" if used_by_model else " (shown for review; this checkpoint has no reasoning stream)"
-        parts.append(f"**Explanation**{note} — {md(trail.get('stop_reason', ''))}")
-        parts += [f"- **{LABELS[f]}:** {md(trail['final'].get(f, ''))}" for f in FIELDS if trail["final"].get(f)]
-    if trail.get("visual_cues"):
-        parts.append(f"\n*The text model was told the image shows:* {md(', '.join(trail['visual_cues']))}")
-    for it in trail.get("iterations", []):
-        kind = "explanation" if it["kind"] == "explain" else "role reversal: the author critiques and revises"
-        sim = f", similarity to previous {it['similarity']:.2f}" if it.get("similarity") is not None else ""
-        body = []
-        if it.get("critique"):
-            body.append(f"**Critique:**\n\n{md(it['critique'])}")
-        if it.get("text"):
-            body.append(f"**{'Revised' if it['kind'] != 'explain' else 'Explanation'}:**\n\n{md(it['text'])}")
-        if it.get("error"):
-            body.append(f"**Error:** {md(it['error'])}")
-        parts.append(f"\n<details><summary>Iteration {it['iteration']} — {kind}{sim}</summary>\n\n"
-                     + "\n\n".join(body) + "\n\n</details>")
-    return "\n".join(parts)
-
-
 def redecide(pipe: Pipeline, result: dict, threshold: float) -> dict:
     """``result`` decided again at ``threshold`` from its stored probabilities (no model call): the
     decision and the gating of the other tasks both follow the threshold the moderator sets."""
@@ -122,16 +81,16 @@ def build_demo(pipe: Pipeline, review_log: ReviewLog, max_file_mb: float = 10.0,
     results files directly under it; ``concurrency``: memes scored and explained at once."""
     import gradio as gr
 
-    from .app.access import Access, Forbidden, with_request
-    from .app.audit import checkpoint_digest
-    from .app.model_calls import pipeline_on
-    from .app.text import md
+    from dhumor.app.access import Access, Forbidden, with_request
+    from dhumor.app.audit import checkpoint_digest
+    from dhumor.app.model_calls import pipeline_on
+    from dhumor.app.text import md
 
     schema = pipe.schema
     presets = pipe.presets
     has_explainer = pipe.explainer is not None
     used_by_model = "reasoning" in pipe.streams
-    models = models or ModelThread()  # every model call on one thread: dhumor/model_thread.py says why
+    models = models or ModelThread()  # every model call on one thread: dhumor/app/model_thread.py says why
     access = Access(users)
     # Compute on the model thread, explanation waits on the request's own thread: concurrent users'
     # explanations are decoded together (dhumor/app/model_calls.py).
@@ -300,8 +259,8 @@ def build_demo(pipe: Pipeline, review_log: ReviewLog, max_file_mb: float = 10.0,
                          api_name="record")
         export_btn.click(export, None, [export_file, review_status], api_name="export")
         demo.load(on_load, None, [export_btn, export_file, whoami, reviews], api_name="whoami")
-    if queue is not None or queue_root is not None:  # the review queue (dhumor/review_queue.py) as a second tab
-        from .review_queue import build_queue_tab
+    if queue is not None or queue_root is not None:  # the review queue (dhumor/review/queue.py) as a second tab
+        from dhumor.app.queue_tab import build_queue_tab
 
         demo = gr.TabbedInterface([demo, build_queue_tab(pipe, review_log, queue, models, access=access,
                                                          queue_root=queue_root, run_pipe=run_pipe,

@@ -6,14 +6,14 @@ import json
 import os
 from pathlib import Path
 
-from .errors import DataError
-from .results_file import (FORMATS, acquire_output_lock, check_output_path, provenance_key, release_output_lock,
+from dhumor.errors import DataError
+from dhumor.inference.results_file import (FORMATS, acquire_output_lock, check_output_path, provenance_key, release_output_lock,
                            unescape_text)
 
 
 def _row_id(line: bytes, header: list[str] | None, path: str | Path, n: int) -> tuple[str, str | None]:
     """The exact id of one row (CSV ids unescaped, so two spellings of one name cannot both pass) and its
-    provenance (:func:`~dhumor.results_file.provenance_key`; None for a row of an older dhumor);
+    provenance (:func:`~dhumor.inference.results_file.provenance_key`; None for a row of an older dhumor);
     ``header``: the CSV's columns (None for JSONL)."""
     try:
         text = line.decode("utf-8")
@@ -34,7 +34,7 @@ def _row_id(line: bytes, header: list[str] | None, path: str | Path, n: int) -> 
 
 
 def _settings(key: str | None) -> str:
-    from .scoring import _describe_provenance
+    from dhumor.inference.scoring import _describe_provenance
 
     return _describe_provenance(key)
 

@@ -1,4 +1,4 @@
-"""``python -m dhumor.report RESULTS.jsonl``: one line per scored meme (decision, probability, caption or error)."""
+"""``python -m dhumor.inference.report RESULTS.jsonl``: one line per scored meme (decision, probability, caption or error)."""
 from __future__ import annotations
 
 import json

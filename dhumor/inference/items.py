@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .errors import DataError, InvalidValueError
-from .images import is_image_name
+from dhumor.errors import DataError, InvalidValueError
+from dhumor.images import is_image_name
 
 MANIFEST_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".xlsx", ".xlsm", ".xls")
 
@@ -65,7 +65,7 @@ def collect_items(source: str | Path, format: str = "auto", images: str | Path |
     file, an image or an item with the ``error`` that says why not) or a manifest (id = its id; rows
     naming no usable image become items with an ``error``). ``exclude``: files never listed (the
     run's own output inside the folder)."""
-    from .data.readers import read_manifest, walk_folder
+    from dhumor.data.readers import read_manifest, walk_folder
 
     source = Path(source)
     if not source.exists() and not source.is_symlink():
@@ -101,7 +101,7 @@ def _row_ids(manifest: Path) -> dict[int, str]:
     id), counted by the same splitter the reader uses, so the line numbers agree."""
     import json
 
-    from .data.readers import json_lines
+    from dhumor.data.readers import json_lines
 
     out: dict[int, str] = {}
     if manifest.suffix.lower() not in (".jsonl", ".json"):

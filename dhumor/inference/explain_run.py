@@ -13,11 +13,11 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from ..results_file import ResultsFile
-from ..items import Item
-from ..pipeline import TRANSIENT, preprocess
-from ..scoring import resume
-from .explainer import Explainer
+from dhumor.inference.results_file import ResultsFile
+from dhumor.inference.items import Item
+from dhumor.inference.pipeline import TRANSIENT, preprocess
+from dhumor.inference.scoring import resume
+from dhumor.explain.explainer import Explainer
 
 
 @dataclass
@@ -76,7 +76,7 @@ def run_explain(explainer: Explainer, items: Sequence[Item], out: str, ocr=None,
             rows.clear()
 
     def readable():
-        # Decode and OCR as every command does (dhumor.pipeline.preprocess): a file or an OCR failure is
+        # Decode and OCR as every command does (dhumor.inference.pipeline.preprocess): a file or an OCR failure is
         # that meme's row, the run goes on; a transient one is retried by the next run.
         for it in todo:
             p = preprocess(it, ocr)

@@ -1,0 +1,1 @@
+"""The moderators' review log, the review queue and the export of verdicts."""
