@@ -37,7 +37,7 @@ from dhumor.explain.prompts import Prompts  # noqa: E402
 from dhumor.explain.schema import FIELDS  # noqa: E402
 from dhumor.images import load_image_with_digest  # noqa: E402
 from dhumor.paths import resolve_data_path  # noqa: E402
-from dhumor.inference.scoring import collect_items  # noqa: E402
+from dhumor.inference.items import collect_items  # noqa: E402
 
 CONFIGS = ("sequential-v1", "batched-v1", "batched-v2", "batched-v2-nocap", "hf-batched-v1", "hf-batched-v2")
 

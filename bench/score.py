@@ -21,7 +21,8 @@ from dhumor.images import load_image_with_digest
 from dhumor.ocr import OCR
 from dhumor.inference.pipeline import Pipeline
 from dhumor.inference.results_file import ResultsFile
-from dhumor.inference.scoring import Scorer, collect_items
+from dhumor.inference.items import collect_items
+from dhumor.inference.scoring import Scorer
 from dhumor.paths import data_root
 
 

@@ -82,7 +82,6 @@ def build_demo(pipe: Pipeline, review_log: ReviewLog, max_file_mb: float = 10.0,
     import gradio as gr
 
     from dhumor.app.access import Access, Forbidden, with_request
-    from dhumor.app.audit import checkpoint_digest
     from dhumor.app.model_calls import pipeline_on
     from dhumor.app.text import md
 
@@ -158,7 +157,7 @@ def build_demo(pipe: Pipeline, review_log: ReviewLog, max_file_mb: float = 10.0,
         rid = review_log.record(sha256=result["sha256"], filename=result.get("filename"), model_output=out,
                                 model_flagged=dec["flagged"], verdict=verdict, note=note, moderator=name,
                                 checkpoint=pipe.checkpoint, threshold=threshold,
-                                checkpoint_digest=checkpoint_digest(str(pipe.checkpoint)), seen=seen,
+                                checkpoint_digest=pipe.checkpoint_digest, seen=seen,
                                 signed_in=access.signed_in)
         return f"Recorded review #{rid}: {md(verdict)}.", table(request)
 

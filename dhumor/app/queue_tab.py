@@ -60,7 +60,6 @@ def build_queue_tab(pipe, review_log: ReviewLog, source: str | None = None, mode
     import gradio as gr
 
     from dhumor.app.access import Access, Forbidden, with_request
-    from dhumor.app.audit import checkpoint_digest
     from dhumor.app.text import md
     from dhumor.app.render import explanation_markdown
     from dhumor.images import load_image
@@ -168,7 +167,7 @@ def build_queue_tab(pipe, review_log: ReviewLog, source: str | None = None, mode
                 "flagged": dec["flagged"], "order": state["order"]}
         try:
             rid = q.record(q_row, dict(zip(schema.task_names, labels)), reviewer, note=note, caption=caption,
-                           checkpoint=pipe.checkpoint, checkpoint_digest=checkpoint_digest(str(pipe.checkpoint)),
+                           checkpoint=pipe.checkpoint, checkpoint_digest=pipe.checkpoint_digest,
                            seen=seen, signed_in=access.signed_in)
         except ValueError as e:
             out = show(state, reviewer, f"**Not recorded:** {md(e)}")

@@ -69,7 +69,7 @@ class ViTEncoder(nn.Module):
 
     def __init__(self, entry: EncoderEntry, pretrained: bool = True):
         super().__init__()
-        from transformers import ViTConfig, ViTModel
+        from transformers import ViTModel
 
         self.entry = entry
         if pretrained:
@@ -96,7 +96,7 @@ class TextEncoder(nn.Module):
 
     def __init__(self, entry: EncoderEntry, pretrained: bool = True):
         super().__init__()
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
 
         self.entry = entry
         if pretrained:

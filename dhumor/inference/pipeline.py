@@ -21,7 +21,6 @@ records its ``provenance``: the checkpoint's digest, the threshold, the OCR engi
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +43,7 @@ from dhumor.inference.items import Item
 from dhumor.ocr import OCRFailed
 from dhumor.resources import default_checkpoint
 from dhumor.schema import Meme, TaskSchema
+from dhumor.util.files import file_sha256
 
 log = logging.getLogger("dhumor")
 
@@ -425,9 +425,4 @@ def _source_text(src: dict) -> str:
 
 
 def _weights_digest(path: Path) -> str:
-    f = path / "model.safetensors" if path.is_dir() else path
-    h = hashlib.sha256()
-    with open(f, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    return file_sha256(path / "model.safetensors" if path.is_dir() else path)[:16]

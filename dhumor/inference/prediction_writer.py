@@ -9,6 +9,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from dhumor.inference.decision import Decider
+from dhumor.util.files import file_sha256
 
 log = logging.getLogger("dhumor")
 
@@ -102,13 +103,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
 
 
 def _sha256(path) -> str | None:
-    import hashlib
-
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        return file_sha256(path)
     except OSError:
         return None
-    return h.hexdigest()

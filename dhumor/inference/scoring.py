@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Sequence
 from tqdm.auto import tqdm
 
 from dhumor.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROWS_FAILED, ConfigError
-from dhumor.inference.items import Item, collect_items, in_shard, parse_shard  # noqa: F401  (re-exported for callers)
+from dhumor.inference.items import Item
 from dhumor.inference.pipeline import Pipeline
 from dhumor.inference.results_file import ResultsFile, RowInfo, explanation_error, provenance_key
 

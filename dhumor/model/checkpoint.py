@@ -27,6 +27,7 @@ import torch
 from dhumor.model.checkpoint_meta import FORMAT, validate_meta
 from dhumor.encoders.registry import get_entry
 from dhumor.errors import CheckpointError
+from dhumor.util.files import file_sha256  # noqa: F401  (re-exported: tests and export.py use it here)
 
 WEIGHTS, META = "model.safetensors", "dhumor.json"
 log = logging.getLogger("dhumor")
@@ -203,14 +204,6 @@ def fitted_beside(ckpt: str | Path) -> dict:
 
 
 _WARNED_UNFITTED: set[tuple[str, str]] = set()
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def checkpoint_digest(path: str | Path) -> str:

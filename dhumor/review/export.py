@@ -27,6 +27,7 @@ from pathlib import Path
 
 from dhumor.errors import InvalidValueError
 from dhumor.review.log import ReviewLog, csv_safe
+from dhumor.util.files import file_sha256
 from dhumor.schema import PRESETS, TaskSchema, get_schema
 
 
@@ -104,16 +105,6 @@ def agreement(schema: TaskSchema, latest: dict[str, dict[str, dict]]) -> list[di
             kappa[t.name] = round(float(cohen_kappa_score(ya, yb, labels=list(t.classes))), 4) if defined else None
         out.append({"reviewers": [a, b], "n": len(both), "kappa": kappa})
     return out
-
-
-def _file_sha256(path: str) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _harmeme_record(r: dict, labels: dict) -> dict:
@@ -201,7 +192,7 @@ def export_reviews(log: ReviewLog, out: str | Path, include_conflicts: bool = Fa
         if not newest["path"] or not Path(newest["path"]).is_file():
             report.skipped.append(f"{name}: image file not found (reviewed at {newest['path']!r})")
             continue
-        if _file_sha256(newest["path"]) != sha:  # the label belongs to the reviewed bytes, not to a new file
+        if file_sha256(newest["path"]) != sha:  # the label belongs to the reviewed bytes, not to a new file
             report.skipped.append(f"{name}: the file changed since it was reviewed (sha256 differs)")
             continue
         try:

@@ -61,7 +61,8 @@ def load_queue_rows(source: str | Path, pipe=None, review_log: ReviewLog | None 
     if source.is_dir():
         if pipe is None or review_log is None:
             raise InvalidValueError(f"{source}: scoring a folder needs a checkpoint")
-        from dhumor.inference.scoring import Scorer, collect_items
+        from dhumor.inference.items import collect_items
+        from dhumor.inference.scoring import Scorer
 
         out = queue_file_for(source, review_log)
         Scorer(pipe, ResultsFile(out, pipe.schema), progress=progress).run(collect_items(source))

@@ -10,6 +10,7 @@ and no temporary file is left behind when the write fails (a full disk, a read-o
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -39,6 +40,15 @@ def atomic_write(path: str | os.PathLike, data: str | bytes | Iterable[bytes], e
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (read in 1 MiB chunks), in hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _umask() -> int:
