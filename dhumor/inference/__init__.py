@@ -1,0 +1,1 @@
+"""The inference path: pipeline, runner, results files and engines."""
