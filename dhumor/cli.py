@@ -194,6 +194,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images", default=None, help="images folder of a manifest (default: images/ beside it)")
     s.add_argument("--retry-errors", action="store_true",
                    help="also rescore rows whose file was unusable (transient failures are always retried)")
+    s.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="ray: Ray Data stages (decode+OCR tasks, model actors) into a Parquet dataset --out X.parquet; "
+                        "input may also be a URL (s3://, gs://, file://); needs dhumor[ray]")
+    s.add_argument("--ray-address", default=None, help="ray: auto, ray://HOST:PORT or HOST:PORT (default: start a "
+                                                       "local Ray instance on this machine)")
+    s.add_argument("--ray-batch-size", type=_positive_int, default=None,
+                   help="ray: memes per block, OCR task and model call (default: --batch-size)")
+    s.add_argument("--ray-model-actors", type=_positive_int, default=None,
+                   help="ray: model actors (default: one per GPU, else one)")
+    s.add_argument("--ray-gpus-per-actor", type=float, default=None,
+                   help="ray: GPUs per model actor (default: 1 when the cluster has GPUs, else 0)")
+    s.add_argument("--ray-ocr-cpus", type=float, default=1.0, help="ray: CPUs per decode+OCR task")
+    s.add_argument("--ray-explain-actors", type=_positive_int, default=1,
+                   help="ray: explanation actors (each keeps the backend's requests in flight)")
     _add_common(s)
 
     m = add("merge", "merge shard outputs into one file, refusing duplicates")
@@ -306,6 +320,10 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_score(args) -> int:
+    if args.engine == "ray":  # Ray Data across a cluster (or a local instance): dhumor/inference/ray_engine.py
+        from .inference.ray_engine import score_command
+
+        return score_command(args)
     from .results_file import ResultsFile, claim_output, output_files
 
     claim_output(args.out)  # a bad --out, or another run on it, is refused at once, before torch is imported

@@ -1,0 +1,369 @@
+"""``dhumor score --engine ray``: batch scoring on Ray Data, from one laptop to a cluster.
+
+Stages, each sized to its resource (Ray Data streams blocks between them and back-pressures):
+
+1. read bytes + decode + OCR: CPU tasks (:func:`preprocess_batch`, ``--ray-ocr-cpus`` each);
+2. explanation (optional): an actor pool calling the explanation backend, ``--ray-explain-actors``
+   actors each with the backend's own bounded concurrency (an OpenAI-compatible server such as vLLM);
+3. features + TCRNet + calibration + decision: an actor pool (:class:`ModelStage`) holding the same
+   :class:`~dhumor.pipeline.Pipeline` as ``dhumor score`` (checkpoint, calibration, thresholds), one
+   GPU per actor when the cluster has GPUs;
+4. rows: the driver writes them to a :class:`~dhumor.inference.parquet_results.ParquetResults`
+   dataset, the only writer, so a retried task or a restarted actor can never write a row twice.
+
+Stage code is the scorer's own (``Pipeline.preprocess``, ``Pipeline.explain``, ``Pipeline.process``),
+so a meme gets the same row on both engines. Ray restarts dead actors and retries their batches, and
+retries tasks whose worker died; a killed driver loses only rows not yet in a part, which the rerun
+(the same command) computes, as ``dhumor score`` does after SIGKILL.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import os
+import pickle
+import socket
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from ..errors import EXIT_ROWS_FAILED, ConfigError, DataError
+from .sources import is_url
+
+log = logging.getLogger("dhumor")
+
+PART_ROWS = 2048  # rows per Parquet part (fewer, larger files than one per batch)
+PART_SECONDS = 10.0  # ...but at least every this many seconds, so a killed driver loses little work
+RAY_EXTRA = "pip install 'dhumor[ray]'"
+
+
+# ---------------------------------------------------------------- settings checked before anything loads
+def check_ray_installed() -> None:
+    missing = [m for m in ("ray", "pyarrow", "fsspec") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"--engine ray needs {', '.join(missing)}: {RAY_EXTRA} (or score without --engine ray)")
+    if importlib.util.find_spec("ray.data") is None:
+        raise ConfigError(f"--engine ray needs Ray Data: {RAY_EXTRA}")
+
+
+def check_address(address: str | None, timeout: float = 5.0) -> None:
+    """A ``ray://HOST:PORT`` or ``HOST:PORT`` address answers on TCP (``auto`` is checked when connecting)."""
+    if address in (None, "", "auto", "local"):
+        return
+    hostport = address.split("://", 1)[1] if "://" in address else address
+    if address.startswith("://") or ("://" in address and not address.startswith("ray://")):
+        raise ConfigError(f"--ray-address {address}: give auto, ray://HOST:PORT (Ray Client) or HOST:PORT (the head's "
+                          f"GCS)")
+    host, _, port = hostport.rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--ray-address {address}: expected ray://HOST:PORT or HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConfigError(f"--ray-address {address}: cannot reach it ({e.strerror or e}); is the Ray head running "
+                          f"(`ray start --head`) and the port open?") from None
+
+
+def connect(address: str | None, quiet: bool = True) -> dict:
+    """Start a local Ray instance (``address`` None) or join a cluster; the cluster's resources."""
+    import ray
+
+    check_address(address)
+    kwargs = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=not quiet,
+                  configure_logging=True)
+    try:
+        if address in (None, "", "local"):
+            ray.init(**kwargs)
+        else:
+            ray.init(address=address, **{k: v for k, v in kwargs.items() if k != "include_dashboard"})
+    except ConnectionError as e:
+        raise ConfigError(f"--ray-address {address}: {str(e).splitlines()[0]} (start one with `ray start --head`, or "
+                          f"leave out --ray-address for a local instance)") from None
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # ours counts rows; Ray Data's per-operator bars would interleave
+    ctx.print_on_execution_start = False
+    for name in ("ray.data", "ray"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return dict(ray.cluster_resources())
+
+
+# ---------------------------------------------------------------- stage 1: read + decode + OCR (CPU tasks)
+_WORKER: dict = {}  # per worker process: the OCR engine, made once (Ray reuses worker processes across tasks)
+
+
+def _reader(ocr_engine: str, cache_path: str | None) -> SimpleNamespace:
+    key = (ocr_engine, cache_path)
+    if key not in _WORKER:
+        from ..cache import StageCache
+        from ..ocr import create_ocr
+
+        _WORKER[key] = SimpleNamespace(ocr=create_ocr(ocr_engine, StageCache(cache_path)))
+    return _WORKER[key]
+
+
+def preprocess_batch(batch: dict, ocr_engine: str, cache_path: str | None) -> dict:
+    """``Pipeline.preprocess`` (decode, sha256, OCR) on a batch of pickled items; URLs are read through fsspec."""
+    from ..images import decode_image, sha256_bytes
+    from ..pipeline import Pipeline, Prepared
+    from .sources import read_url_bytes
+
+    # Pipeline.preprocess reads only ``self.ocr``: the same code as `dhumor score`, without loading a model here.
+    reader = _reader(ocr_engine, cache_path)
+    out = []
+    for blob in batch["item"]:
+        item = pickle.loads(blob)
+        if is_url(item.path) and not item.error:
+            t = time.perf_counter()
+            try:
+                data = read_url_bytes(item.path)
+                image, sha256 = decode_image(data, item.path), sha256_bytes(data)
+            except DataError as e:
+                # A network failure is worth retrying on the next run; a bad file is not.
+                kind = "transient" if e.reason.startswith("cannot read file:") else "input"
+                p = Prepared(item, error=e.reason, error_kind=kind)
+                p.timings["decode"] = time.perf_counter() - t
+                out.append(pickle.dumps(p))
+                continue
+            decode = time.perf_counter() - t
+            p = Pipeline.preprocess(reader, item, image, sha256)
+            p.timings = {"decode": decode, **p.timings}
+        else:
+            p = Pipeline.preprocess(reader, item)
+        out.append(pickle.dumps(p))
+    return {"prepared": np.array(out, dtype=object)}
+
+
+# ---------------------------------------------------------------- stage 2: explanations (optional actor pool)
+class ExplainStage:
+    """``Pipeline.explain`` on each batch, with the explainer built once per actor."""
+
+    def __init__(self, spec: dict, cache_path: str | None, streams: list[str]):
+        from ..cache import StageCache
+        from ..explain import create_explainer
+
+        self.explainer = create_explainer(cache=StageCache(cache_path), **spec)
+        self.streams = streams  # Pipeline.explain reads self.explainer and self.streams
+
+    def __call__(self, batch: dict) -> dict:
+        from ..pipeline import Pipeline
+
+        prepared = [pickle.loads(b) for b in batch["prepared"]]
+        Pipeline.explain(self, prepared)
+        return {"prepared": np.array([pickle.dumps(p) for p in prepared], dtype=object)}
+
+
+# ---------------------------------------------------------------- stage 3: features + model + decision (actor pool)
+class ModelStage:
+    """The scorer's ``Pipeline`` in an actor: features (stage cache), TCRNet, calibration, decision → row JSON."""
+
+    def __init__(self, checkpoint: str, cache_path: str | None, device: str, threshold: float | None):
+        from ..cache import StageCache
+        from ..pipeline import Pipeline
+
+        self.pipe = Pipeline.from_checkpoint(checkpoint, cache=StageCache(cache_path), device=device,
+                                             threshold=threshold, progress=False)
+
+    def __call__(self, batch: dict) -> dict:
+        from ..results_file import dumps_row
+
+        prepared = [pickle.loads(b) for b in batch["prepared"]]
+        st = self.pipe.extractor.stats
+        cached, computed = st.cached, st.computed
+        rows = self.pipe.process(prepared, None)  # the threshold is the pipeline's, as in Scorer
+        n = len(rows)
+        hits = np.zeros(n, dtype=np.int64)
+        comp = np.zeros(n, dtype=np.int64)
+        if n:
+            hits[0], comp[0] = st.cached - cached, st.computed - computed
+        return {"row": np.array([dumps_row(r) for r in rows], dtype=object), "cached": hits, "computed": comp}
+
+
+# ---------------------------------------------------------------- the run
+@dataclass
+class RaySettings:
+    """What a cluster user sets; the defaults suit one machine."""
+
+    address: str | None = None
+    batch_size: int = 16  # memes per block: per OCR task and per model call
+    model_actors: int | None = None  # default: one per GPU, else one
+    gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
+    model_cpus: float = 1.0
+    ocr_cpus: float = 1.0
+    explain_actors: int = 1
+
+
+def _resolve(settings: RaySettings, resources: dict) -> tuple[int, float]:
+    gpus = float(resources.get("GPU", 0))
+    per = settings.gpus_per_actor if settings.gpus_per_actor is not None else (1.0 if gpus else 0.0)
+    actors = settings.model_actors or (max(1, int(gpus // per)) if per else 1)
+    return actors, per
+
+
+def build_dataset(items: list, settings: RaySettings, checkpoint: str, cache_path: str | None, ocr: str,
+                  device: str, threshold: float | None, resources: dict, explain_spec: dict | None = None,
+                  streams: list[str] | None = None):
+    """The Ray Data pipeline for ``items`` (lazy; iterate it to run)."""
+    import ray
+
+    bs = max(1, settings.batch_size)
+    ds = ray.data.from_items([{"item": pickle.dumps(it)} for it in items],
+                             override_num_blocks=max(1, math.ceil(len(items) / bs)))
+    ds = ds.map_batches(preprocess_batch, fn_kwargs={"ocr_engine": ocr, "cache_path": cache_path},
+                        batch_size=bs, batch_format="numpy", num_cpus=settings.ocr_cpus)
+    if explain_spec is not None:
+        ds = ds.map_batches(ExplainStage, fn_constructor_kwargs={"spec": explain_spec, "cache_path": cache_path,
+                                                                   "streams": streams or []},
+                            batch_size=bs, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(size=max(1, settings.explain_actors)),
+                            num_cpus=0.5 if explain_spec.get("name") == "openai" else 1.0)
+    actors, per = _resolve(settings, resources)
+    ds = ds.map_batches(ModelStage, fn_constructor_kwargs={"checkpoint": checkpoint, "cache_path": cache_path,
+                                                            "device": device, "threshold": threshold},
+                        batch_size=bs, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+                        num_gpus=per or None,
+                        num_cpus=settings.model_cpus)
+    return ds
+
+
+def run(items: list, results, settings: RaySettings, checkpoint: str, schema, cache_path: str | None,
+        ocr: str, device: str = "auto", threshold: float | None = None, retry_errors: bool = False,
+        progress: bool = True, explain_spec: dict | None = None, streams: list[str] | None = None):
+    """Score ``items`` on Ray into ``results`` (a :class:`ParquetResults`); a :class:`~dhumor.scoring.ScoreSummary`.
+
+    The same bookkeeping as :meth:`dhumor.scoring.Scorer.run`: ids already in the dataset are skipped,
+    rows with a transient error (all error rows with ``retry_errors``) are redone."""
+    from tqdm.auto import tqdm
+
+    from ..scoring import ScoreSummary, _needs_redo
+    from .parquet_results import arrow_id
+
+    summary = ScoreSummary(total=len(items))
+    t0 = time.perf_counter()
+    results.repair()
+    wanted = {arrow_id(it.id) for it in items}
+    previous = {r["id"]: r for r in results.rows() if r["id"] in wanted}
+    redo = {i for i, r in previous.items() if _needs_redo(r, retry_errors)}
+    if redo:
+        results.drop_ids(redo)
+        summary.redone = len(redo)
+    todo = [it for it in items if arrow_id(it.id) not in previous or arrow_id(it.id) in redo]
+    summary.already_done = len(items) - len(todo)
+    results.start()
+    hits = Counter()
+    if todo:
+        import ray
+
+        resources = connect(settings.address, quiet=not progress)
+        bar = tqdm(total=len(todo), desc="scoring (ray)", unit="meme", disable=not progress)
+        pending: list[dict] = []
+        last_write = time.monotonic()
+        try:
+            ds = build_dataset(todo, settings, checkpoint, cache_path, ocr, device, threshold, resources,
+                               explain_spec, streams)
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                rows = [json.loads(s) for s in batch["row"]]
+                hits["features"] += int(batch["cached"].sum())
+                hits["computed"] += int(batch["computed"].sum())
+                for r in rows:
+                    if r["error"]:
+                        summary.failed += 1
+                        summary.errors[r["error"].split(":")[0][:80]] += 1
+                    else:
+                        summary.scored += 1
+                    summary.explanation_failed += bool(r.get("explanation_error"))
+                pending += rows
+                if len(pending) >= PART_ROWS or time.monotonic() - last_write >= PART_SECONDS:
+                    results.append(pending)
+                    pending, last_write = [], time.monotonic()
+                bar.update(len(rows))
+        except KeyboardInterrupt:
+            summary.interrupted = True  # rows received so far are written below; a rerun continues
+        finally:
+            results.append(pending)  # whole rows only; an interrupted run keeps what it computed
+            bar.close()
+            ray.shutdown()
+    summary.seconds = round(time.perf_counter() - t0, 2)
+    summary.cache_hits = {"features": hits["features"], "computed": hits["computed"]}
+    final = [r for r in results.rows() if r["id"] in wanted]
+    summary.failed_in_output = sum(bool(r.get("error") or r.get("explanation_error")) for r in final)
+    summary.labels = label_counts(final, schema)
+    if not summary.interrupted and len(final) == len(wanted):
+        results.finish(summary.to_dict())
+    return summary
+
+
+def label_counts(rows: list[dict], schema) -> dict:
+    """Per task, label counts over rows without an error (as :meth:`Scorer.label_counts`)."""
+    counts: dict[str, Counter] = {t.name: Counter() for t in schema.tasks}
+    for r in rows:
+        if r.get("error"):
+            continue
+        for t in schema.tasks:
+            label = ((r.get("tasks") or {}).get(t.name) or {}).get("label")
+            if label:
+                counts[t.name][label] += 1
+    return {k: dict(v) for k, v in counts.items()}
+
+
+# ---------------------------------------------------------------- the command
+def score_command(args) -> int:
+    """``dhumor score ... --engine ray``: every check first (exit 2 in one line), then the run, then the summary."""
+    from ..preflight import check_checkpoint, check_explainer, check_input, check_ocr
+    from .parquet_results import ParquetResults, check_parquet_out
+
+    check_parquet_out(args.out)
+    check_ray_installed()
+    results = ParquetResults(args.out).lock()  # a second run on the same dataset is refused now
+    from ..items import collect_items, in_shard, parse_shard
+    from ..schema import TaskSchema
+    from .sources import collect_url_items
+
+    shard = parse_shard(args.shard)
+    check_ocr(args.ocr)
+    check_explainer(args.explain, args.explain_model, args.base_url)
+    ckpt, meta = check_checkpoint(args.checkpoint)
+    check_address(args.ray_address)
+    if is_url(args.input):
+        items = collect_url_items(args.input)
+        source = args.input
+    else:
+        source = check_input(args.input)
+        out = Path(args.out).resolve()
+        items = [it for it in collect_items(source, args.format, args.images)
+                 if out not in Path(os.path.abspath(it.path)).parents]  # never the run's own output
+    items = [it for it in items if in_shard(it.id, shard)]
+    schema = TaskSchema.from_dict(meta["schema"])
+    explain_spec = None
+    if args.explain != "none":
+        explain_spec = dict(name=args.explain, iterations=args.iterations,
+                            similarity_threshold=args.similarity_threshold, model=args.explain_model,
+                            base_url=args.base_url, threads=args.threads)
+    settings = RaySettings(address=args.ray_address, batch_size=args.ray_batch_size or args.batch_size,
+                           model_actors=args.ray_model_actors, gpus_per_actor=args.ray_gpus_per_actor,
+                           ocr_cpus=args.ray_ocr_cpus, explain_actors=args.ray_explain_actors)
+    cache_path = str(Path(args.cache).expanduser().resolve()) if args.cache else os.environ.get("DHUMOR_CACHE")
+    summary = run(items, results, settings, str(ckpt), schema, cache_path, args.ocr, device=args.device,
+                  threshold=args.decision_threshold, retry_errors=args.retry_errors, progress=not args.quiet,
+                  explain_spec=explain_spec, streams=(meta.get("hparams") or {}).get("streams"))
+    if summary.total == 0:
+        print(f"dhumor score: no files found in {source}", file=sys.stderr)
+    elif summary.already_done == summary.total and not summary.interrupted:
+        print(f"dhumor score: nothing to do: all {summary.total} memes already have a row in {args.out}",
+              file=sys.stderr)
+    if summary.interrupted:
+        print(f"dhumor score: interrupted; {summary.scored + summary.failed} rows written this run are kept. "
+              f"Run the same command again to continue.", file=sys.stderr)
+    elif summary.failed_in_output:
+        print(f"dhumor score: {summary.failed_in_output} of {summary.total} rows in {args.out} are errors "
+              f"(see their 'error' / 'explanation_error' fields); exit code {EXIT_ROWS_FAILED}", file=sys.stderr)
+    print(json.dumps(summary.to_dict()), file=sys.stderr)  # last line: machine-readable summary
+    return summary.exit_code
