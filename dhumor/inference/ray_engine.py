@@ -40,7 +40,8 @@ from .sources import is_url
 log = logging.getLogger("dhumor")
 
 PART_ROWS = 2048  # rows per Parquet part (fewer, larger files than one per batch)
-PART_SECONDS = 10.0  # ...but at least every this many seconds, so a killed driver loses little work
+# ...but at least every this many seconds, so a killed driver loses little work
+PART_SECONDS = float(os.environ.get("DHUMOR_RAY_PART_SECONDS", "10"))
 RAY_EXTRA = "pip install 'dhumor[ray]'"
 
 
@@ -92,7 +93,7 @@ def connect(address: str | None, quiet: bool = True) -> dict:
     ctx.enable_progress_bars = False  # ours counts rows; Ray Data's per-operator bars would interleave
     ctx.print_on_execution_start = False
     for name in ("ray.data", "ray"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(logging.ERROR)
     return dict(ray.cluster_resources())
 
 
@@ -218,7 +219,10 @@ def build_dataset(items: list, settings: RaySettings, checkpoint: str, cache_pat
     ds = ray.data.from_items([{"item": pickle.dumps(it)} for it in items],
                              override_num_blocks=max(1, math.ceil(len(items) / bs)))
     ds = ds.map_batches(preprocess_batch, fn_kwargs={"ocr_engine": ocr, "cache_path": cache_path},
-                        batch_size=bs, batch_format="numpy", num_cpus=settings.ocr_cpus)
+                        batch_size=bs, batch_format="numpy",
+                        # Given as a function, the resources also keep Ray Data from fusing this CPU stage into
+                        # the model actors: OCR has to scale out on CPU tasks, not queue inside a GPU actor.
+                        ray_remote_args_fn=lambda: {"num_cpus": settings.ocr_cpus})
     if explain_spec is not None:
         ds = ds.map_batches(ExplainStage, fn_constructor_kwargs={"spec": explain_spec, "cache_path": cache_path,
                                                                    "streams": streams or []},
