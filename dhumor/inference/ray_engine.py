@@ -262,11 +262,13 @@ def run(items: list, results, settings: RaySettings, checkpoint: str, schema, ca
     todo = [it for it in items if arrow_id(it.id) not in previous or arrow_id(it.id) in redo]
     summary.already_done = len(items) - len(todo)
     results.start()
-    hits = Counter()
+    hits, resources = Counter(), {}
+    clock: dict = {}  # when Ray was up, the first and the last rows came (written to _SUCCESS, for benchmarks)
     if todo:
         import ray
 
         resources = connect(settings.address, quiet=not progress)
+        clock["ray_started_s"] = round(time.perf_counter() - t0, 2)
         bar = tqdm(total=len(todo), desc="scoring (ray)", unit="meme", disable=not progress)
         pending: list[dict] = []
         last_write = time.monotonic()
@@ -275,6 +277,9 @@ def run(items: list, results, settings: RaySettings, checkpoint: str, schema, ca
                                explain_spec, streams)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 rows = [json.loads(s) for s in batch["row"]]
+                clock.setdefault("first_rows_s", round(time.perf_counter() - t0, 2))
+                clock.setdefault("first_rows", len(rows))
+                clock["last_rows_s"] = round(time.perf_counter() - t0, 2)
                 hits["features"] += int(batch["cached"].sum())
                 hits["computed"] += int(batch["computed"].sum())
                 for r in rows:
@@ -301,7 +306,7 @@ def run(items: list, results, settings: RaySettings, checkpoint: str, schema, ca
     summary.failed_in_output = sum(bool(r.get("error") or r.get("explanation_error")) for r in final)
     summary.labels = label_counts(final, schema)
     if not summary.interrupted and len(final) == len(wanted):
-        results.finish(summary.to_dict())
+        results.finish({**summary.to_dict(), "ray": {**clock, "resources": resources}})
     return summary
 
 
