@@ -112,7 +112,8 @@ def test_same_rows_as_score_bad_file_and_rerun(tmp_path, capsys):
     (["--out", "{tmp}/r.jsonl"], "--engine ray writes a Parquet dataset"),
     (["--out", "{tmp}/r.parquet", "--ray-address", "ray://127.0.0.1:1"], "cannot reach it"),
     (["--out", "{tmp}/r.parquet", "--ray-address", "http://x:1"], "give auto, ray://HOST:PORT"),
-    (["--out", "{tmp}/r.parquet", "--ray-address", "auto"], "--ray-address auto"),
+    (["--out", "{tmp}/r.parquet", "--ray-address", "127.0.0.1:1"], "cannot reach it"),
+    (["--out", "{tmp}/r.parquet", "--shard", "3/2"], "--shard takes i/n"),
 ])
 def test_settings_errors_are_one_line_exit_2(tmp_path, capsys, args, expect):
     args = [a.format(tmp=tmp_path) for a in args]

@@ -26,6 +26,7 @@ import os
 import pickle
 import socket
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -95,6 +96,50 @@ def connect(address: str | None, quiet: bool = True) -> dict:
     for name in ("ray.data", "ray"):
         logging.getLogger(name).setLevel(logging.ERROR)
     return dict(ray.cluster_resources())
+
+
+class RayStarter:
+    """Connect to Ray on a thread, so that starting a local instance (seconds) overlaps the driver's own
+    checks and listing; :meth:`wait` gives the cluster's resources or raises what connecting raised.
+
+    The thread lives until :meth:`stop`: Ray's local processes are started with a parent-death signal,
+    which Linux sends when the *thread* that started them ends, not the process."""
+
+    def __init__(self, address: str | None, quiet: bool = True, start: bool = True):
+        self.address, self.quiet = address, quiet
+        self._resources: dict | None = None
+        self._error: BaseException | None = None
+        self._ready, self._release = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ray-start", daemon=True)
+        if start:
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._resources = connect(self.address, self.quiet)
+        except BaseException as e:  # handed to the main thread by wait()
+            self._error = e
+        self._ready.set()
+        self._release.wait()  # keep Ray's local processes alive (see the class doc)
+
+    def wait(self) -> dict:
+        if self._thread.ident is None:  # not started early: connect now, on this thread
+            self._resources = connect(self.address, self.quiet)
+        else:
+            self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        return self._resources or {}
+
+    def stop(self) -> None:
+        """Shut Ray down if this driver started or joined it (waits for a connection in progress)."""
+        if self._thread.ident is not None:
+            self._ready.wait()
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        self._release.set()
 
 
 # ---------------------------------------------------------------- stage 1: read + decode + OCR (CPU tasks)
@@ -240,7 +285,8 @@ def build_dataset(items: list, settings: RaySettings, checkpoint: str, cache_pat
 
 def run(items: list, results, settings: RaySettings, checkpoint: str, schema, cache_path: str | None,
         ocr: str, device: str = "auto", threshold: float | None = None, retry_errors: bool = False,
-        progress: bool = True, explain_spec: dict | None = None, streams: list[str] | None = None):
+        progress: bool = True, explain_spec: dict | None = None, streams: list[str] | None = None,
+        starter: RayStarter | None = None):
     """Score ``items`` on Ray into ``results`` (a :class:`ParquetResults`); a :class:`~dhumor.scoring.ScoreSummary`.
 
     The same bookkeeping as :meth:`dhumor.scoring.Scorer.run`: ids already in the dataset are skipped,
@@ -265,9 +311,8 @@ def run(items: list, results, settings: RaySettings, checkpoint: str, schema, ca
     hits, resources = Counter(), {}
     clock: dict = {}  # when Ray was up, the first and the last rows came (written to _SUCCESS, for benchmarks)
     if todo:
-        import ray
-
-        resources = connect(settings.address, quiet=not progress)
+        starter = starter or RayStarter(settings.address, quiet=not progress, start=False)
+        resources = starter.wait()
         clock["ray_started_s"] = round(time.perf_counter() - t0, 2)
         bar = tqdm(total=len(todo), desc="scoring (ray)", unit="meme", disable=not progress)
         pending: list[dict] = []
@@ -299,7 +344,7 @@ def run(items: list, results, settings: RaySettings, checkpoint: str, schema, ca
         finally:
             results.append(pending)  # whole rows only; an interrupted run keeps what it computed
             bar.close()
-            ray.shutdown()
+            starter.stop()
     summary.seconds = round(time.perf_counter() - t0, 2)
     summary.cache_hits = {"features": hits["features"], "computed": hits["computed"]}
     final = [r for r in results.rows() if r["id"] in wanted]
@@ -326,21 +371,39 @@ def label_counts(rows: list[dict], schema) -> dict:
 # ---------------------------------------------------------------- the command
 def score_command(args) -> int:
     """``dhumor score ... --engine ray``: every check first (exit 2 in one line), then the run, then the summary."""
-    from ..preflight import check_checkpoint, check_explainer, check_input, check_ocr
+    from ..preflight import check_explainer, check_input, check_ocr
     from .parquet_results import ParquetResults, check_parquet_out
+    from ..items import parse_shard
+    from .sources import check_url
 
     check_parquet_out(args.out)
     check_ray_installed()
     results = ParquetResults(args.out).lock()  # a second run on the same dataset is refused now
+    check_address(args.ray_address)
+    parse_shard(args.shard)
+    if is_url(args.input):
+        check_url(args.input)
+    else:
+        check_input(args.input)
+    check_ocr(args.ocr)
+    check_explainer(args.explain, args.explain_model, args.base_url)
+    # Everything cheap is checked: Ray starts now, while the checkpoint is checked and the input listed.
+    # A complete dataset is most likely a rerun with nothing to do: Ray is started only if needed.
+    starter = RayStarter(args.ray_address, quiet=args.quiet, start=not results.complete())
+    try:
+        return _score(args, results, starter)
+    finally:
+        starter.stop()
+
+
+def _score(args, results, starter: RayStarter) -> int:
     from ..items import collect_items, in_shard, parse_shard
+    from ..preflight import check_checkpoint, check_input
     from ..schema import TaskSchema
     from .sources import collect_url_items
 
     shard = parse_shard(args.shard)
-    check_ocr(args.ocr)
-    check_explainer(args.explain, args.explain_model, args.base_url)
     ckpt, meta = check_checkpoint(args.checkpoint)
-    check_address(args.ray_address)
     if is_url(args.input):
         items = collect_url_items(args.input)
         source = args.input
@@ -362,7 +425,7 @@ def score_command(args) -> int:
     cache_path = str(Path(args.cache).expanduser().resolve()) if args.cache else os.environ.get("DHUMOR_CACHE")
     summary = run(items, results, settings, str(ckpt), schema, cache_path, args.ocr, device=args.device,
                   threshold=args.decision_threshold, retry_errors=args.retry_errors, progress=not args.quiet,
-                  explain_spec=explain_spec, streams=(meta.get("hparams") or {}).get("streams"))
+                  explain_spec=explain_spec, streams=(meta.get("hparams") or {}).get("streams"), starter=starter)
     if summary.total == 0:
         print(f"dhumor score: no files found in {source}", file=sys.stderr)
     elif summary.already_done == summary.total and not summary.interrupted:

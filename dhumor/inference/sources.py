@@ -61,6 +61,15 @@ def _listing_error(url: str, e: BaseException) -> ConfigError:
     return ConfigError(f"{url}: cannot list it ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
 
 
+def check_url(url: str) -> None:
+    """The URL's filesystem is installed, the credentials work and something is there (ConfigError if not)."""
+    fs, root = url_filesystem(url)
+    try:
+        fs.info(root)
+    except Exception as e:
+        raise _listing_error(url, e) from None
+
+
 def collect_url_items(url: str) -> list[Item]:
     """Items of the object or folder at ``url`` (see the module doc); ConfigError when it cannot be read."""
     fs, root = url_filesystem(url)
