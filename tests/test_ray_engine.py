@@ -308,3 +308,54 @@ def test_file_url_source_same_rows(tmp_path, capsys):
         assert b[k]["path"] == f"file://{src}/{k}"
         _same({**a[k], "path": None}, {**b[k], "path": None}, k)
     assert b["empty.jpg"]["error"] == "empty file (0 bytes)"
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_rows_and_rerun_completes(tmp_path):
+    """SIGINT mid-run: exit 130, the rows received so far are written as whole parts, no _SUCCESS; the rerun
+    completes with every id once."""
+    src = tmp_path / "memes"
+    names = _distinct_memes(src, 60, offset=11)
+    out = tmp_path / "r.parquet"
+    p = _start(src, out)
+    try:
+        assert _wait_for(lambda: _row_count(out) >= 4, p), p.stderr.read().decode()[-2000:]
+        p.send_signal(signal.SIGINT)
+        rc = p.wait(120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    err = p.stderr.read().decode()
+    assert rc == 130, err[-2000:]
+    assert "Run the same command again" in err
+    kept = _row_count(out)
+    assert 4 <= kept < len(names) and not (out / "_SUCCESS").exists()
+    p2 = _start(src, out)
+    assert p2.wait(400) == 0, p2.stderr.read().decode()[-2000:]
+    assert sorted(_parquet(out)) == names
+    print(f"ctrl-c: {kept}/{len(names)} rows kept at exit 130; after the rerun {len(names)} rows, each once")
+
+
+@pytest.mark.slow
+def test_explanations_go_through_the_explain_actors(tmp_path, capsys):
+    """--explain openai against a real local server that refuses: on both engines every row records the same
+    explanation_error (the shipped checkpoint does not read explanations, so it still decides), exit 3; the
+    rerun redoes those rows (a server failure is transient)."""
+    from faultkit import RefusingServer
+
+    src = tmp_path / "memes"
+    _distinct_memes(src, 3, offset=5)
+    local, ray_out = tmp_path / "local.jsonl", tmp_path / "ray.parquet"
+    with RefusingServer() as url:
+        flags = ["--explain", "openai", "--explain-model", "m", "--base-url", url, "--iterations", "1", "--ocr", "none"]
+        assert _score(src, local, *flags) == 3
+        assert _score(src, ray_out, "--engine", "ray", *flags) == 3
+        a, b = _jsonl(local), _parquet(ray_out)
+        assert set(a) == set(b) and len(b) == 3
+        for k in a:
+            assert b[k]["explanation_error"] and b[k]["explanation_error"] == a[k]["explanation_error"]
+            _same({**a[k], "explanation_trail": None}, {**b[k], "explanation_trail": None}, k)
+        capsys.readouterr()
+        assert _score(src, ray_out, "--engine", "ray", *flags) == 3
+    summary = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert summary["redone"] == 3 and summary["explanation_failed"] == 3 and len(_parquet(ray_out)) == 3
