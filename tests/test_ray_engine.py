@@ -315,7 +315,7 @@ def test_ctrl_c_keeps_rows_and_rerun_completes(tmp_path):
     """SIGINT mid-run: exit 130, the rows received so far are written as whole parts, no _SUCCESS; the rerun
     completes with every id once."""
     src = tmp_path / "memes"
-    names = _distinct_memes(src, 60, offset=11)
+    names = _distinct_memes(src, 90, offset=11)
     out = tmp_path / "r.parquet"
     p = _start(src, out)
     try:

@@ -268,18 +268,34 @@ def build_dataset(items: list, settings: RaySettings, checkpoint: str, cache_pat
                         # Given as a function, the resources also keep Ray Data from fusing this CPU stage into
                         # the model actors: OCR has to scale out on CPU tasks, not queue inside a GPU actor.
                         ray_remote_args_fn=lambda: {"num_cpus": settings.ocr_cpus})
+    actors, per = _resolve(settings, resources)
+    explainers = max(1, settings.explain_actors) if explain_spec is not None else 0
+    # An openai-compatible backend waits on a server: its actors hold no CPU. The offline one computes.
+    explain_cpus = 0.0 if (explain_spec or {}).get("name") == "openai" else 1.0
+    model_cpus = settings.model_cpus
+    # Actors hold their CPUs for the whole run: if they left less than one decode task's worth, no decode
+    # task could ever start (a deadlock on a small machine). Shrink the actors' share to fit.
+    total = float(resources.get("CPU", 0)) or 1.0
+    held = actors * model_cpus + explainers * explain_cpus
+    if held and total - held < settings.ocr_cpus:
+        scale = max(0.0, total - settings.ocr_cpus) / held
+        if scale * min(model_cpus, explain_cpus or model_cpus) < 0.05:
+            raise ConfigError(f"the cluster has {total:g} CPUs: too few for {actors} model actor(s)"
+                              + (f", {explainers} explanation actor(s)" if explainers else "")
+                              + f" and decode tasks of {settings.ocr_cpus:g} CPU; lower --ray-model-actors"
+                              + (" / --ray-explain-actors" if explainers else "") + " or --ray-ocr-cpus")
+        model_cpus, explain_cpus = model_cpus * scale, explain_cpus * scale
     if explain_spec is not None:
         ds = ds.map_batches(ExplainStage, fn_constructor_kwargs={"spec": explain_spec, "cache_path": cache_path,
                                                                    "streams": streams or []},
                             batch_size=bs, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=max(1, settings.explain_actors)),
-                            num_cpus=0.5 if explain_spec.get("name") == "openai" else 1.0)
-    actors, per = _resolve(settings, resources)
+                            num_cpus=explain_cpus)
     ds = ds.map_batches(ModelStage, fn_constructor_kwargs={"checkpoint": checkpoint, "cache_path": cache_path,
                                                             "device": device, "threshold": threshold},
                         batch_size=bs, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
                         num_gpus=per or None,
-                        num_cpus=settings.model_cpus)
+                        num_cpus=model_cpus)
     return ds
 
 
@@ -312,12 +328,12 @@ def run(items: list, results, settings: RaySettings, checkpoint: str, schema, ca
     clock: dict = {}  # when Ray was up, the first and the last rows came (written to _SUCCESS, for benchmarks)
     if todo:
         starter = starter or RayStarter(settings.address, quiet=not progress, start=False)
-        resources = starter.wait()
-        clock["ray_started_s"] = round(time.perf_counter() - t0, 2)
         bar = tqdm(total=len(todo), desc="scoring (ray)", unit="meme", disable=not progress)
         pending: list[dict] = []
         last_write = time.monotonic()
         try:
+            resources = starter.wait()
+            clock["ray_started_s"] = round(time.perf_counter() - t0, 2)
             ds = build_dataset(todo, settings, checkpoint, cache_path, ocr, device, threshold, resources,
                                explain_spec, streams)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -410,8 +426,9 @@ def _score(args, results, starter: RayStarter) -> int:
     else:
         source = check_input(args.input)
         out = Path(args.out).resolve()
-        items = [it for it in collect_items(source, args.format, args.images)
-                 if out not in Path(os.path.abspath(it.path)).parents]  # never the run's own output
+        lock = out.with_name(out.name + ".lock")
+        items = [it for it in collect_items(source, args.format, args.images)  # never the run's own output
+                 if out not in Path(os.path.abspath(it.path)).parents and Path(os.path.abspath(it.path)) != lock]
     items = [it for it in items if in_shard(it.id, shard)]
     schema = TaskSchema.from_dict(meta["schema"])
     explain_spec = None
