@@ -28,6 +28,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,11 +264,15 @@ def build_dataset(items: list, settings: RaySettings, checkpoint: str, cache_pat
     bs = max(1, settings.batch_size)
     ds = ray.data.from_items([{"item": pickle.dumps(it)} for it in items],
                              override_num_blocks=max(1, math.ceil(len(items) / bs)))
-    ds = ds.map_batches(preprocess_batch, fn_kwargs={"ocr_engine": ocr, "cache_path": cache_path},
-                        batch_size=bs, batch_format="numpy",
-                        # Given as a function, the resources also keep Ray Data from fusing this CPU stage into
-                        # the model actors: OCR has to scale out on CPU tasks, not queue inside a GPU actor.
-                        ray_remote_args_fn=lambda: {"num_cpus": settings.ocr_cpus})
+    with warnings.catch_warnings():
+        # ray_remote_args_fn is deprecated from Ray 2.60 (removed in 2.64, hence the extra's upper bound);
+        # it is the one way that keeps this stage a stage of its own on every Ray version we support.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*")
+        ds = ds.map_batches(preprocess_batch, fn_kwargs={"ocr_engine": ocr, "cache_path": cache_path},
+                            batch_size=bs, batch_format="numpy",
+                            # Given as a function, the resources also keep Ray Data from fusing this CPU stage
+                            # into the model actors: OCR has to scale out on CPU tasks, not queue in a GPU actor.
+                            ray_remote_args_fn=lambda: {"num_cpus": settings.ocr_cpus})
     actors, per = _resolve(settings, resources)
     explainers = max(1, settings.explain_actors) if explain_spec is not None else 0
     # An openai-compatible backend waits on a server: its actors hold no CPU. The offline one computes.
