@@ -229,6 +229,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rescore", action="store_true",
                    help="score again, into this --out, the rows written with other settings (another checkpoint, "
                         "threshold, OCR engine or explainer; or by an older dhumor that did not record them)")
+    s.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="ray: Ray Data stages (decode+OCR tasks, model actors) into a Parquet dataset --out X.parquet; "
+                        "input may also be a URL (s3://, gs://, file://); needs dhumor[ray]")
+    s.add_argument("--ray-address", default=None, help="ray: auto, ray://HOST:PORT or HOST:PORT (default: start a "
+                                                       "local Ray instance on this machine)")
+    s.add_argument("--ray-batch-size", type=_positive_int, default=None,
+                   help="ray: memes per block, OCR task and model call (default: --batch-size)")
+    s.add_argument("--ray-model-actors", type=_positive_int, default=None,
+                   help="ray: model actors (default: one per GPU, else one)")
+    s.add_argument("--ray-gpus-per-actor", type=float, default=None,
+                   help="ray: GPUs per model actor (default: 1 when the cluster has GPUs, else 0)")
+    s.add_argument("--ray-ocr-cpus", type=float, default=1.0, help="ray: CPUs per decode+OCR task")
+    s.add_argument("--ray-explain-actors", type=_positive_int, default=1,
+                   help="ray: explanation actors (each keeps the backend's requests in flight)")
     _add_common(s)
 
     m = add("merge", "merge shard outputs into one file, refusing duplicates")
@@ -368,6 +382,10 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_score(args) -> int:
+    if args.engine == "ray":  # Ray Data across a cluster (or a local instance): dhumor/inference/ray_engine.py
+        from dhumor.inference.ray_engine import score_command
+
+        return score_command(args)
     from dhumor.inference.results_file import ResultsFile, check_not_input, check_own, claim_output, output_files
 
     check_not_input(args.out, args.input, args.images)  # a run never writes what it reads

@@ -340,6 +340,12 @@ class RowInfo:
     provenance: str | None  # provenance_key() of the row's settings; None: written before rows recorded them
 
 
+def row_info(row: dict, provenance: str | None = None) -> RowInfo:
+    """What resuming needs of one row as read back (JSONL, CSV or Parquet); ``provenance``: its key, if known."""
+    return RowInfo(bool(row.get("error")), row.get("error_kind") or None, bool(explanation_error(row)),
+                   bool(row.get("retry")), provenance)
+
+
 def _first_line(path: Path) -> tuple[bytes, bool]:
     """The file's first line (without its newline) and whether a newline ended it."""
     buf = bytearray()
@@ -570,8 +576,7 @@ class ResultsFile:
                 prov = provenance_key(row["provenance"]) if isinstance(row.get("provenance"), dict) else None
             if prov is not None:
                 prov = seen.setdefault(prov, prov)
-            out[row["id"]] = RowInfo(bool(row.get("error")), row.get("error_kind") or None,
-                                     bool(explanation_error(row)), bool(row.get("retry")), prov)
+            out[row["id"]] = row_info(row, prov)
         return out
 
     def done_ids(self) -> dict[str, bool]:
