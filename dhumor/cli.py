@@ -342,22 +342,20 @@ def cmd_score(args) -> int:
     check_not_input(args.out, args.input, args.images)  # a run never writes what it reads
     claim_output(args.out)  # a bad --out, or another run on it, is refused at once, before torch is imported
     check_own(args.out, "score")  # a file that is not a results file: refused, untouched, in a second
-    from .cache import StageCache
     from .items import collect_items, in_shard, parse_shard
-    from .ocr import create_ocr
-    from .pipeline import Pipeline
-    from .preflight import check_checkpoint, check_explainer, check_input, check_ocr
+    from .preflight import check_checkpoint, check_checkpoint_weights, check_explainer, check_input, check_ocr
     from .schema import TaskSchema
-    from .scoring import Scorer
 
-    # Everything a user can get wrong is checked before a model loads.
+    # Everything a user can get wrong is checked before a model loads (and, but for the weights' shapes,
+    # before torch is imported).
     shard = parse_shard(args.shard)
     source = check_input(args.input)
     check_ocr(args.ocr)
     check_explainer(args.explain, args.explain_model, args.base_url)
-    ckpt, meta = check_checkpoint(args.checkpoint)
+    ckpt, meta = check_checkpoint(args.checkpoint, weights=False)
     results = ResultsFile(args.out, TaskSchema.from_dict(meta["schema"])).verify()  # ours? before a byte changes
     done = _check_provenance_early(results, ckpt, meta, args)
+    check_checkpoint_weights(ckpt, meta)
     items = [it for it in collect_items(source, args.format, args.images, exclude=output_files(args.out))
              if in_shard(it.id, shard)]
     if done is not None:
@@ -369,6 +367,11 @@ def cmd_score(args) -> int:
                   file=sys.stderr)
             print(json.dumps(summary.to_dict()), file=sys.stderr)
             return summary.exit_code
+
+    from .cache import StageCache
+    from .ocr import create_ocr
+    from .pipeline import Pipeline
+    from .scoring import Scorer
 
     cache = StageCache(args.cache)
     explainer = _explainer_from_args(args, cache) if args.explain != "none" else None
@@ -397,10 +400,10 @@ def _check_provenance_early(results, ckpt, meta, args) -> None:
     """Before any model loads: refuse an --out whose rows another checkpoint, threshold or OCR engine wrote
     (the explainer's settings are compared too, once it is built: :meth:`Scorer.run`). Returns the file's
     index when every setting is known to match (no explainer), so a finished run needs no model."""
-    from .checkpoint import checkpoint_digest
+    from .checkpoint_meta import checkpoint_digest
     from .decision import Decider
+    from .results_file import check_provenance
     from .schema import TaskSchema
-    from .scoring import check_provenance
 
     if args.rescore or not results.path.exists():
         return None
