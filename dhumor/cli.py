@@ -363,6 +363,7 @@ def cmd_score(args) -> int:
 
         summary = summary_if_done(results, items, done, args.retry_errors)
         if summary is not None:  # every meme has its final row: no model needs to load to say so
+            results.repair()  # a torn last line (a run killed mid-write) is still cut
             print(f"dhumor score: nothing to do: all {summary.total} memes already have a row in {args.out}",
                   file=sys.stderr)
             print(json.dumps(summary.to_dict()), file=sys.stderr)

@@ -58,15 +58,16 @@ def run_explain(explainer: Explainer, items: Sequence[Item], out: str, ocr=None,
     """Explain ``items`` into the JSONL ``out``: rows are appended ``batch_size`` at a time as memes
     finish (whole lines, fsynced), so a kill loses only memes in flight. Rows that failed because
     the backend was down are retried by the next run (replaced, never duplicated)."""
-    results = ResultsFile(out, None)
-    results.repair()
+    results = ResultsFile(out, None, kind="explain")
+    results.repair()  # only after the file is proven to be an explanations file (verify)
     # Rows that failed for the server's sake are redone, but only those of memes this run covers:
     # a rerun with --limit or --shard keeps the others' rows for a later run to redo.
     wanted = {it.id for it in items}
-    retry = {r["id"] for r in results.rows() if r.get("retry")} & wanted
+    done = results.index()  # ids and flags only: memory grows with the ids, not the rows
+    retry = {i for i, r in done.items() if r.retry} & wanted
     if retry:
         results.drop_ids(retry)
-    done = results.done_ids()
+        done = {i: r for i, r in done.items() if i not in retry}
     todo = [it for it in items if it.id not in done]
     s = ExplainSummary(total=len(items), already_done=len(items) - len(todo), retried=len(retry))
     t0 = time.perf_counter()
