@@ -320,9 +320,12 @@ def cmd_evaluate(args) -> int:
     from .preflight import check_checkpoint, check_input, check_ocr
 
     if args.predictions:
-        from .results_file import claim_output
+        from .results_file import check_not_input, check_own, claim_output
 
+        check_not_input(args.predictions, args.manifest, resolve_data_path(args.manifest), args.images,
+                        args.explanations)
         claim_output(args.predictions, (".jsonl",))  # a bad or busy path is refused before any model loads
+        check_own(args.predictions, "score")  # it is rewritten whole: only ever over an earlier one of ours
     manifest = check_input(resolve_data_path(args.manifest))
     check_ocr(args.ocr)
     ckpt, _ = check_checkpoint(args.checkpoint)
