@@ -110,6 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default=None, help="default: the one shipped with dhumor")
     ap.add_argument("--json", default=None)
     ap.add_argument("--scratch", default=None, help="where the folders and outputs go (default: a temp dir)")
+    ap.add_argument("--resume-only", action="store_true",
+                    help="keep the scoring numbers of --json (same --scratch) and measure the resumes again")
     args = ap.parse_args(argv)
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="dhumor-scale-"))
     folder, big = scratch / "memes", scratch / "big"
@@ -125,7 +127,13 @@ def main(argv=None) -> int:
     results: dict = {"n": args.n, "resume_n": args.resume_n,
                      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, shared with other agents' work "
                                 f"(load average {os.getloadavg()[0]:.1f} at start)", "versions": {}}
+    if args.resume_only:
+        old = json.loads(Path(args.json).read_text())
+        results["versions"] = {k: {"score": v["score"]} for k, v in old["versions"].items()}
+        results["machine_while_scoring"] = old["machine"]
     for name, code in versions.items():
+        if args.resume_only:
+            continue
         out, cache = scratch / f"{name}.jsonl", scratch / f"{name}-cache.sqlite"
         first = run_score(code, folder, out, cache, args.checkpoint, args.n)
         print(f"{name}: {first}", file=sys.stderr)

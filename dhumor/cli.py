@@ -358,7 +358,6 @@ def cmd_score(args) -> int:
     ckpt, meta = check_checkpoint(args.checkpoint, weights=False)
     results = ResultsFile(args.out, TaskSchema.from_dict(meta["schema"])).verify()  # ours? before a byte changes
     done = _check_provenance_early(results, ckpt, meta, args)
-    check_checkpoint_weights(ckpt, meta)
     items = [it for it in collect_items(source, args.format, args.images, exclude=output_files(args.out))
              if in_shard(it.id, shard)]
     if done is not None:
@@ -372,6 +371,7 @@ def cmd_score(args) -> int:
             print(json.dumps(summary.to_dict()), file=sys.stderr)
             return summary.exit_code
 
+    check_checkpoint_weights(ckpt, meta)  # the first import of torch: only when a model is to load
     from .cache import StageCache
     from .ocr import create_ocr
     from .pipeline import Pipeline
