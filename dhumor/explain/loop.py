@@ -14,7 +14,6 @@ explanation. Requests for many memes are batched per iteration.
 from __future__ import annotations
 
 import collections
-from ..errors import InvalidValueError
 import dataclasses
 import difflib
 import json
@@ -23,6 +22,7 @@ from typing import Iterable, Iterator, Sequence
 
 from PIL import Image
 
+from ..errors import InvalidValueError
 from .backends.base import Backend, Generation, GenerationRequest
 from .prompts import Prompts
 from .schema import FIELDS, Explanation, ParseError, parse_critique, parse_explanation, trim_capped
