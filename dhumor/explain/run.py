@@ -17,6 +17,7 @@ from ..errors import DataError
 from ..images import load_image_with_digest
 from ..results_file import ResultsFile
 from ..items import Item
+from ..ocr import OCRFailed
 from .explainer import Explainer
 
 
@@ -93,7 +94,13 @@ def run_explain(explainer: Explainer, items: Sequence[Item], out: str, ocr=None,
                              "status": "failed", "error": e.reason, "text": None, "iterations": []})
                 s.unreadable += 1
                 continue
-            caption = it.caption if it.caption is not None else (ocr.read(img, sha) if ocr else "")
+            try:
+                caption = it.caption if it.caption is not None else (ocr.read(img, sha) if ocr else "")
+            except OCRFailed as e:  # the engine failed on this image: its row says so, the run goes on
+                rows.append({"id": it.id, "path": str(it.path), "sha256": sha, "caption": None, "status": "failed",
+                             "error": f"OCR failed: {e}", "error_kind": e.kind, "text": None, "iterations": []})
+                s.unreadable += 1
+                continue
             yield (it, sha, caption), img, sha, caption
 
     before = explainer.stats["cached"]
