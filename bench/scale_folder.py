@@ -1,15 +1,18 @@
 """A big folder scored with `dhumor score --ocr none`: peak RSS, time to the first row, memes/s, and what
 resuming costs, for two versions of dhumor side by side (issue 28, "Scale").
 
-    python bench/scale_folder.py --n 20000 --before /path/to/other/checkout --json bench/results/scale_folder.json
+    python bench/scale_folder.py --n 20000 --resume-n 20000 --before /path/to/other/checkout \
+        --json bench/results/scale_folder.json
 
-N small PNGs (64x48, each different, so no feature is shared) are generated into a scratch folder;
-each version scores them into its own results file with its own empty stage cache (nothing is served
-from the other's run), as a fresh `python -m dhumor.cli` process whose peak RSS comes from wait4.
-"Resume" reruns the same command on the finished file ("nothing to do"): its peak RSS and time show
-what listing and resuming cost as the file grows. "scan" measures in this process, with tracemalloc,
-the memory that reading the finished file's rows needs (``rows()``, every row in memory) against the
-id-only scan resuming uses now (``index()``).
+Scoring: N small PNGs (64x48, each different, so no feature is shared) are generated into a scratch
+folder; each version scores them into its own results file with its own empty stage cache (nothing is
+served from the other's run), as a fresh `python -m dhumor.cli` process whose peak RSS comes from
+wait4. Resuming: a folder of RESUME_N images and a finished results file of RESUME_N rows (each a copy
+of a real row of the scoring run under its own id, with this version's provenance) are rerun by each
+version ("nothing to do"): peak RSS and time show what listing and resuming cost as the file grows,
+without scoring RESUME_N memes first. "scan" measures in this process, with tracemalloc, the memory
+that reading that file needs: every row (``rows()``, what resuming read before) against the id-only
+scan resuming uses now (``index()``).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -88,34 +92,64 @@ def scan_memory(out: Path) -> dict:
     return res
 
 
+def synthetic_results(folder: Path, out: Path, template: dict) -> None:
+    """A finished results file with one realistic row per file under ``folder`` (ids as `dhumor score`
+    lists them: the path relative to the folder)."""
+    with open(out, "w", encoding="utf-8") as fh:
+        for sub in sorted(folder.iterdir()):
+            for f in sorted(sub.iterdir()):
+                rid = f"{sub.name}/{f.name}"
+                fh.write(json.dumps({**template, "id": rid, "path": str(f)}, ensure_ascii=False) + "\n")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--n", type=int, default=20000, help="memes scored by each version")
+    ap.add_argument("--resume-n", type=int, default=20000, help="rows of the finished file each version resumes")
     ap.add_argument("--before", default=None, help="checkout of the earlier version (its repository root)")
     ap.add_argument("--checkpoint", default=None, help="default: the one shipped with dhumor")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--scratch", default=None, help="where the folder and outputs go (default: a temp dir)")
+    ap.add_argument("--scratch", default=None, help="where the folders and outputs go (default: a temp dir)")
+    ap.add_argument("--resume-only", action="store_true",
+                    help="keep the scoring numbers of --json (same --scratch) and measure the resumes again")
     args = ap.parse_args(argv)
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="dhumor-scale-"))
-    folder = scratch / "memes"
+    folder, big = scratch / "memes", scratch / "big"
     t = time.perf_counter()
     if not folder.exists():
         make_folder(folder, args.n)
-    print(f"{args.n} images in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    if not big.exists():
+        make_folder(big, args.resume_n)
+    print(f"{args.n} + {args.resume_n} images in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     versions = {"after": ROOT}
     if args.before:
         versions = {"before": Path(args.before), **versions}
-    results: dict = {"n": args.n, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, shared with other "
-                                                  f"agents' work (load average {os.getloadavg()[0]:.1f} at start)",
-                     "versions": {}}
+    results: dict = {"n": args.n, "resume_n": args.resume_n,
+                     "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, shared with other agents' work "
+                                f"(load average {os.getloadavg()[0]:.1f} at start)", "versions": {}}
+    if args.resume_only:
+        old = json.loads(Path(args.json).read_text())
+        results["versions"] = {k: {"score": v["score"]} for k, v in old["versions"].items()}
+        results["machine_while_scoring"] = old["machine"]
     for name, code in versions.items():
+        if args.resume_only:
+            continue
         out, cache = scratch / f"{name}.jsonl", scratch / f"{name}-cache.sqlite"
         first = run_score(code, folder, out, cache, args.checkpoint, args.n)
         print(f"{name}: {first}", file=sys.stderr)
-        resume = run_score(code, folder, out, cache, args.checkpoint, args.n)
-        print(f"{name} resume: {resume}", file=sys.stderr)
-        results["versions"][name] = {"score": first, "resume": resume}
-    results["scan"] = scan_memory(scratch / "after.jsonl")
+        results["versions"][name] = {"score": first}
+    # Resume a finished file of resume_n rows: rows as this version writes them (after's carry provenance;
+    # the earlier version ignores the key).
+    template = json.loads((scratch / "after.jsonl").read_text().split("\n")[0])
+    big_out = scratch / "big.jsonl"
+    synthetic_results(big, big_out, template)
+    for name, code in versions.items():
+        shutil.copy(big_out, scratch / f"big-{name}.jsonl")
+        resume = run_score(code, big, scratch / f"big-{name}.jsonl", scratch / f"{name}-cache.sqlite",
+                           args.checkpoint, args.resume_n)
+        print(f"{name} resume of {args.resume_n} rows: {resume}", file=sys.stderr)
+        results["versions"][name]["resume"] = resume
+    results["scan"] = scan_memory(big_out)
     results["load_average_end"] = round(os.getloadavg()[0], 1)
     print(json.dumps(results, indent=1))
     if args.json:

@@ -365,9 +365,12 @@ def cmd_evaluate(args) -> int:
     from dhumor.inference.preflight import check_checkpoint, check_input, check_ocr
 
     if args.predictions:
-        from dhumor.inference.results_file import claim_output
+        from dhumor.inference.results_file import check_not_input, check_own, claim_output
 
+        check_not_input(args.predictions, args.manifest, resolve_data_path(args.manifest), args.images,
+                        args.explanations)
         claim_output(args.predictions, (".jsonl",))  # a bad or busy path is refused before any model loads
+        check_own(args.predictions, "score")  # it is rewritten whole: only ever over an earlier one of ours
     manifest = check_input(resolve_data_path(args.manifest))
     check_ocr(args.ocr)
     ckpt, _ = check_checkpoint(args.checkpoint)
@@ -391,20 +394,18 @@ def cmd_score(args) -> int:
     check_not_input(args.out, args.input, args.images)  # a run never writes what it reads
     claim_output(args.out)  # a bad --out, or another run on it, is refused at once, before torch is imported
     check_own(args.out, "score")  # a file that is not a results file: refused, untouched, in a second
-    from dhumor.cache import StageCache
     from dhumor.inference.items import collect_items, in_shard, parse_shard
-    from dhumor.ocr import create_ocr
-    from dhumor.inference.pipeline import Pipeline
-    from dhumor.inference.preflight import check_checkpoint, check_explainer, check_input, check_ocr
+    from dhumor.inference.preflight import (check_checkpoint, check_checkpoint_weights, check_explainer, check_input,
+                                            check_ocr)
     from dhumor.schema import TaskSchema
-    from dhumor.inference.scoring import Scorer
 
-    # Everything a user can get wrong is checked before a model loads.
+    # Everything a user can get wrong is checked before a model loads (and, but for the weights' shapes,
+    # before torch is imported).
     shard = parse_shard(args.shard)
     source = check_input(args.input)
     check_ocr(args.ocr)
     check_explainer(args.explain, args.explain_model, args.base_url)
-    ckpt, meta = check_checkpoint(args.checkpoint)
+    ckpt, meta = check_checkpoint(args.checkpoint, weights=False)
     results = ResultsFile(args.out, TaskSchema.from_dict(meta["schema"])).verify()  # ours? before a byte changes
     done = _check_provenance_early(results, ckpt, meta, args)
     items = [it for it in collect_items(source, args.format, args.images, exclude=output_files(args.out))
@@ -419,6 +420,12 @@ def cmd_score(args) -> int:
                   file=sys.stderr)
             print(json.dumps(summary.to_dict()), file=sys.stderr)
             return summary.exit_code
+
+    check_checkpoint_weights(ckpt, meta)  # the first import of torch: only when a model is to load
+    from dhumor.cache import StageCache
+    from dhumor.ocr import create_ocr
+    from dhumor.inference.pipeline import Pipeline
+    from dhumor.inference.scoring import Scorer
 
     cache = StageCache(args.cache)
     explainer = _explainer_from_args(args, cache) if args.explain != "none" else None
@@ -447,10 +454,10 @@ def _check_provenance_early(results, ckpt, meta, args) -> None:
     """Before any model loads: refuse an --out whose rows another checkpoint, threshold or OCR engine wrote
     (the explainer's settings are compared too, once it is built: :meth:`Scorer.run`). Returns the file's
     index when every setting is known to match (no explainer), so a finished run needs no model."""
-    from dhumor.model.checkpoint import checkpoint_digest
     from dhumor.inference.decision import Decider
+    from dhumor.inference.results_file import check_provenance
+    from dhumor.model.checkpoint_meta import checkpoint_digest
     from dhumor.schema import TaskSchema
-    from dhumor.inference.scoring import check_provenance
 
     if args.rescore or not results.path.exists():
         return None

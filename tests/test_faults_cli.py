@@ -317,3 +317,16 @@ def test_other_ckpt_of_the_run_decides_uncalibrated_with_a_warning(trained, src,
         assert "calibration" not in meta and "thresholds" not in meta
     finally:
         other.unlink(missing_ok=True)
+
+
+def test_explain_turns_an_ocr_failure_into_that_memes_row(src, tmp_path):
+    pytest.importorskip("rapidocr")
+    names = _images(src, 1, start=160) + [_strip(src)]
+    out = tmp_path / "e.jsonl"
+    with faultkit.RefusingServer() as url:
+        assert main(["explain", str(src), "--out", str(out), "--explain", "openai", "--explain-model", "m",
+                     "--base-url", url, "--ocr", "rapidocr", "--iterations", "1", "--quiet"]) == 3
+    rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == set(names)
+    assert rows["strip.png"]["status"] == "failed" and "ResizeImgError" in rows["strip.png"]["error"]
+    assert rows["strip.png"]["error_kind"] == "permanent"

@@ -58,7 +58,7 @@ def run_explain(explainer: Explainer, items: Sequence[Item], out: str, ocr=None,
     """Explain ``items`` into the JSONL ``out``: rows are appended ``batch_size`` at a time as memes
     finish (whole lines, fsynced), so a kill loses only memes in flight. Rows that failed because
     the backend was down are retried by the next run (replaced, never duplicated)."""
-    results = ResultsFile(out, None)
+    results = ResultsFile(out, None, kind="explain")
     # Rows that failed for the server's sake are redone, but only those of memes this run covers:
     # a rerun with --limit or --shard keeps the others' rows for a later run to redo.
     todo, retried = resume(results, items, lambda r: r.retry)

@@ -34,9 +34,9 @@ def _row_id(line: bytes, header: list[str] | None, path: str | Path, n: int) -> 
 
 
 def _settings(key: str | None) -> str:
-    from dhumor.inference.scoring import _describe_provenance
+    from dhumor.inference.results_file import describe_provenance
 
-    return _describe_provenance(key)
+    return describe_provenance(key)
 
 
 def merge_results(inputs: list[str | Path], out: str | Path) -> int:

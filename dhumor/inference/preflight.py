@@ -27,23 +27,30 @@ def check_explainer(backend: str | None, model: str | None = None, base_url: str
     check_backend(backend, model, base_url)
 
 
-def check_checkpoint(path: str | Path | None) -> tuple[Path, dict]:
-    """The checkpoint exists, its metadata reads with every number finite and within bounds, and its
-    weights' shapes (from the safetensors header: no tensor is read) are the ones the metadata asks for;
-    its offline encoder weights are installed. A missing threshold or calibration is a warning."""
-    from dhumor.model.checkpoint import META, WEIGHTS, check_weights, read_checkpoint, read_meta, safetensors_shapes
+def check_checkpoint(path: str | Path | None, weights: bool = True) -> tuple[Path, dict]:
+    """The checkpoint exists, its metadata reads with every number finite and within bounds, its
+    safetensors header is whole (no tensor is read), and, with ``weights``, every tensor has the shape
+    the metadata asks for (:func:`check_checkpoint_weights`); its offline encoder weights are installed.
+    A missing threshold or calibration is a warning. Without ``weights`` a directory checkpoint is
+    checked without importing torch (a refusal in about a second)."""
+    from dhumor.model.checkpoint_meta import META, WEIGHTS, read_meta_file, safetensors_shapes
     from dhumor.resources import default_checkpoint
 
     try:
         p = Path(path).expanduser() if path else default_checkpoint()
         if p.suffix == ".ckpt" or not p.exists():
-            meta, _ = read_checkpoint(p)
+            from dhumor.model.checkpoint import read_checkpoint
+
+            meta, _ = read_checkpoint(p)  # a .ckpt is a torch file: read (memory-mapped) and shape-checked
         else:
-            meta = read_meta(p)
-            weights = p / WEIGHTS if p.is_dir() else p
-            if not weights.is_file():
-                raise CheckpointError(f"{p}: a dhumor checkpoint needs {META} and {WEIGHTS}")
-            check_weights(meta, safetensors_shapes(weights), weights)
+            d = p if p.is_dir() else p.parent
+            w = p / WEIGHTS if p.is_dir() else p
+            if not (d / META).is_file() or not w.is_file():
+                raise CheckpointError(f"{d}: a dhumor checkpoint needs {META} and {WEIGHTS}")
+            meta = read_meta_file(d / META)
+            safetensors_shapes(w)
+            if weights:
+                check_checkpoint_weights(p, meta)
     except CheckpointError as e:
         raise ConfigError(str(e)) from None
     _warn_unfitted(p, meta)
@@ -51,6 +58,21 @@ def check_checkpoint(path: str | Path | None) -> tuple[Path, dict]:
     for stream in hp.get("streams") or []:
         check_encoder_weights(hp.get(f"{stream}_encoder"))
     return p, meta
+
+
+def check_checkpoint_weights(path: Path, meta: dict) -> None:
+    """Every fusion-network tensor has the shape ``meta`` asks for (from the safetensors header; the
+    model is built on torch's meta device: no memory). ConfigError naming the tensor."""
+    from dhumor.model.checkpoint import check_weights
+    from dhumor.model.checkpoint_meta import WEIGHTS, safetensors_shapes
+
+    if path.suffix == ".ckpt":
+        return  # checked when it was read
+    w = path / WEIGHTS if path.is_dir() else path
+    try:
+        check_weights(meta, safetensors_shapes(w), w)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _warn_unfitted(path: Path, meta: dict) -> None:

@@ -20,6 +20,7 @@ shard and ``dhumor merge`` already do that, with no shared file to fight over.)
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 import csv
 import errno
 import fcntl
@@ -406,6 +407,39 @@ def check_not_input(out: str | Path, *inputs: str | Path | None) -> None:
         if i is not None and os.path.realpath(i) == real:
             same = "" if os.path.abspath(i) == os.path.abspath(out) else f" (it resolves to {real})"
             raise ConfigError(f"--out {out}: is the input {i}{same}; give another --out")
+
+
+# ---------------------------------------------------------------- provenance
+def describe_provenance(key: str | None) -> str:
+    if key is None:
+        return "unknown settings (rows written by an older dhumor, which did not record them)"
+    p = json.loads(key)
+    ex = p.get("explainer")
+    ex_text = "no explainer" if not ex else "explainer " + "/".join(
+        str(ex.get(k)) for k in ("backend", "model", "prompt_version") if ex.get(k)) + f" x{ex.get('iterations')}"
+    return f"checkpoint {str(p.get('checkpoint'))[:12]}, threshold {p.get('threshold')}, ocr {p.get('ocr')}, {ex_text}"
+
+
+def check_provenance(results: ResultsFile, index: dict[str, RowInfo], provenance: dict, rescore: bool,
+                     fields: tuple[str, ...] | None = None) -> set[str]:
+    """The ids whose rows were written with other settings than ``provenance`` (only ``fields`` of it
+    compared, when given). ConfigError naming both settings unless ``rescore``; then those ids are to
+    be dropped and scored again."""
+    def pick(key: str | None) -> str | None:
+        if key is None or fields is None:
+            return key
+        return provenance_key({k: v for k, v in json.loads(key).items() if k in fields})
+
+    mine = pick(provenance_key({k: v for k, v in provenance.items() if fields is None or k in fields}))
+    other = {i for i, r in index.items() if pick(r.provenance) != mine}
+    if other and not rescore:
+        theirs = Counter(index[i].provenance for i in other).most_common(1)[0][0]
+        full_mine = provenance_key(provenance)
+        raise ConfigError(
+            f"--out {results.path}: {len(other)} of its {len(index)} rows were written with "
+            f"{describe_provenance(theirs)}; this run uses {describe_provenance(full_mine)}. Give a new --out, "
+            f"or pass --rescore to score them again into this file")
+    return other
 
 
 # ---------------------------------------------------------------- the file

@@ -11,19 +11,20 @@ settings is refused rather than mixing two models' rows in one file, unless aske
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from tqdm.auto import tqdm
 
-from dhumor.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROWS_FAILED, ConfigError
+from dhumor.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROWS_FAILED
 from dhumor.inference.items import Item
-from dhumor.inference.pipeline import Pipeline
-from dhumor.inference.results_file import ResultsFile, RowInfo, explanation_error, provenance_key
+from dhumor.inference.results_file import ResultsFile, RowInfo, check_provenance, explanation_error  # noqa: F401
+
+if TYPE_CHECKING:
+    from dhumor.inference.pipeline import Pipeline
 
 log = logging.getLogger("dhumor")
 
@@ -60,38 +61,6 @@ def _needs_redo(row: RowInfo, retry_errors: bool) -> bool:
     if row.error:
         return retry_errors or row.error_kind == "transient"  # "permanent" (and legacy "input"): only if asked
     return row.explanation_error
-
-
-def _describe_provenance(key: str | None) -> str:
-    if key is None:
-        return "unknown settings (rows written by an older dhumor, which did not record them)"
-    p = json.loads(key)
-    ex = p.get("explainer")
-    ex_text = "no explainer" if not ex else "explainer " + "/".join(
-        str(ex.get(k)) for k in ("backend", "model", "prompt_version") if ex.get(k)) + f" x{ex.get('iterations')}"
-    return f"checkpoint {str(p.get('checkpoint'))[:12]}, threshold {p.get('threshold')}, ocr {p.get('ocr')}, {ex_text}"
-
-
-def check_provenance(results: ResultsFile, index: dict[str, RowInfo], provenance: dict, rescore: bool,
-                     fields: tuple[str, ...] | None = None) -> set[str]:
-    """The ids whose rows were written with other settings than ``provenance`` (only ``fields`` of it
-    compared, when given). ConfigError naming both settings unless ``rescore``; then those ids are to
-    be dropped and scored again."""
-    def pick(key: str | None) -> str | None:
-        if key is None or fields is None:
-            return key
-        return provenance_key({k: v for k, v in json.loads(key).items() if k in fields})
-
-    mine = pick(provenance_key({k: v for k, v in provenance.items() if fields is None or k in fields}))
-    other = {i for i, r in index.items() if pick(r.provenance) != mine}
-    if other and not rescore:
-        theirs = Counter(index[i].provenance for i in other).most_common(1)[0][0]
-        full_mine = provenance_key(provenance)
-        raise ConfigError(
-            f"--out {results.path}: {len(other)} of its {len(index)} rows were written with "
-            f"{_describe_provenance(theirs)}; this run uses {_describe_provenance(full_mine)}. Give a new --out, "
-            f"or pass --rescore to score them again into this file")
-    return other
 
 
 def summary_if_done(results: ResultsFile, items: Sequence[Item], index: dict[str, RowInfo],

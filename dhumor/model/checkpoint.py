@@ -12,10 +12,8 @@ Lightning ``.ckpt`` files also load, through ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -24,12 +22,12 @@ from typing import Any
 
 import torch
 
-from dhumor.model.checkpoint_meta import FORMAT, validate_meta
 from dhumor.encoders.registry import get_entry
 from dhumor.errors import CheckpointError
-from dhumor.util.files import file_sha256  # noqa: F401  (re-exported: tests and export.py use it here)
+from dhumor.model.checkpoint_meta import (FITTED_KEYS, FORMAT, META, WEIGHTS, checkpoint_digest,  # noqa: F401
+                                          file_sha256, fitted_beside, read_meta_file, safetensors_shapes,
+                                          validate_meta)
 
-WEIGHTS, META = "model.safetensors", "dhumor.json"
 log = logging.getLogger("dhumor")
 
 
@@ -169,99 +167,6 @@ def read_meta(path: str | Path) -> dict:
     if not (d / META).exists():
         raise CheckpointError(f"{d}: a dhumor checkpoint needs {META} and {WEIGHTS}")
     return validate_meta(_read_json(d / META), str(d / META))
-
-
-FITTED_KEYS = ("thresholds", "calibration", "reasoning_source")
-
-
-def fitted_beside(ckpt: str | Path) -> dict:
-    """What ``fit`` learned after training (calibration, threshold presets, reasoning source) for a
-    Lightning ``.ckpt``: it lives in the run's ``export/dhumor.json`` (``<run>/checkpoints/x.ckpt`` →
-    ``<run>/export``), and belongs to the one ``.ckpt`` it was fitted for (named, with its sha256, in
-    the export's ``metrics.selection``). Any other ``.ckpt`` of the run (``last.ckpt``) gets only the
-    reasoning source, and decides uncalibrated, with a warning. Empty when there is no export."""
-    ckpt = Path(ckpt)
-    meta_path = ckpt.resolve().parent.parent / "export" / META
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(meta, dict):
-        return {}
-    fitted = {k: meta[k] for k in FITTED_KEYS if k in meta}
-    selection = ((meta.get("metrics") or {}).get("selection") or {}) if isinstance(meta.get("metrics"), dict) else {}
-    name, digest = selection.get("checkpoint"), selection.get("checkpoint_sha256")
-    mine = digest == file_sha256(ckpt) if digest else name == ckpt.name
-    if mine:
-        return fitted
-    key = (str(ckpt.resolve()), str(meta_path))
-    if key not in _WARNED_UNFITTED:
-        _WARNED_UNFITTED.add(key)
-        log.warning("%s: the calibration and thresholds in %s were fitted for %s, not this checkpoint: it decides "
-                    "uncalibrated (pass --decision-threshold, or score with %s or the export)", ckpt, meta_path,
-                    name or "another checkpoint", name or "that checkpoint")
-    return {k: v for k, v in fitted.items() if k == "reasoning_source"}
-
-
-_WARNED_UNFITTED: set[tuple[str, str]] = set()
-
-
-def checkpoint_digest(path: str | Path) -> str:
-    """The sha256 of what decides a checkpoint's rows: its weights and its metadata (for a ``.ckpt``, the
-    fitted calibration it gets from its export). Recorded in every row's provenance."""
-    path = Path(path)
-    h = hashlib.sha256()
-    if path.is_dir() or path.suffix == ".safetensors":
-        d = path if path.is_dir() else path.parent
-        parts = [d / WEIGHTS if path.is_dir() else path, d / META]
-        for p in parts:
-            h.update(bytes.fromhex(file_sha256(p)))
-    else:
-        h.update(bytes.fromhex(file_sha256(path)))
-        h.update(json.dumps(fitted_beside(path), sort_keys=True).encode())
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------- weights checked before they load
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
-                "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
-
-
-def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
-    """Tensor name → shape from a ``.safetensors`` file's header alone (no tensor is read); every entry's
-    byte range checked against the file. CheckpointError naming the tensor when the header is damaged."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if n < 2 or n > min(size - 8, 100 << 20):
-                raise CheckpointError(f"{path}: not a safetensors file (its header length is damaged)")
-            header = json.loads(fh.read(n))
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
-    except (ValueError, UnicodeDecodeError):
-        raise CheckpointError(f"{path}: not a safetensors file (its header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
-    data = size - 8 - n
-    shapes = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (a, b) = info["dtype"], info["shape"], info["data_offsets"]
-            ok = (dtype in _DTYPE_BYTES and isinstance(shape, list) and all(type(x) is int and x >= 0 for x in shape)
-                  and type(a) is int and type(b) is int and 0 <= a <= b <= data
-                  and b - a == math.prod(shape) * _DTYPE_BYTES[dtype])
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise CheckpointError(f"{path}: damaged weights: the header entry of tensor {name!r} is inconsistent "
-                                  f"(dtype, shape or byte range)")
-        shapes[name] = tuple(shape)
-    return shapes
 
 
 def expected_shapes(meta: dict) -> dict[str, tuple[int, ...]]:

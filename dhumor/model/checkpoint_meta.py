@@ -12,7 +12,11 @@ dhumor.errors.CheckpointError: ckpt/dhumor.json: damaged checkpoint metadata: th
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -20,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from dhumor.errors import CheckpointError
 
 FORMAT = "dhumor-checkpoint/1"
+WEIGHTS, META = "model.safetensors", "dhumor.json"
+log = logging.getLogger("dhumor")
 STREAMS = ("image", "caption", "reasoning")
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0, strict=True)]
@@ -172,3 +178,120 @@ def _non_finite(obj: Any, loc: tuple = ()) -> tuple[str, float] | None:
         if found:
             return found
     return None
+
+
+# ---------------------------------------------------------------- read without torch
+# Everything below needs no torch: a configuration error in a checkpoint is refused in a second.
+def read_meta_file(path: str | Path) -> dict:
+    """A ``dhumor.json`` read and validated (CheckpointError naming the file and the field)."""
+    path = Path(path)
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    return validate_meta(meta, str(path))
+
+
+FITTED_KEYS = ("thresholds", "calibration", "reasoning_source")
+
+
+def fitted_beside(ckpt: str | Path) -> dict:
+    """What ``fit`` learned after training (calibration, threshold presets, reasoning source) for a
+    Lightning ``.ckpt``: it lives in the run's ``export/dhumor.json`` (``<run>/checkpoints/x.ckpt`` →
+    ``<run>/export``), and belongs to the one ``.ckpt`` it was fitted for (named, with its sha256, in
+    the export's ``metrics.selection``). Any other ``.ckpt`` of the run (``last.ckpt``) gets only the
+    reasoning source, and decides uncalibrated, with a warning. Empty when there is no export."""
+    ckpt = Path(ckpt)
+    meta_path = ckpt.resolve().parent.parent / "export" / META
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(meta, dict):
+        return {}
+    fitted = {k: meta[k] for k in FITTED_KEYS if k in meta}
+    selection = ((meta.get("metrics") or {}).get("selection") or {}) if isinstance(meta.get("metrics"), dict) else {}
+    name, digest = selection.get("checkpoint"), selection.get("checkpoint_sha256")
+    mine = digest == file_sha256(ckpt) if digest else name == ckpt.name
+    if mine:
+        return fitted
+    key = (str(ckpt.resolve()), str(meta_path))
+    if key not in _WARNED_UNFITTED:
+        _WARNED_UNFITTED.add(key)
+        log.warning("%s: the calibration and thresholds in %s were fitted for %s, not this checkpoint: it decides "
+                    "uncalibrated (pass --decision-threshold, or score with %s or the export)", ckpt, meta_path,
+                    name or "another checkpoint", name or "that checkpoint")
+    return {k: v for k, v in fitted.items() if k == "reasoning_source"}
+
+
+_WARNED_UNFITTED: set[tuple[str, str]] = set()
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_digest(path: str | Path) -> str:
+    """The sha256 of what decides a checkpoint's rows: its weights and its metadata (for a ``.ckpt``, the
+    fitted calibration it gets from its export). Recorded in every row's provenance."""
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_dir() or path.suffix == ".safetensors":
+        d = path if path.is_dir() else path.parent
+        parts = [d / WEIGHTS if path.is_dir() else path, d / META]
+        for p in parts:
+            h.update(bytes.fromhex(file_sha256(p)))
+    else:
+        h.update(bytes.fromhex(file_sha256(path)))
+        h.update(json.dumps(fitted_beside(path), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- weights checked before they load
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+                "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+
+
+def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape from a ``.safetensors`` file's header alone (no tensor is read); every entry's
+    byte range checked against the file. CheckpointError naming the tensor when the header is damaged."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or n > min(size - 8, 100 << 20):
+                raise CheckpointError(f"{path}: not a safetensors file (its header length is damaged)")
+            header = json.loads(fh.read(n))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    data = size - 8 - n
+    shapes = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (a, b) = info["dtype"], info["shape"], info["data_offsets"]
+            ok = (dtype in _DTYPE_BYTES and isinstance(shape, list) and all(type(x) is int and x >= 0 for x in shape)
+                  and type(a) is int and type(b) is int and 0 <= a <= b <= data
+                  and b - a == math.prod(shape) * _DTYPE_BYTES[dtype])
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{path}: damaged weights: the header entry of tensor {name!r} is inconsistent "
+                                  f"(dtype, shape or byte range)")
+        shapes[name] = tuple(shape)
+    return shapes
+
+

@@ -71,7 +71,7 @@ def load_queue_rows(source: str | Path, pipe=None, review_log: ReviewLog | None 
         raise InvalidValueError(f"{source}: no such results file or folder")
     if source.suffix.lower() != ".jsonl":
         raise InvalidValueError(f"{source}: the queue reads a JSONL results file of `dhumor score` (use --out x.jsonl)")
-    rows = ResultsFile(source, None).rows()
+    rows = ResultsFile(source, None, kind="score").rows()
     if rows and "decision" not in rows[0]:
         raise InvalidValueError(f"{source}: not a dhumor results file (rows have no decision)")
     return source.resolve(), rows
