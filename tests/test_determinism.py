@@ -19,4 +19,6 @@ def test_same_seed_same_model_on_a_cold_and_a_warm_cache(tmp_path, harmeme_fixtu
     meta = [json.loads((e / "dhumor.json").read_text()) for e in exports]
     for key in ("calibration", "thresholds"):
         assert meta[0][key] == meta[1][key], key
-    assert meta[0]["metrics"]["selection"] == meta[1]["metrics"]["selection"]
+    # the same epoch selected by the same score (the .ckpt files' own digests differ: they record the run's paths)
+    sel = [{k: v for k, v in m["metrics"]["selection"].items() if k != "checkpoint_sha256"} for m in meta]
+    assert sel[0] == sel[1]
