@@ -131,6 +131,15 @@ def _add_decision(p: argparse.ArgumentParser) -> None:
                                                        "else the one shipped with dhumor)")
     p.add_argument("--decision-threshold", type=float, default=None,
                    help="threshold on the primary task's probability (default: the checkpoint's balanced preset)")
+    p.add_argument("--on-unfamiliar", default="abstain", choices=["abstain", "flag", "ignore"],
+                   help="the decision on a meme unlike the training memes: abstain (reason 'unfamiliar'), flag it "
+                        "for a moderator, or decide it as any other (docs/unfamiliar.md)")
+    p.add_argument("--ood-threshold", type=float, default=None,
+                   help="unfamiliarity score above which a meme is unfamiliar (default: the checkpoint's, which "
+                        "calls 5%% of its held-out split unfamiliar)")
+    p.add_argument("--abstain-uncertain", action="store_true",
+                   help="also abstain (reason 'uncertain') on the memes nearest the threshold: the checkpoint's "
+                        "preset, which decides 80%% of its held-out split")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -258,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _unfamiliar_args(args) -> dict:
+    """The unfamiliarity and abstention options of score / evaluate / demo, for Pipeline.from_checkpoint."""
+    return {"on_unfamiliar": args.on_unfamiliar, "ood_threshold": args.ood_threshold,
+            "abstain_uncertain": args.abstain_uncertain}
+
+
 def _explainer_from_args(args, cache, **extra):
     from .explain import create_explainer
 
@@ -297,7 +312,8 @@ def cmd_evaluate(args) -> int:
     ckpt, _ = check_checkpoint(args.checkpoint)
     cache = StageCache(args.cache)
     pipe = Pipeline.from_checkpoint(ckpt, cache=cache, device=args.device, progress=not args.quiet,
-                                    ocr=create_ocr(args.ocr, cache), threshold=args.decision_threshold)
+                                    ocr=create_ocr(args.ocr, cache), threshold=args.decision_threshold,
+                                    **_unfamiliar_args(args))
     metrics, summary = evaluate(pipe, manifest, args.images, args.format, args.skip_bad, args.explanations,
                                 args.explanation_iteration, predictions=args.predictions, batch_size=args.batch_size)
     print(json.dumps(summary), file=sys.stderr)
@@ -330,7 +346,8 @@ def cmd_score(args) -> int:
     cache = StageCache(args.cache)
     explainer = _explainer_from_args(args, cache) if args.explain != "none" else None
     pipe = Pipeline.from_checkpoint(ckpt, cache=cache, device=args.device, ocr=create_ocr(args.ocr, cache),
-                                    explainer=explainer, threshold=args.decision_threshold, progress=False)
+                                    explainer=explainer, threshold=args.decision_threshold, progress=False,
+                                    **_unfamiliar_args(args))
     if explainer is not None and "reasoning" not in pipe.streams:
         print(f"dhumor score: note: {pipe.checkpoint} has no reasoning stream; explanations are written to the "
               f"rows but do not change its predictions", file=sys.stderr)
@@ -415,7 +432,8 @@ def cmd_demo(args) -> int:
     def load() -> Pipeline:
         explainer = _explainer_from_args(args, cache) if args.explain != "none" else None
         return Pipeline.from_checkpoint(ckpt, cache=cache, device=args.device, ocr=create_ocr(args.ocr, cache),
-                                        explainer=explainer, threshold=args.decision_threshold)
+                                        explainer=explainer, threshold=args.decision_threshold,
+                                        **_unfamiliar_args(args))
 
     models = ModelThread()  # models load and run on one thread (dhumor/model_thread.py says why)
     pipe = models.call(load)

@@ -56,6 +56,9 @@ def evaluate(pipeline: Pipeline, manifest: str | Path, images: str | Path | None
     summary = {"manifest": str(manifest), "memes": len(memes) + len(res.skipped), "scored": len(kept),
                "skipped_rows": len(res.skipped), "unusable_images": len(bad),
                "threshold": pipeline.decider.threshold, "features": vars(pipeline.extractor.stats)}
+    from .scoring import unfamiliar_counts
+
+    summary["unfamiliar"], summary["unfamiliar_share"], summary["abstained"] = unfamiliar_counts([r for _, r in kept])
     return metrics, summary
 
 

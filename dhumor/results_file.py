@@ -103,7 +103,8 @@ def _col(c: str) -> str:
 
 
 def csv_columns(schema: TaskSchema) -> list[str]:
-    cols = ["id", "path", "sha256", "caption", "caption_source", "flagged", "decision_probability"]
+    cols = ["id", "path", "sha256", "caption", "caption_source", "flagged", "decision_probability", "abstain",
+            "abstain_reason", "ood_score", "unfamiliar"]
     for t in schema.tasks:
         cols.append(f"{t.name}_label")
         cols += [f"{t.name}_p_{_col(c)}" for c in t.classes]
@@ -128,6 +129,9 @@ def _flat(row: dict, schema: TaskSchema) -> dict:
     out["explanation_error"] = explanation_error(row)
     dec = row.get("decision") or {}
     out["flagged"], out["decision_probability"] = dec.get("flagged"), dec.get("probability")
+    out["abstain"], out["abstain_reason"] = dec.get("abstain"), dec.get("reason")
+    ood = row.get("ood") or {}
+    out["ood_score"], out["unfamiliar"] = ood.get("score"), ood.get("unfamiliar")
     for t in schema.tasks:
         tr = (row.get("tasks") or {}).get(t.name) or {}
         out[f"{t.name}_label"] = tr.get("label")

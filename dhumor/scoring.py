@@ -38,6 +38,9 @@ class ScoreSummary:
     seconds: float = 0.0
     cache_hits: dict = field(default_factory=dict)
     labels: dict = field(default_factory=dict)  # per task, label counts over the whole output
+    unfamiliar: int = 0  # rows of the whole output whose meme is unlike the training memes
+    unfamiliar_share: float | None = None  # of the scored rows (None: the checkpoint has no score)
+    abstained: int = 0  # rows of the whole output whose decision abstains
     errors: Counter = field(default_factory=Counter)
 
     def to_dict(self) -> dict:
@@ -103,6 +106,7 @@ class Scorer:
         final = [r for r in self.results.rows() if r["id"] in wanted]
         summary.failed_in_output = sum(bool(r.get("error") or r.get("explanation_error")) for r in final)
         summary.labels = self.label_counts(final)
+        summary.unfamiliar, summary.unfamiliar_share, summary.abstained = unfamiliar_counts(final)
         return summary
 
     def label_counts(self, rows: list[dict]) -> dict:
@@ -115,3 +119,16 @@ class Scorer:
                 if label:
                     counts[t.name][label] += 1
         return {k: dict(v) for k, v in counts.items()}
+
+
+def _truth(v) -> bool:
+    return v is True or v == "True"  # JSONL rows hold booleans, CSV rows read back hold text
+
+
+def unfamiliar_counts(rows: list[dict]) -> tuple[int, float | None, int]:
+    """``(unfamiliar, share of scored rows unfamiliar, abstained)`` over result rows (JSONL or CSV read back)."""
+    ok = [r for r in rows if not r.get("error")]
+    scored = [r for r in ok if (r.get("ood") if "ood" in r else r.get("ood_score") not in (None, ""))]
+    unf = sum(_truth((r.get("ood") or {}).get("unfamiliar") if "ood" in r else r.get("unfamiliar")) for r in ok)
+    abst = sum(_truth((r.get("decision") or {}).get("abstain") if "decision" in r else r.get("abstain")) for r in ok)
+    return unf, (round(unf / len(scored), 4) if scored else None), abst
