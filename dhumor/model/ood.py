@@ -3,7 +3,7 @@
 The score reads the frozen encoder features of each stream and TCRNet's fused vector (both come
 out of the one forward pass; nothing extra runs). Higher = less familiar. Methods:
 
-- ``knn_streams``: distance to the k-th nearest training meme, where similarity is the mean over
+- ``knn_streams``: distance to the k-th nearest training meme (k = 10, at most 1% of them), where similarity is the mean over
   streams of the cosine similarity of the (train-mean-centred) encoder vectors; a stream a meme
   lacks (no caption) counts as similarity 0, since every training meme has both streams.
 - ``knn_fused``: cosine distance to the k-th nearest training meme in the fused vector.
@@ -180,14 +180,17 @@ class OODScorer:
             lw = LedoitWolf(assume_centered=True).fit(centred)
             t["means"] = means.astype(np.float32)
             t["precision"] = lw.precision_.astype(np.float32)
-        k = min(k, n) if method.startswith("knn") else k
+        # k at most 1% of the training memes: on a tiny training set the 10th neighbour is already in
+        # another cluster, and every meme would look unfamiliar.
+        k = max(1, min(k, n // 100)) if method.startswith("knn") else k
         return cls(method, t, k=k, info={"n_train": n})
 
     @staticmethod
     def _stream_view(e: Embeddings, t: Mapping[str, np.ndarray]) -> np.ndarray:
         """Per stream: centred, unit length, zero when absent; concatenated and scaled by 1/sqrt(S)
         so that a dot product with a training meme is the mean per-stream cosine similarity."""
-        names = [k.removeprefix("mean.") for k in t if k.startswith("mean.")]
+        # Sorted: a safetensors file gives its tensors back in name order, not in the order they were fitted.
+        names = sorted(k.removeprefix("mean.") for k in t if k.startswith("mean."))
         parts = []
         for s in names:
             u = _unit(e.streams[s].astype(np.float32) - t[f"mean.{s}"])
