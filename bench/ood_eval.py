@@ -150,6 +150,39 @@ def timed(fn, repeat: int = 5) -> float:
     return best
 
 
+def markdown(r: dict) -> str:
+    """The tables of docs/unfamiliar.md from the result JSON."""
+    shifts = list(r["shift_sizes"])
+    lines = [f"Shipped checkpoint; statistics from {r['split_fit']}, threshold from {r['split_threshold']}; "
+             f"reported on Harm-C val ({r['val_n']} memes). {r['machine']}.", "",
+             "| method | bytes | val share unfamiliar (target 5%) | "
+             + " | ".join(f"AUROC {s} (n={r['shift_sizes'][s]})" for s in shifts)
+             + " | selection mean AUROC (held-out side) |", "|---" * (4 + len(shifts)) + "|"]
+    for m, v in r["methods"].items():
+        mark = " (chosen)" if m == r["chosen"] else ""
+        lines.append(f"| `{m}`{mark} | {v['bytes']:,} | {v['val_share_unfamiliar']:.1%} | "
+                     + " | ".join(f"{v['val_auroc'][s]['auroc']:.3f}" for s in shifts)
+                     + f" | {v['selection_mean_auroc']:.3f} |")
+    rc = r["risk_coverage"]
+    lines += ["", f"Risk–coverage of harmful macro-F1 on val at the balanced threshold ({r['decision_threshold']}); "
+              f"full coverage {rc['full_coverage_macro_f1']:.3f}. Area = mean macro-F1 over coverage 100%..50% in "
+              f"steps of 5%.", "", "| abstain first on | area | macro-F1 at 80% coverage | at 90% | at 70% |",
+              "|---|---|---|---|---|"]
+    for k in ("least_confident", "most_unfamiliar"):
+        c = rc[k]
+        lines.append(f"| {k.replace('_', ' ')} | {c['area']:.3f} | {c['at_0.8']:.3f} | {c['curve']['0.9']:.3f} | "
+                     f"{c['curve']['0.7']:.3f} |")
+    lat = r["latency_ms_per_meme"]
+    lines += ["", f"Latency the chosen score adds: {lat['added_batch64']:.3f} ms per meme in batches of 64 (model "
+              f"step {lat['model_forward_batch64']:.3f} → {lat['model_forward_plus_score_batch64']:.3f} ms), "
+              f"{lat['added_single']:.3f} ms for a single meme ({lat['model_forward_single']:.3f} → "
+              f"{lat['model_forward_plus_score_single']:.3f} ms); the encoders (not counted) take tens of ms per "
+              f"meme on this CPU. Checkpoint size: model.safetensors "
+              f"{r['checkpoint_bytes']['model.safetensors']:,} bytes, ood.safetensors "
+              f"{r['checkpoint_bytes']['ood.safetensors (chosen)']:,} bytes."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default=None, help="default: the shipped checkpoint")
@@ -246,6 +279,8 @@ def main(argv=None):
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    Path(args.out).with_suffix(".md").write_text(markdown(out))
+    print(markdown(out))
     print(json.dumps({"chosen": chosen, "risk_coverage": {k: (v["area"], v["at_0.8"]) if isinstance(v, dict) else v
                                                           for k, v in rc.items()},
                       "latency": out["latency_ms_per_meme"]}), file=sys.stderr)
