@@ -193,3 +193,14 @@ def test_refitting_writes_the_same_statistics_file_and_a_damaged_one_is_refused(
 
     with pytest.raises(CheckpointError, match="cannot read unfamiliarity statistics"):
         OODScorer.load(bad, meta["ood"])
+
+
+def test_the_demo_shows_the_score_and_why_it_abstains():
+    from dhumor.demo import unfamiliar_markdown
+
+    text = unfamiliar_markdown({"decision": {"abstain": True, "reason": "unfamiliar"},
+                                "ood": {"score": 0.71, "unfamiliar": True}})
+    assert "0.710" in text and "abstains" in text and "unlike its training memes" in text
+    assert "too close to the threshold" in unfamiliar_markdown({"decision": {"abstain": True, "reason": "uncertain"},
+                                                                "ood": {"score": 0.1, "unfamiliar": False}})
+    assert unfamiliar_markdown({"decision": {"abstain": False, "reason": None}, "ood": None}) == ""
