@@ -56,8 +56,8 @@ def test_the_reloaded_scorer_reproduces_the_export_threshold(trained, harmeme_fi
     _, held = split_train_val(read_manifest(harmeme_fixture).memes, 0.25, 0, "harmful")
     pipe = Pipeline.from_checkpoint(trained / "export")
     scores = [pipe.score_file(m.image, caption=m.caption)["ood"]["score"] for m in held]
-    assert np.quantile(scores, 0.95) == pytest.approx(meta["ood"]["threshold"], abs=1e-3)
-    assert np.quantile(scores, 0.5) == pytest.approx(meta["ood"]["held_out_quantiles"]["0.5"], abs=1e-3)
+    assert np.quantile(scores, 0.95) == pytest.approx(meta["ood"]["threshold"], rel=1e-4, abs=1e-3)
+    assert np.quantile(scores, 0.5) == pytest.approx(meta["ood"]["held_out_quantiles"]["0.5"], rel=1e-4, abs=1e-3)
 
 
 def test_every_row_carries_the_score_and_a_reload_gives_the_same(trained, harmeme_fixture, tmp_path):
@@ -75,7 +75,7 @@ def test_every_row_carries_the_score_and_a_reload_gives_the_same(trained, harmem
     pipe = Pipeline.from_checkpoint(trained / "export")
     one = pipe.score_file(harmeme_fixture.parent / "images" / "meme_000.png", caption=ra[0]["caption"])
     first = next(r for r in ra if r["id"] == "meme_000")
-    assert one["ood"]["score"] == pytest.approx(first["ood"]["score"], abs=1e-5)
+    assert one["ood"]["score"] == pytest.approx(first["ood"]["score"], rel=1e-5, abs=1e-5)  # batch vs one: float noise
 
 
 def test_an_in_domain_meme_is_more_familiar_than_a_noise_picture_without_text(trained, harmeme_fixture, tmp_path):
@@ -204,3 +204,21 @@ def test_the_demo_shows_the_score_and_why_it_abstains():
     assert "too close to the threshold" in unfamiliar_markdown({"decision": {"abstain": True, "reason": "uncertain"},
                                                                 "ood": {"score": 0.1, "unfamiliar": False}})
     assert unfamiliar_markdown({"decision": {"abstain": False, "reason": None}, "ood": None}) == ""
+
+
+def test_the_shipped_checkpoint_scores_unfamiliarity_without_changing_a_probability(tmp_path):
+    from dhumor.resources import SHIPPED_CHECKPOINT
+
+    meta = read_meta(SHIPPED_CHECKPOINT)
+    assert meta["ood"]["method"] in METHODS and (Path(SHIPPED_CHECKPOINT) / meta["ood"]["file"]).is_file()
+    bare = tmp_path / "bare"
+    shutil.copytree(SHIPPED_CHECKPOINT, bare)
+    (bare / meta["ood"]["file"]).unlink()
+    m = json.loads((bare / "dhumor.json").read_text())
+    del m["ood"], m["abstention"]
+    (bare / "dhumor.json").write_text(json.dumps(m))
+    img = EXAMPLES / "horse.jpg"
+    with_stats = Pipeline.from_checkpoint(SHIPPED_CHECKPOINT).score_file(img, caption="when you bet everything")
+    without = Pipeline.from_checkpoint(bare).score_file(img, caption="when you bet everything")
+    assert with_stats["tasks"] == without["tasks"] and without["ood"] is None
+    assert isinstance(with_stats["ood"]["score"], float)
