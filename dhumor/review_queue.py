@@ -200,6 +200,9 @@ def build_queue_tab(pipe, review_log: ReviewLog, source: str | None = None, mode
             return blank
         done, total = q.progress(reviewer.strip())
         prog = f"**{done} of {total} reviewed** by {reviewer.strip() or '(enter your name)'} · order: {state['order']}"
+        unfamiliar = sum(bool((r.get("ood") or {}).get("unfamiliar")) for r in q.rows)
+        if any(r.get("ood") for r in q.rows):
+            prog += f" · {unfamiliar} unfamiliar ({unfamiliar / max(1, total):.0%})"
         row = q.next_item(reviewer.strip(), set(state.get("skipped", [])))
         state = {**state, "current": row["id"] if row else None}
         if row is None:

@@ -222,3 +222,11 @@ def test_the_shipped_checkpoint_scores_unfamiliarity_without_changing_a_probabil
     without = Pipeline.from_checkpoint(bare).score_file(img, caption="when you bet everything")
     assert with_stats["tasks"] == without["tasks"] and without["ood"] is None
     assert isinstance(with_stats["ood"]["score"], float)
+
+
+def test_evaluate_summary_counts_unfamiliar_and_abstained(trained, harmeme_fixture, capsys):
+    assert main(["evaluate", "--manifest", str(harmeme_fixture), "--checkpoint", str(trained / "export"), "--quiet",
+                 "--json", "--ood-threshold=-1e9", "--on-unfamiliar", "flag"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    summary = json.loads(next(line for line in reversed(err) if line.startswith("{")))
+    assert summary["unfamiliar"] == 32 and summary["unfamiliar_share"] == 1.0 and summary["abstained"] == 0
