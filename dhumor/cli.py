@@ -273,6 +273,13 @@ def _unfamiliar_args(args) -> dict:
             "abstain_uncertain": args.abstain_uncertain}
 
 
+def _check_unfamiliar_args(args, meta: dict) -> None:
+    """--abstain-uncertain needs the checkpoint's preset: refused before any model loads."""
+    if args.abstain_uncertain and not (meta or {}).get("abstention"):
+        raise ConfigError(f"{args.checkpoint or 'the checkpoint'} has no confidence-abstention preset (dhumor.json "
+                          f"'abstention', fitted by `dhumor fit`); leave out --abstain-uncertain")
+
+
 def _explainer_from_args(args, cache, **extra):
     from .explain import create_explainer
 
@@ -309,7 +316,8 @@ def cmd_evaluate(args) -> int:
         claim_output(args.predictions, (".jsonl",))  # a bad or busy path is refused before any model loads
     manifest = check_input(resolve_data_path(args.manifest))
     check_ocr(args.ocr)
-    ckpt, _ = check_checkpoint(args.checkpoint)
+    ckpt, meta = check_checkpoint(args.checkpoint)
+    _check_unfamiliar_args(args, meta)
     cache = StageCache(args.cache)
     pipe = Pipeline.from_checkpoint(ckpt, cache=cache, device=args.device, progress=not args.quiet,
                                     ocr=create_ocr(args.ocr, cache), threshold=args.decision_threshold,
@@ -339,6 +347,7 @@ def cmd_score(args) -> int:
     check_ocr(args.ocr)
     check_explainer(args.explain, args.explain_model, args.base_url)
     ckpt, meta = check_checkpoint(args.checkpoint)
+    _check_unfamiliar_args(args, meta)
     results = ResultsFile(args.out, TaskSchema.from_dict(meta["schema"]))
     items = [it for it in collect_items(source, args.format, args.images, exclude=output_files(args.out))
              if in_shard(it.id, shard)]
@@ -425,7 +434,8 @@ def cmd_demo(args) -> int:
 
     check_ocr(args.ocr)
     check_explainer(args.explain, args.explain_model, args.base_url)
-    ckpt, _ = check_checkpoint(args.checkpoint)
+    ckpt, meta = check_checkpoint(args.checkpoint)
+    _check_unfamiliar_args(args, meta)
     review_log = ReviewLog(args.review_log)
     cache = StageCache(args.cache)
 

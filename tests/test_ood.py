@@ -230,3 +230,12 @@ def test_evaluate_summary_counts_unfamiliar_and_abstained(trained, harmeme_fixtu
     err = capsys.readouterr().err.strip().splitlines()
     summary = json.loads(next(line for line in reversed(err) if line.startswith("{")))
     assert summary["unfamiliar"] == 32 and summary["unfamiliar_share"] == 1.0 and summary["abstained"] == 0
+
+
+def test_abstain_uncertain_without_a_preset_is_refused_before_a_model_loads(trained, harmeme_fixture, tmp_path,
+                                                                             capsys):
+    meta, state = read_checkpoint(trained / "export")
+    old = write_checkpoint(state, {k: v for k, v in meta.items() if k not in ("ood", "abstention")}, tmp_path / "old")
+    assert _score(harmeme_fixture, tmp_path / "r.jsonl", old, "--abstain-uncertain") == 2
+    assert "no confidence-abstention preset" in capsys.readouterr().err
+    assert not (tmp_path / "r.jsonl").exists()
