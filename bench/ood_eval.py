@@ -35,7 +35,8 @@ from add_ood_stats import embed, train_and_held_out  # noqa: E402
 
 from dhumor.checkpoint import read_meta  # noqa: E402
 from dhumor.data.readers import read_manifest  # noqa: E402
-from dhumor.data.synthetic import render_meme, sample_image, write_examples, write_fixture  # noqa: E402
+from dhumor.data.synthetic import EXAMPLES, render_meme, sample_image, write_examples, write_fixture  # noqa: E402
+from dhumor.items import Item  # noqa: E402
 from dhumor.model.ood import DEFAULT_K, METHODS, UNFAMILIAR_SHARE, OODScorer  # noqa: E402
 from dhumor.paths import data_root  # noqa: E402
 from dhumor.pipeline import Pipeline  # noqa: E402
@@ -109,8 +110,7 @@ def synthetic_memes(out: Path, n: int = 80) -> list[Meme]:
     """Generated memes: the fixture generator's captioned noise pictures, the example memes, and
     sample photographs with unrelated captions in meme layout."""
     memes = read_manifest(write_fixture(out / "fixture", n=n, seed=7, fmt="harmeme")).memes
-    for p, (name, top, bottom) in zip(write_examples(out / "examples"), __import__(
-            "dhumor.data.synthetic", fromlist=["EXAMPLES"]).EXAMPLES):
+    for p, (name, top, bottom) in zip(write_examples(out / "examples"), EXAMPLES):
         memes.append(Meme(id=p.stem, image=p, caption=f"{top} {bottom}"))
     (out / "captioned").mkdir(exist_ok=True)
     for i, name in enumerate(PHOTOS[:12]):
@@ -140,14 +140,6 @@ def risk_coverage(y: np.ndarray, p: np.ndarray, th: float, abstain_first: np.nda
         curve[str(c)] = round(macro_f1(y[keep], p[keep], th), 4)
     return {"curve": curve, "area": round(float(np.mean(list(curve.values()))), 4), "at_0.8": curve["0.8"]}
 
-
-def timed(fn, repeat: int = 5) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def markdown(r: dict) -> str:
@@ -261,8 +253,7 @@ def main(argv=None):
           "random_expectation": "macro-F1 of a random subset equals full coverage in expectation"}
     # What the score adds to a meme's model step: the model forward on cached features, with and
     # without the chosen score, measured here one after the other.
-    prepared_feats = pipe.features([pipe.preprocess(__import__("dhumor.items", fromlist=["Item"]).Item(
-        m.id, m.image, m.caption or "")) for m in val[:64]])
+    prepared_feats = pipe.features([pipe.preprocess(Item(m.id, m.image, m.caption or "")) for m in val[:64]])
     scorer = OODScorer.fit(chosen, train_emb, DEFAULT_K)
     pipe.ood = None
     # Interleaved and the median of many: the machine is shared, and a burst of other work must not
