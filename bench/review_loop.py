@@ -1,7 +1,8 @@
 """Does the review loop pay? A simulated moderator, played by Harm-C train's labels.
 
 For each seed: a head is trained (`dhumor fit`) on a seeded 500 memes of Harm-C train. Then, per
-ordering (``uncertain`` = probability nearest the threshold first, ``random``), rounds of review:
+ordering (``uncertain`` = probability nearest the threshold first, ``random``, and with
+``--orderings ... unfamiliar`` most unfamiliar first), rounds of review:
 the current checkpoint scores the rest of train, the queue orders it, the "moderator" records the
 dataset's labels as verdicts for the next memes in that order (through the real review queue and
 log), the verdicts are exported (`dhumor reviews export`'s code) and the head is retrained from the
@@ -30,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 from harmeme_results import quiet  # noqa: E402
 
-ORDERINGS = ("uncertain", "random")
+ORDERINGS = ("uncertain", "random")  # the default arms; "unfamiliar" is a third (--orderings)
 
 
 def fit(run_dir: Path, seed: int, train: Path, images: Path, extra: Path | None, init_from: Path | None,
@@ -69,15 +70,16 @@ def moderator_labels(schema, meme) -> dict:
     return {t.name: (t.classes[meme.labels[t.name]] if meme.labels[t.name] >= 0 else None) for t in schema.tasks}
 
 
-def run_seed(seed: int, budgets: list[int], n_init: int, work: Path, max_epochs: int, patience: int) -> list[dict]:
+def run_seed(seed: int, budgets: list[int], n_init: int, work: Path, max_epochs: int, patience: int,
+             orderings=ORDERINGS) -> list[dict]:
     from dhumor.model.loading import load_module
     from dhumor.data.readers import read_manifest
     from dhumor.inference.evaluation import evaluate
     from dhumor.paths import data_root
-    from dhumor.inference.pipeline import Pipeline
+    from dhumor.inference.pipeline import Pipeline, load_ood
+    from dhumor.review.export import export_reviews
     from dhumor.review.log import ReviewLog
     from dhumor.review.queue import ReviewQueue
-    from dhumor.review.export import export_reviews
 
     root = data_root()
     train_path, val_path, images = root / "train.jsonl", root / "val.jsonl", root / "images"
@@ -99,7 +101,8 @@ def run_seed(seed: int, budgets: list[int], n_init: int, work: Path, max_epochs:
         if not encoders:
             encoders.append(Pipeline.from_checkpoint(export).extractor)
         module = load_module(export)
-        return Pipeline(module, encoders[0], checkpoint=str(export))  # its calibration and presets
+        return Pipeline(module, encoders[0], checkpoint=str(export),  # its calibration, presets, unfamiliarity
+                        ood=load_ood(export, module.checkpoint_meta))
 
     def val_metrics(export: Path) -> dict:
         m, _ = evaluate(pipeline(export), val_path)
@@ -107,9 +110,9 @@ def run_seed(seed: int, budgets: list[int], n_init: int, work: Path, max_epochs:
 
     base, secs = fit(work / f"seed{seed}" / "init", seed, init_manifest, images, None, None, max_epochs, patience)
     out = [{"seed": seed, "ordering": o, "reviewed": 0, "fit_seconds": round(secs, 1), **val_metrics(base)}
-           for o in ORDERINGS]
+           for o in orderings]
     print(json.dumps(out[0]), flush=True)
-    for ordering in ORDERINGS:
+    for ordering in orderings:
         log = ReviewLog(work / f"seed{seed}" / f"{ordering}.sqlite")
         ckpt = base
         for budget in budgets:
@@ -134,7 +137,7 @@ def run_seed(seed: int, budgets: list[int], n_init: int, work: Path, max_epochs:
 
 def summarize(rows: list[dict]) -> list[dict]:
     out = []
-    for o in ORDERINGS:
+    for o in dict.fromkeys(r["ordering"] for r in rows):
         for n in sorted({r["reviewed"] for r in rows}):
             rs = [r for r in rows if r["ordering"] == o and r["reviewed"] == n]
             s = {"ordering": o, "reviewed": n, "seeds": [r["seed"] for r in rs]}
@@ -151,6 +154,15 @@ def markdown(summary: list[dict], machine: str) -> str:
              "| retrain s (uncertain / random) |", "|---|---|---|---|---|---|"]
     by = {(s["ordering"], s["reviewed"]): s for s in summary}
     f = lambda v: f"{v[0]:.3f} ± {v[1]:.3f}"  # noqa: E731
+    if ("unfamiliar", 0) in by:
+        lines[2:4] = ["| reviewed | uncertain-first macro-F1 | random macro-F1 | unfamiliar-first macro-F1 "
+                      "| uncertain-first AUROC | random AUROC | unfamiliar-first AUROC |", "|---|---|---|---|---|---|---|"]
+        for n in sorted({s["reviewed"] for s in summary}):
+            u, r, w = by[("uncertain", n)], by[("random", n)], by[("unfamiliar", n)]
+            lines.append(f"| {n} | {f(u['harmful_macro_f1'])} | {f(r['harmful_macro_f1'])} | "
+                         f"{f(w['harmful_macro_f1'])} | {f(u['harmful_auroc'])} | {f(r['harmful_auroc'])} | "
+                         f"{f(w['harmful_auroc'])} |")
+        return "\n".join(lines) + "\n"
     for n in sorted({s["reviewed"] for s in summary}):
         u, r = by[("uncertain", n)], by[("random", n)]
         lines.append(f"| {n} | {f(u['harmful_macro_f1'])} | {f(r['harmful_macro_f1'])} | {f(u['harmful_auroc'])} "
@@ -166,7 +178,7 @@ def plot(summary: list[dict], out: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, title in ((axes[0], "harmful_macro_f1", "harmful macro-F1"), (axes[1], "harmful_auroc", "harmful AUROC")):
-        for o, style in zip(ORDERINGS, ("o-", "s--")):
+        for o, style in zip(dict.fromkeys(s["ordering"] for s in summary), ("o-", "s--", "^:")):
             ss = [s for s in summary if s["ordering"] == o]
             x = [s["reviewed"] for s in ss]
             m = np.array([s[key][0] for s in ss])
@@ -190,6 +202,8 @@ def main(argv=None):
     ap.add_argument("--budgets", type=int, nargs="+", default=[50, 100, 200, 400, 800],
                     help="cumulative memes reviewed after each round")
     ap.add_argument("--init", type=int, default=500, help="seeded train memes of the starting head")
+    ap.add_argument("--orderings", nargs="+", default=list(ORDERINGS), choices=["uncertain", "random", "unfamiliar"],
+                    help="queue orders compared (the table with unfamiliar needs all three)")
     ap.add_argument("--max-epochs", type=int, default=20)
     ap.add_argument("--patience", type=int, default=5, help="early stopping on val macro-F1 of the 10%% split")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared 2-core CPU)")
@@ -212,7 +226,8 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="dhumor-review-loop-") as tmp:
         for s in args.seeds:
-            rows += run_seed(s, sorted(args.budgets), args.init, Path(tmp), args.max_epochs, args.patience)
+            rows += run_seed(s, sorted(args.budgets), args.init, Path(tmp), args.max_epochs, args.patience,
+                             tuple(args.orderings))
             summary = summarize(rows)
             result = {"machine": machine, "seeds": sorted({r["seed"] for r in rows}), "init": args.init,
                       "budgets": args.budgets, "max_epochs": args.max_epochs, "patience": args.patience,

@@ -160,6 +160,15 @@ def _add_decision(p: argparse.ArgumentParser) -> None:
                                                        "else the one shipped with dhumor)")
     p.add_argument("--decision-threshold", type=_probability, default=None,
                    help="threshold on the primary task's probability (default: the checkpoint's balanced preset)")
+    p.add_argument("--on-unfamiliar", default="abstain", choices=["abstain", "flag", "ignore"],
+                   help="the decision on a meme unlike the training memes: abstain (reason 'unfamiliar'), flag it "
+                        "for a moderator, or decide it as any other (docs/unfamiliar.md)")
+    p.add_argument("--ood-threshold", type=float, default=None,
+                   help="unfamiliarity score above which a meme is unfamiliar (default: the checkpoint's, which "
+                        "calls 5%% of its held-out split unfamiliar)")
+    p.add_argument("--abstain-uncertain", action="store_true",
+                   help="also abstain (reason 'uncertain') on the memes nearest the threshold: the checkpoint's "
+                        "preset, which decides 80%% of its held-out split")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -334,6 +343,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _unfamiliar_args(args) -> dict:
+    """The unfamiliarity and abstention options of score / evaluate / demo, for Pipeline.from_checkpoint."""
+    return {"on_unfamiliar": args.on_unfamiliar, "ood_threshold": args.ood_threshold,
+            "abstain_uncertain": args.abstain_uncertain}
+
+
+def _check_unfamiliar_args(args, meta: dict) -> None:
+    """--abstain-uncertain needs the checkpoint's preset: refused before any model loads."""
+    if args.abstain_uncertain and not (meta or {}).get("abstention"):
+        raise ConfigError(f"{args.checkpoint or 'the checkpoint'} has no confidence-abstention preset (dhumor.json "
+                          f"'abstention', fitted by `dhumor fit`); leave out --abstain-uncertain")
+
+
 def _explainer_from_args(args, cache, **extra):
     from dhumor.explain import create_explainer
 
@@ -373,10 +395,12 @@ def cmd_evaluate(args) -> int:
         check_own(args.predictions, "score")  # it is rewritten whole: only ever over an earlier one of ours
     manifest = check_input(resolve_data_path(args.manifest))
     check_ocr(args.ocr)
-    ckpt, _ = check_checkpoint(args.checkpoint)
+    ckpt, meta = check_checkpoint(args.checkpoint)
+    _check_unfamiliar_args(args, meta)
     cache = StageCache(args.cache)
     pipe = Pipeline.from_checkpoint(ckpt, cache=cache, device=args.device, progress=not args.quiet,
-                                    ocr=create_ocr(args.ocr, cache), threshold=args.decision_threshold)
+                                    ocr=create_ocr(args.ocr, cache), threshold=args.decision_threshold,
+                                    **_unfamiliar_args(args))
     metrics, summary = evaluate(pipe, manifest, args.images, args.format, args.skip_bad, args.explanations,
                                 args.explanation_iteration, predictions=args.predictions, batch_size=args.batch_size)
     print(json.dumps(summary), file=sys.stderr)
@@ -406,6 +430,7 @@ def cmd_score(args) -> int:
     check_ocr(args.ocr)
     check_explainer(args.explain, args.explain_model, args.base_url)
     ckpt, meta = check_checkpoint(args.checkpoint, weights=False)
+    _check_unfamiliar_args(args, meta)
     results = ResultsFile(args.out, TaskSchema.from_dict(meta["schema"])).verify()  # ours? before a byte changes
     done = _check_provenance_early(results, ckpt, meta, args)
     items = [it for it in collect_items(source, args.format, args.images, exclude=output_files(args.out))
@@ -430,7 +455,8 @@ def cmd_score(args) -> int:
     cache = StageCache(args.cache)
     explainer = _explainer_from_args(args, cache) if args.explain != "none" else None
     pipe = Pipeline.from_checkpoint(ckpt, cache=cache, device=args.device, ocr=create_ocr(args.ocr, cache),
-                                    explainer=explainer, threshold=args.decision_threshold, progress=False)
+                                    explainer=explainer, threshold=args.decision_threshold, progress=False,
+                                    **_unfamiliar_args(args))
     if explainer is not None and "reasoning" not in pipe.streams:
         print(f"dhumor score: note: {pipe.checkpoint} has no reasoning stream; explanations are written to the "
               f"rows but do not change its predictions", file=sys.stderr)
@@ -541,14 +567,16 @@ def cmd_demo(args) -> int:
 
     check_ocr(args.ocr)
     check_explainer(args.explain, args.explain_model, args.base_url)
-    ckpt, _ = check_checkpoint(args.checkpoint)
+    ckpt, meta = check_checkpoint(args.checkpoint)
+    _check_unfamiliar_args(args, meta)
     review_log = ReviewLog(args.review_log)
     cache = StageCache(args.cache)
 
     def load() -> Pipeline:
         explainer = _explainer_from_args(args, cache) if args.explain != "none" else None
         return Pipeline.from_checkpoint(ckpt, cache=cache, device=args.device, ocr=create_ocr(args.ocr, cache),
-                                        explainer=explainer, threshold=args.decision_threshold)
+                                        explainer=explainer, threshold=args.decision_threshold,
+                                        **_unfamiliar_args(args))
 
     models = ModelThread()  # models load and run on one thread (dhumor/app/model_thread.py says why)
     pipe = models.call(load)

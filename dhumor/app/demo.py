@@ -26,7 +26,7 @@ def redecide(pipe: Pipeline, result: dict, threshold: float) -> dict:
     """``result`` decided again at ``threshold`` from its stored probabilities (no model call): the
     decision and the gating of the other tasks both follow the threshold the moderator sets."""
     probs = {t.name: np.array([result["tasks"][t.name]["probs"][c] for c in t.classes]) for t in pipe.schema.tasks}
-    return {**result, **pipe.decider.describe(probs, threshold)}
+    return {**result, **pipe.decider.describe(probs, threshold, result.get("ood"))}
 
 
 def decision_markdown(pipe: Pipeline, result: dict) -> str:
@@ -35,8 +35,25 @@ def decision_markdown(pipe: Pipeline, result: dict) -> str:
         return "## Decision: pending\nthe model reads the explanation; it decides when the explanation is final"
     flagged, p, th = dec["flagged"], dec["probability"], dec["threshold"]
     verb = "FLAG" if flagged else "do not flag"
-    return (f"## Decision: {verb}\n{pipe.schema.primary} probability **{p:.2f}** {'≥' if flagged else '<'} "
+    text = (f"## Decision: {verb}\n{pipe.schema.primary} probability **{p:.2f}** {'≥' if flagged else '<'} "
             f"threshold **{th:.2f}**")
+    return text + unfamiliar_markdown(result)
+
+
+def unfamiliar_markdown(result: dict) -> str:
+    """The unfamiliarity score and why the model abstains, if it does (empty without a score)."""
+    dec, ood = result.get("decision") or {}, result.get("ood")
+    text = ""
+    if ood:
+        text = f"\n\nunfamiliarity **{ood['score']:.3f}**: " + ("**unlike the memes it was trained on**"
+                                                               if ood["unfamiliar"] else "familiar")
+    if dec.get("abstain"):
+        why = {"unfamiliar": "this meme is unlike its training memes",
+               "uncertain": "its probability is too close to the threshold"}.get(dec.get("reason"), dec.get("reason"))
+        text += f"\n\n**The model abstains**: {why}; a moderator should decide."
+    elif dec.get("reason") == "unfamiliar":
+        text += "\n\nflagged for a moderator because it is unfamiliar"
+    return text
 
 
 def label_updates(pipe: Pipeline, result: dict) -> list:

@@ -110,6 +110,9 @@ def build_queue_tab(pipe, review_log: ReviewLog, source: str | None = None, mode
         done, total = q.progress(reviewer)
         prog = (f"**{done} of {total} reviewed** by {md(reviewer) or '(enter your name)'} · queue: "
                 f"{md(state['source'])} · order: {md(state['order'])}")
+        unfamiliar = sum(bool((r.get("ood") or {}).get("unfamiliar")) for r in q.rows)
+        if any(r.get("ood") for r in q.rows):
+            prog += f" · {unfamiliar} unfamiliar ({unfamiliar / max(1, total):.0%})"
         row = q.next_item(reviewer, set(state.get("skipped", [])))
         state = {**state, "current": row["id"] if row else None}
         if row is None:

@@ -56,6 +56,11 @@ def evaluate(pipeline: Pipeline, manifest: str | Path, images: str | Path | None
     summary = {"manifest": str(manifest), "memes": len(memes) + len(res.skipped), "scored": len(kept),
                "skipped_rows": len(res.skipped), "unusable_images": len(bad),
                "threshold": pipeline.decider.threshold, "features": vars(pipeline.extractor.stats)}
+    from dhumor.inference.scoring import ScoreSummary, tally
+
+    counted = ScoreSummary()
+    tally((r for _, r in kept), schema, False, counted)
+    summary.update(unfamiliar=counted.unfamiliar, unfamiliar_share=counted.unfamiliar_share, abstained=counted.abstained)
     return metrics, summary
 
 

@@ -33,13 +33,14 @@ import torch
 from PIL import Image
 
 from dhumor.cache import StageCache
-from dhumor.model.loading import load_module
 from dhumor.data.datasets import feature_collate
-from dhumor.inference.decision import Decider
-from dhumor.errors import DataError, DHumorError
 from dhumor.encoders.features import FeatureExtractor, StreamFeature, resolve_device
+from dhumor.errors import CheckpointError, DataError, DHumorError
 from dhumor.images import load_image_with_digest
+from dhumor.inference.decision import Decider
 from dhumor.inference.items import Item
+from dhumor.model.loading import load_module
+from dhumor.model.ood import Embeddings, OODScorer, forward_embed, to_embeddings
 from dhumor.ocr import OCRFailed
 from dhumor.resources import default_checkpoint
 from dhumor.schema import Meme, TaskSchema
@@ -63,6 +64,7 @@ class Prepared:
     error: str | None = None
     error_kind: str | None = None  # "permanent" (the file itself; a rerun gives the same) or "transient"
     timings: dict = field(default_factory=dict)
+    ood: dict | None = None  # {"score", "unfamiliar"} once forwarded (None: the checkpoint has no statistics)
 
 
 @dataclass
@@ -142,7 +144,7 @@ class Pipeline:
     """Checkpoint + frozen encoders (+ optional OCR and explainer) → calibrated probabilities and a decision."""
 
     def __init__(self, module, extractor: FeatureExtractor, ocr=None, explainer=None, decider: Decider | None = None,
-                 checkpoint: str | None = None):
+                 checkpoint: str | None = None, ood: OODScorer | None = None, ood_threshold: float | None = None):
         self.module, self.extractor = module.eval(), extractor
         self.ocr, self.explainer = ocr, explainer
         self.schema: TaskSchema = module.schema
@@ -155,14 +157,19 @@ class Pipeline:
             from dhumor.model.checkpoint import checkpoint_digest
 
             self.checkpoint_digest = checkpoint_digest(checkpoint)
+        self.ood = ood  # the unfamiliarity scorer (dhumor.model.ood); None: rows carry "ood": null
+        self.ood_threshold = ood_threshold if ood_threshold is not None else (ood.threshold if ood else None)
         self._check_reasoning_source()
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path | None = None, cache: str | Path | StageCache | None = None,
                         device: str = "auto", progress: bool = False, ocr=None, explainer=None,
-                        threshold: float | None = None, batch_size: int = 32) -> "Pipeline":
+                        threshold: float | None = None, batch_size: int = 32, on_unfamiliar: str = "abstain",
+                        ood_threshold: float | None = None, abstain_uncertain: bool = False) -> "Pipeline":
         """Load a checkpoint (default: the shipped one) with its encoders, the stage cache and its decider.
-        ``threshold`` overrides the checkpoint's balanced preset for the primary task."""
+        ``threshold`` overrides the checkpoint's balanced preset for the primary task; ``on_unfamiliar``,
+        ``ood_threshold`` and ``abstain_uncertain``: see :class:`~dhumor.inference.decision.Decider` and
+        :mod:`dhumor.model.ood`."""
         path = Path(checkpoint) if checkpoint else default_checkpoint()
         dev = resolve_device(device)
         module = load_module(path, map_location=dev)
@@ -177,8 +184,9 @@ class Pipeline:
         extractor = FeatureExtractor(names, store, device=str(dev), progress=progress, modules=modules,
                                      salt=salt, batch_size=batch_size,
                                      max_tokens={s: hp.get("max_tokens", 128) for s in ("caption", "reasoning")})
-        decider = Decider.from_module(module, threshold)
-        return cls(module, extractor, ocr=ocr, explainer=explainer, decider=decider, checkpoint=str(path))
+        decider = Decider.from_module(module, threshold, on_unfamiliar, abstain_uncertain)
+        return cls(module, extractor, ocr=ocr, explainer=explainer, decider=decider, checkpoint=str(path),
+                   ood=load_ood(path, module.checkpoint_meta), ood_threshold=ood_threshold)
 
     # ------------------------------------------------------------ settings
     @property
@@ -269,22 +277,40 @@ class Pipeline:
                     f[stream] = v
         return feats
 
-    @torch.inference_mode()
     def forward_features(self, feats: Sequence[dict[str, StreamFeature | None]],
                          batch_size: int = 256) -> dict[str, np.ndarray]:
         """Calibrated class probabilities per task for precomputed stream features."""
+        return self.score_features(feats, batch_size)[0]
+
+    def score_features(self, feats: Sequence[dict[str, StreamFeature | None]],
+                       batch_size: int = 256) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """Calibrated class probabilities per task, and the unfamiliarity score per meme (None when the
+        checkpoint has no statistics), for precomputed stream features: one forward pass for both."""
+        probs, emb = self.embed_features(feats, batch_size)
+        if self.ood is None:
+            return probs, None
+        return probs, (self.ood.score(emb) if len(emb) else np.zeros(0))
+
+    @torch.inference_mode()
+    def embed_features(self, feats: Sequence[dict[str, StreamFeature | None]],
+                       batch_size: int = 256) -> tuple[dict[str, np.ndarray], Embeddings]:
+        """Calibrated class probabilities per task and what the unfamiliarity score reads
+        (:class:`~dhumor.model.ood.Embeddings`) for precomputed stream features."""
         collate = feature_collate(self.schema, {s: self.module.hparams["input_dims"][s] for s in self.streams},
                                   self.module.hparams.get("inputs") == "tokens")
         out: dict[str, list[np.ndarray]] = {t.name: [] for t in self.schema.tasks}
+        parts: list[Embeddings] = []
         dev = self.module.device
         for b in range(0, len(feats), batch_size):
             items = [{"meme": Meme(id=str(i), image=None), "features": f} for i, f in enumerate(feats[b:b + batch_size])]
             batch = collate(items)
             batch["streams"] = {s: {k: v.to(dev) for k, v in d.items()} for s, d in batch["streams"].items()}
-            for task, logits in self.module(batch).items():
-                out[task].append(logits.float().softmax(-1).cpu().numpy())
+            logits, raw = forward_embed(self.module, batch)  # the same numbers as self.module(batch)
+            for task, lg in logits.items():
+                out[task].append(lg.float().softmax(-1).cpu().numpy())
+            parts.append(to_embeddings(raw, logits[self.schema.primary]))
         probs = {t: np.concatenate(v) if v else np.zeros((0, self.schema.task(t).num_classes)) for t, v in out.items()}
-        return self.decider.calibrate(probs)
+        return self.decider.calibrate(probs), Embeddings.concat(parts)
 
     def forward(self, prepared: Sequence[Prepared]) -> dict[str, np.ndarray]:
         """Calibrated probabilities for memes that passed preprocessing (features, then the model)."""
@@ -292,20 +318,21 @@ class Pipeline:
         feats = self.features(prepared)
         t_feat = (time.perf_counter() - t) / max(1, len(prepared))
         t = time.perf_counter()
-        probs = self.forward_features(feats)
+        probs, scores = self.score_features(feats)
         t_model = (time.perf_counter() - t) / max(1, len(prepared))
-        for p in prepared:  # batch time shared out per meme
+        for k, p in enumerate(prepared):  # batch time shared out per meme
             p.timings.update(features=t_feat, model=t_model)
+            p.ood = None if scores is None else self.ood.decide(scores[k:k + 1], self.ood_threshold)[0]
         return probs
 
     def postprocess(self, p: Prepared, probs: dict[str, np.ndarray] | None, threshold: float | None = None) -> dict:
         """The result row of one meme: identity, caption, labels and decision (or the error), explanation, timings."""
         row = {"id": p.item.id, "path": str(p.item.path), "sha256": p.sha256, "caption": p.caption,
-               "caption_source": p.caption_source, "tasks": None, "decision": None,
+               "caption_source": p.caption_source, "tasks": None, "decision": None, "ood": None,
                "explanation": p.explanation, "explanation_trail": p.trail, "explanation_error": p.explanation_error,
                "error": p.error, "error_kind": p.error_kind}
         if probs is not None and p.error is None:
-            row.update(self.decider.describe(probs, threshold))
+            row.update(self.decider.describe(probs, threshold, p.ood), ood=p.ood)
         row["timings"] = {k: round(v, 4) for k, v in p.timings.items()}
         row["provenance"] = self.provenance(threshold)
         return row
@@ -413,6 +440,25 @@ class Pipeline:
         if p.error and p.error_kind == PERMANENT:
             raise DataError(path, p.error)
         return self.process([p], threshold)[0]
+
+
+_warned_no_ood: set[str] = set()
+
+
+def load_ood(path: str | Path, meta: dict | None) -> OODScorer | None:
+    """The checkpoint's unfamiliarity scorer; None (warned once per checkpoint) when it has none."""
+    entry = (meta or {}).get("ood")
+    if not entry:
+        if str(path) not in _warned_no_ood:
+            _warned_no_ood.add(str(path))
+            log.warning("%s has no unfamiliarity statistics: rows carry \"ood\": null and no meme abstains as "
+                        "unfamiliar (refit it with `dhumor fit`, or add them with bench/add_ood_stats.py)", path)
+        return None
+    try:
+        return OODScorer.load(path, entry)
+    except CheckpointError as e:  # a partial copy of a checkpoint still scores; it says what it lacks
+        log.warning("%s; rows carry \"ood\": null and no meme abstains as unfamiliar", e)
+        return None
 
 
 def _source_text(src: dict) -> str:

@@ -330,7 +330,7 @@ def run(items: list, results, settings: RaySettings, checkpoint: str, schema, ca
 
     from dhumor.inference.parquet_results import arrow_id
     from dhumor.inference.results_file import row_info
-    from dhumor.inference.scoring import ScoreSummary, _needs_redo
+    from dhumor.inference.scoring import ScoreSummary, _needs_redo, tally
 
     summary = ScoreSummary(total=len(items))
     t0 = time.perf_counter()
@@ -384,24 +384,10 @@ def run(items: list, results, settings: RaySettings, checkpoint: str, schema, ca
     summary.seconds = round(time.perf_counter() - t0, 2)
     summary.cache_hits = {"features": hits["features"], "computed": hits["computed"]}
     final = [r for r in results.rows() if r["id"] in wanted]
-    summary.failed_in_output = sum(bool(r.get("error") or r.get("explanation_error")) for r in final)
-    summary.labels = label_counts(final, schema)
+    tally(final, schema, False, summary)  # the same counts as Scorer's
     if not summary.interrupted and len(final) == len(wanted):
         results.finish({**summary.to_dict(), "ray": {**clock, "resources": resources}})
     return summary
-
-
-def label_counts(rows: list[dict], schema) -> dict:
-    """Per task, label counts over rows without an error (as :meth:`Scorer.label_counts`)."""
-    counts: dict[str, Counter] = {t.name: Counter() for t in schema.tasks}
-    for r in rows:
-        if r.get("error"):
-            continue
-        for t in schema.tasks:
-            label = ((r.get("tasks") or {}).get(t.name) or {}).get("label")
-            if label:
-                counts[t.name][label] += 1
-    return {k: dict(v) for k, v in counts.items()}
 
 
 # ---------------------------------------------------------------- the command

@@ -113,8 +113,12 @@ def legacy_csv_columns(schema: TaskSchema) -> list[str]:
     return cols + ["explanation", "explanation_error", "error", "error_kind"] + [f"seconds_{s}" for s in STAGES]
 
 
+# Columns added after the legacy layout, at its end, so that files written before them still read.
+DECISION_COLUMNS = ["abstain", "abstain_reason", "ood_score", "unfamiliar"]
+
+
 def csv_columns(schema: TaskSchema) -> list[str]:
-    return legacy_csv_columns(schema) + ["provenance"]
+    return legacy_csv_columns(schema) + DECISION_COLUMNS + ["provenance"]
 
 
 def provenance_key(prov: dict | None) -> str | None:
@@ -140,6 +144,9 @@ def _flat(row: dict, schema: TaskSchema) -> dict:
     out["explanation_error"] = explanation_error(row)
     dec = row.get("decision") or {}
     out["flagged"], out["decision_probability"] = dec.get("flagged"), dec.get("probability")
+    out["abstain"], out["abstain_reason"] = dec.get("abstain"), dec.get("reason")
+    ood = row.get("ood") or {}
+    out["ood_score"], out["unfamiliar"] = ood.get("score"), ood.get("unfamiliar")
     for t in schema.tasks:
         tr = (row.get("tasks") or {}).get(t.name) or {}
         out[f"{t.name}_label"] = tr.get("label")

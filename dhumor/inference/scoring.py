@@ -42,6 +42,9 @@ class ScoreSummary:
     seconds: float = 0.0
     cache_hits: dict = field(default_factory=dict)
     labels: dict = field(default_factory=dict)  # per task, label counts over the whole output
+    unfamiliar: int = 0  # rows of the whole output whose meme is unlike the training memes
+    unfamiliar_share: float | None = None  # of the scored rows (None: the checkpoint has no score)
+    abstained: int = 0  # rows of the whole output whose decision abstains
     errors: Counter = field(default_factory=Counter)
 
     def to_dict(self) -> dict:
@@ -71,19 +74,39 @@ def summary_if_done(results: ResultsFile, items: Sequence[Item], index: dict[str
         return None
     summary = ScoreSummary(total=len(items), already_done=len(items), cache_hits={"features": 0, "computed": 0})
     wanted = {it.id for it in items}
-    counts: dict[str, Counter] = {t.name: Counter() for t in (results.schema.tasks if results.schema else [])}
-    for r in results.iter_rows():
-        if r["id"] not in wanted:
-            continue
+    tally((r for r in results.iter_rows() if r["id"] in wanted), results.schema, results.csv, summary)
+    return summary
+
+
+def _truth(v) -> bool:
+    return v is True or v == "True"  # JSONL rows hold booleans, CSV rows read back hold text
+
+
+def tally(rows: Iterable[dict], schema, csv: bool, summary: ScoreSummary) -> None:
+    """Count over result rows (JSONL as written, or CSV read back; one row in memory at a time) into
+    ``summary``: failed rows, per-task labels, unfamiliar and abstained memes."""
+    counts: dict[str, Counter] = {t.name: Counter() for t in (schema.tasks if schema else [])}
+    ok = scored = unf = abst = 0
+    for r in rows:
         summary.failed_in_output += bool(r.get("error") or explanation_error(r))
         if r.get("error"):
             continue
         for t in counts:
-            label = (r["tasks"][t]["label"] if not results.csv else r.get(f"{t}_label")) or None
+            label = (r["tasks"][t]["label"] if not csv else r.get(f"{t}_label")) or None
             if label:
                 counts[t][label] += 1
+        ok += 1
+        if csv:
+            scored += r.get("ood_score") not in (None, "")
+            unf += _truth(r.get("unfamiliar"))
+            abst += _truth(r.get("abstain"))
+        else:
+            scored += bool(r.get("ood"))
+            unf += _truth((r.get("ood") or {}).get("unfamiliar"))
+            abst += _truth((r.get("decision") or {}).get("abstain"))
     summary.labels = {k: dict(v) for k, v in counts.items()}
-    return summary
+    summary.unfamiliar, summary.abstained = unf, abst
+    summary.unfamiliar_share = round(unf / scored, 4) if scored else None
 
 
 def resume(results: ResultsFile, items: Sequence[Item], needs_redo: Callable[[RowInfo], bool],
@@ -145,19 +168,5 @@ class Scorer:
         st = vars(self.pipe.extractor.stats)
         summary.cache_hits = {"features": st["cached"] - stats0["cached"], "computed": st["computed"] - stats0["computed"]}
         final = (r for r in self.results.iter_rows() if r["id"] in wanted)  # one row in memory at a time
-        summary.labels = self.label_counts(final, summary)
+        tally(final, self.pipe.schema, self.results.csv, summary)
         return summary
-
-    def label_counts(self, rows: Iterable[dict], summary: ScoreSummary | None = None) -> dict:
-        """Per task, label counts over ``rows`` (error rows left out); counts the failed rows into ``summary``."""
-        counts: dict[str, Counter] = {t.name: Counter() for t in self.pipe.schema.tasks}
-        for r in rows:
-            if summary is not None:
-                summary.failed_in_output += bool(r.get("error") or explanation_error(r))
-            if r.get("error"):
-                continue
-            for t in self.pipe.schema.tasks:
-                label = (r["tasks"][t.name]["label"] if not self.results.csv else r.get(f"{t.name}_label")) or None
-                if label:
-                    counts[t.name][label] += 1
-        return {k: dict(v) for k, v in counts.items()}

@@ -70,8 +70,10 @@ def checkpoint_meta(hparams: dict, metrics: dict | None = None, config: Any = No
     }
 
 
-def write_checkpoint(state_dict: dict[str, torch.Tensor], meta: dict, out_dir: str | Path) -> Path:
-    """Write weights + metadata into ``out_dir`` atomically (a killed write leaves the old one intact)."""
+def write_checkpoint(state_dict: dict[str, torch.Tensor], meta: dict, out_dir: str | Path,
+                     extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write weights + metadata into ``out_dir`` atomically (a killed write leaves the old one intact).
+    ``extra_files``: more files written beside them (e.g. ``ood.safetensors``), in the same swap."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -81,14 +83,17 @@ def write_checkpoint(state_dict: dict[str, torch.Tensor], meta: dict, out_dir: s
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
         save_file(tensors, tmp / WEIGHTS, metadata={"format": FORMAT})
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+        written = {WEIGHTS, META, *(extra_files or {})}
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700: a checkpoint is meant to be shared
-        for f in (WEIGHTS, META):
+        for f in written:
             os.chmod(tmp / f, 0o666 & ~umask)
         if out_dir.is_dir():  # keep what else lives beside the weights (a model card, notes)
             for extra in out_dir.iterdir():
-                if extra.is_file() and extra.name not in (WEIGHTS, META):
+                if extra.is_file() and extra.name not in written:
                     shutil.copy2(extra, tmp / extra.name)
         old = None
         if out_dir.exists():

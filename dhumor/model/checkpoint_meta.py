@@ -116,6 +116,22 @@ class Thresholds(_Open):
     high_precision: Probability | None = Field(default=None, alias="high precision")
 
 
+class OODMeta(_Open):
+    """The unfamiliarity score (:mod:`dhumor.model.ood`): method, its threshold, its statistics file."""
+
+    method: Literal["knn_streams", "knn_fused", "mahalanobis", "energy"]
+    threshold: float | None = Field(default=None, allow_inf_nan=False)
+    file: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")  # a name beside the weights, no path
+    k: int | None = Field(default=None, gt=0)
+
+
+class AbstentionMeta(_Open):
+    """The confidence-abstention preset: abstain when P(positive) is within ``uncertain_margin`` of the threshold."""
+
+    uncertain_margin: float = Field(ge=0.0, le=1.0)
+    coverage: Probability | None = None
+
+
 class CheckpointMeta(_Open):
     format: Literal["dhumor-checkpoint/1"]
     schema_: SchemaMeta = Field(alias="schema")
@@ -129,6 +145,8 @@ class CheckpointMeta(_Open):
     thresholds: Thresholds | None = None
     calibration: dict[str, Calibration] | None = None
     reasoning_source: dict[str, Any] | None = None
+    ood: OODMeta | None = None
+    abstention: AbstentionMeta | None = None
 
 
 def _where(loc: tuple) -> str:
@@ -194,7 +212,7 @@ def read_meta_file(path: str | Path) -> dict:
     return validate_meta(meta, str(path))
 
 
-FITTED_KEYS = ("thresholds", "calibration", "reasoning_source")
+FITTED_KEYS = ("thresholds", "calibration", "reasoning_source", "ood", "abstention")
 
 
 def fitted_beside(ckpt: str | Path) -> dict:

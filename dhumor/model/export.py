@@ -47,9 +47,10 @@ class ExportBestCheckpoint(L.Callback):
         if cfg_file.exists():
             config = yaml.safe_load(cfg_file.read_text())
         fitted, held_out = self._fitted(trainer, pl_module, state)
+        extra = self._unfamiliarity(trainer, pl_module, state, fitted, held_out["split"])
         meta = checkpoint_meta(pl_module.hparams, metrics={"selection": selection, "calibration_split": held_out},
                                config=config, fitted=fitted)
-        out = write_checkpoint(state, meta, log_dir / self.dirname)
+        out = write_checkpoint(state, meta, log_dir / self.dirname, extra_files=extra)
         log.info("exported %s", out)
         print(f"dhumor checkpoint: {out}")
 
@@ -68,6 +69,27 @@ class ExportBestCheckpoint(L.Callback):
         n = int((labels[module.schema.primary] >= 0).sum())
         log.info("calibration on %s (n=%d): %s; thresholds %s", split, n, fitted["calibration"], fitted["thresholds"])
         return fitted, {"split": split, "n": n}
+
+
+    @staticmethod
+    def _unfamiliarity(trainer: L.Trainer, module, state: dict, fitted: dict, split: str) -> dict[str, bytes]:
+        """Add ``ood`` (reference statistics from the training split, threshold from the held-out split)
+        and ``abstention`` (the confidence-abstention preset) to ``fitted``; the statistics file's bytes."""
+        from dhumor.model.calibration import calibrated_probs
+        from dhumor.model.ood import UNCERTAIN_COVERAGE, fit_for_export, uncertain_margin
+
+        dm = trainer.datamodule
+        scorer, held = fit_for_export(module, state, dm.train_dataloader(), dm.val_dataloader(), split)
+        data = scorer.to_bytes() if scorer.tensors else b""
+        fitted["ood"] = scorer.meta(len(data) if data else 0)
+        temp = fitted["calibration"][module.schema.primary]["temperature"]
+        p = calibrated_probs(held.logits, temp)[:, 1]
+        th = fitted["thresholds"].get("balanced", 0.5)
+        fitted["abstention"] = {"uncertain_margin": round(uncertain_margin(p, th), 6), "coverage": UNCERTAIN_COVERAGE,
+                                "fitted_on": split}
+        log.info("unfamiliarity: %s, threshold %.4f (5%% of %s), statistics %d bytes", scorer.method,
+                 scorer.threshold, split, len(data))
+        return {fitted["ood"]["file"]: data} if data else {}
 
 
 @torch.no_grad()

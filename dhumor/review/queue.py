@@ -3,7 +3,8 @@
 
 A queue is a ``dhumor score`` results file (JSONL), or a folder that is scored into one on the way.
 Orders: ``uncertain`` (primary-task probability nearest the threshold first), ``flagged`` (flagged
-first, most confident first) and ``random`` (a seeded sample, for audits). Verdicts on every task
+first, most confident first), ``unfamiliar`` (most unlike the training memes first; rows without an
+unfamiliarity score last, nearest the threshold first) and ``random`` (a seeded sample, for audits). Verdicts on every task
 of the checkpoint's schema go to the :class:`~dhumor.review.log.ReviewLog` with the reviewer's name, so
 progress survives a restart: the queue skips what the reviewer already judged.
 
@@ -26,7 +27,7 @@ from dhumor.review.log import ReviewLog
 from dhumor.review.export import check_labels
 from dhumor.schema import TaskSchema
 
-ORDERS = ("uncertain", "flagged", "random")
+ORDERS = ("uncertain", "flagged", "unfamiliar", "random")
 
 
 def order_queue(rows: list[dict], order: str = "uncertain", seed: int = 0, threshold: float | None = None) -> list[dict]:
@@ -39,6 +40,12 @@ def order_queue(rows: list[dict], order: str = "uncertain", seed: int = 0, thres
             th = threshold if threshold is not None else r["decision"]["threshold"]
             return abs(r["decision"]["probability"] - th)
         return sorted(rows, key=lambda r: (dist(r), r["id"]))
+    if order == "unfamiliar":
+        def unfamiliarity(r):
+            th = threshold if threshold is not None else r["decision"]["threshold"]
+            ood = r.get("ood")
+            return (ood is None, -(ood or {}).get("score", 0.0), abs(r["decision"]["probability"] - th), r["id"])
+        return sorted(rows, key=unfamiliarity)
     if order == "flagged":
         return sorted(rows, key=lambda r: (not r["decision"]["flagged"], -r["decision"]["probability"], r["id"]))
     if order == "random":
