@@ -17,6 +17,7 @@ import time
 
 from dhumor.errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE, ConfigError,
                      DataError, DHumorError)
+from dhumor.ocr import ENGINES, engine_choices  # the registry only (no engine is imported)
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # Settings the data module needs from the model: written once, under model:, in a config.
@@ -178,23 +179,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser; choices of ``--ocr`` and ``--explain`` come from the registries (no model is imported)."""
-    from dhumor.ocr import ENGINES, engine_choices
-
-    p = _Parser(
-        prog="dhumor", formatter_class=_HelpFormatter,
-        description="Dark-humor understanding for memes. Training: dhumor fit|validate|test|predict --config FILE "
-                    "(LightningCLI; `dhumor fit --help`).",
-        epilog="Exit codes: 0 every input processed; 1 internal error; 2 configuration or usage error (one line "
-               "names the fix); 3 the batch finished but some rows are errors; 130 interrupted (rerun to continue).")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for name in LIGHTNING_COMMANDS:
-        sub.add_parser(name, help=f"LightningCLI {name} (see `dhumor {name} --help`)", add_help=False)
-
-    def add(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
-
+def _data_parser(add) -> None:
+    """``dhumor data``'s options."""
     dt = add("data", "get a dataset into the layout dhumor reads")
     dsub = dt.add_subparsers(dest="dataset", metavar="DATASET", required=True)
     h = dsub.add_parser("harmeme", formatter_class=_HelpFormatter,
@@ -205,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("out", nargs="?", default=None, help="output folder (default: $DHUMOR_DATA, else data/harmeme-c)")
     h.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
+
+def _evaluate_parser(add) -> None:
+    """``dhumor evaluate``'s options."""
     e = add("evaluate", "metrics of a checkpoint on a labelled manifest")
     _add_decision(e)
     e.add_argument("--manifest", required=True, help="HarMeme jsonl or D-HUMOR csv/xlsx (relative paths: under the "
@@ -221,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object (per task metrics) to stdout")
     _add_common(e)
 
+
+def _score_parser(add) -> None:
+    """``dhumor score``'s options."""
     s = add("score", "score memes (an image, a folder or a manifest) into JSONL/CSV; resumable")
     s.add_argument("input", help="image file, folder (walked recursively) or manifest")
     _add_decision(s)
@@ -254,11 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ray: explanation actors (each keeps the backend's requests in flight)")
     _add_common(s)
 
+
+def _merge_parser(add) -> None:
+    """``dhumor merge``'s options."""
     m = add("merge", "merge shard outputs into one file, refusing duplicates")
     m.add_argument("inputs", nargs="+")
     m.add_argument("--out", required=True)
     m.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
+
+def _explain_parser(add) -> None:
+    """``dhumor explain``'s options."""
     x = add("explain", "explain memes with a (vision-)language model and the Role-Reversal loop")
     x.add_argument("input", help="image file, folder (walked recursively) or manifest")
     x.add_argument("--out", required=True, help="explanations .jsonl; rerun with the same --out to resume")
@@ -284,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--images", default=None, help="images folder of a manifest (default: images/ beside it)")
     _add_common(x)
 
+
+def _demo_parser(add) -> None:
+    """``dhumor demo``'s options."""
     d = add("demo", "the Gradio moderation demo")
     _add_decision(d)
     d.add_argument("--host", default="127.0.0.1")
@@ -305,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memes scored and explained at once (requests beyond it wait their turn)")
     _add_common(d)
 
+
+def _users_parser(add) -> None:
+    """``dhumor users``'s options."""
     u = add("users", "the demo's users file: sign-in names, roles and argon2 password hashes")
     usub = u.add_subparsers(dest="users_command", metavar="ACTION", required=True)
     ua = usub.add_parser("add", formatter_class=_HelpFormatter, help="add a user (or replace their password and role)")
@@ -319,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     ur.add_argument("name")
     ur.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
+
+def _reviews_parser(add) -> None:
+    """``dhumor reviews``'s options."""
     r = add("reviews", "the review log: export queue verdicts as training data")
     rsub = r.add_subparsers(dest="reviews_command", metavar="ACTION", required=True)
     rx = rsub.add_parser("export", formatter_class=_HelpFormatter, help="verdicts -> labelled manifest (conflicts listed, left out unless asked)")
@@ -335,11 +342,40 @@ def build_parser() -> argparse.ArgumentParser:
     rx.add_argument("--until", default=None, metavar="TIME", help="only verdicts before this ISO time")
     rx.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
+
+def _ocr_parser(add) -> None:
+    """``dhumor ocr``'s options."""
     o = add("ocr", "print the OCR text of memes (an image, a folder or a manifest)")
     o.add_argument("input", help="image file, folder or manifest")
     o.add_argument("--ocr", default="rapidocr", choices=ENGINES.names(), help="OCR engine")
     o.add_argument("--limit", type=_positive_int, default=None)
     _add_common(o)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser; choices of ``--ocr`` and ``--explain`` come from the registries (no model is imported)."""
+    p = _Parser(
+        prog="dhumor", formatter_class=_HelpFormatter,
+        description="Dark-humor understanding for memes. Training: dhumor fit|validate|test|predict --config FILE "
+                    "(LightningCLI; `dhumor fit --help`).",
+        epilog="Exit codes: 0 every input processed; 1 internal error; 2 configuration or usage error (one line "
+               "names the fix); 3 the batch finished but some rows are errors; 130 interrupted (rerun to continue).")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name in LIGHTNING_COMMANDS:
+        sub.add_parser(name, help=f"LightningCLI {name} (see `dhumor {name} --help`)", add_help=False)
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+
+    _data_parser(add)
+    _evaluate_parser(add)
+    _score_parser(add)
+    _merge_parser(add)
+    _explain_parser(add)
+    _demo_parser(add)
+    _users_parser(add)
+    _reviews_parser(add)
+    _ocr_parser(add)
     return p
 
 
