@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the real offline explainer, four clients
+
 pytest.importorskip("gradio")
 pytest.importorskip("llama_cpp")
 

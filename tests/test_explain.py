@@ -166,6 +166,7 @@ def tiny_llava(tmp_path_factory):
     return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
 
 
+@pytest.mark.slow
 def test_transformers_backend_real_generate_and_failure_recording(tiny_llava):
     from dhumor.explain.backends.transformers_vlm import TransformersVLMBackend
 
@@ -221,6 +222,7 @@ def llama_server(tmp_path_factory):
     proc.wait(30)
 
 
+@pytest.mark.slow
 def test_openai_backend_against_llama_cpp_server(llama_server, tmp_path):
     from dhumor.explain.backends.openai_compat import OpenAIBackend
 
@@ -277,6 +279,7 @@ def test_openai_config_from_environment(monkeypatch):
 
 
 # ------------------------------------------------------------------ offline default, end to end
+@pytest.mark.slow
 def test_offline_explain_command_end_to_end_and_resume(tmp_path, capsys):
     pytest.importorskip("llama_cpp")
     src = tmp_path / "memes"
@@ -300,6 +303,7 @@ def test_offline_explain_command_end_to_end_and_resume(tmp_path, capsys):
     assert len(out.read_text().splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_offline_fallback_through_transformers_gguf():
     """Without llama-cpp-python the offline default runs SmolLM2 through transformers from the same GGUF
     (converted once, then cached)."""

@@ -14,6 +14,8 @@ import pytest
 from conftest import SMALL, fit_cli
 from dhumor.data.readers import read_manifest
 
+pytestmark = pytest.mark.slow  # two-process DDP, the GPU recipe on CPU
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

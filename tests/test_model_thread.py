@@ -173,6 +173,7 @@ def test_closing_a_stream_does_not_wait_behind_another_request_and_shutdown_rele
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+@pytest.mark.slow
 def test_the_demo_stops_at_once_while_a_meme_is_being_explained(tmp_path, sig):
     """Ctrl-C or SIGTERM while the explanation server hangs: exit 130 within seconds, not after the
     request's deadline (60 s here)."""

@@ -15,6 +15,8 @@ from dhumor.cli import main
 from conftest import ROOT, SMALL
 from test_demo_browser import _port, _start_app, _wait, browser  # noqa: F401  (browser is a fixture)
 
+pytestmark = pytest.mark.slow  # headless Chromium
+
 
 def _open_queue(d, url, reviewer):
     from selenium.webdriver.common.by import By

@@ -170,6 +170,7 @@ def _wait_rows(out: Path, n: int, proc, timeout=120):
     return False
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_exactly_once(trained, tmp_path):
     src = tmp_path / "s"
     n = 60

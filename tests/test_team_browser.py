@@ -4,6 +4,7 @@ signed in at the same time each see only what their role allows (headless Chromi
 DHUMOR_DOCS_SCREENSHOTS=docs writes the login and queue screenshots used by docs/deploy-demo.md."""
 from __future__ import annotations
 
+import pytest
 import os
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from pathlib import Path
 from dhumor.cli import main
 
 from test_demo_browser import CHROMIUM, DRIVER, ROOT, _port, _start_app, _wait  # noqa: F401
+
+pytestmark = pytest.mark.slow  # headless Chromium
 
 PASSWORDS = {"rita": "rita-reviews-memes", "adam": "adam-admins-memes"}
 NOTE = "<img src=x onerror=\"document.title='pwned'\"> **not bold**"
