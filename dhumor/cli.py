@@ -477,10 +477,7 @@ def cmd_score(args) -> int:
         summary = summary_if_done(results, items, done, args.retry_errors)
         if summary is not None:  # every meme has its final row: no model needs to load to say so
             results.repair()  # a torn last line (a run killed mid-write) goes, as in any resumed run
-            print(f"dhumor score: nothing to do: all {summary.total} memes already have a row in {args.out}",
-                  file=sys.stderr)
-            print(json.dumps(summary.to_dict()), file=sys.stderr)
-            return summary.exit_code
+            return summary.report(source, args.out)
 
     check_checkpoint_weights(ckpt, meta)  # the first import of torch: only when a model is to load
     from dhumor.cache import StageCache
@@ -498,18 +495,7 @@ def cmd_score(args) -> int:
               f"rows but do not change its predictions", file=sys.stderr)
     scorer = Scorer(pipe, results, batch_size=args.batch_size, workers=args.workers, progress=not args.quiet)
     summary = scorer.run(items, retry_errors=args.retry_errors, rescore=args.rescore)
-    if summary.total == 0:
-        print(f"dhumor score: no files found in {source}", file=sys.stderr)
-    elif summary.already_done == summary.total and not summary.interrupted:
-        print(f"dhumor score: nothing to do: all {summary.total} memes already have a row in {args.out}", file=sys.stderr)
-    if summary.interrupted:
-        print(f"dhumor score: interrupted; {summary.scored + summary.failed} rows written this run are kept. "
-              f"Run the same command again to continue.", file=sys.stderr)
-    elif summary.failed_in_output:
-        print(f"dhumor score: {summary.failed_in_output} of {summary.total} rows in {args.out} are errors "
-              f"(see their 'error' / 'explanation_error' fields); exit code {EXIT_ROWS_FAILED}", file=sys.stderr)
-    print(json.dumps(summary.to_dict()), file=sys.stderr)  # last line: machine-readable summary
-    return summary.exit_code
+    return summary.report(source, args.out)
 
 
 def _check_provenance_early(results, ckpt, meta, args) -> None:

@@ -25,7 +25,6 @@ import math
 import os
 import pickle
 import socket
-import sys
 import threading
 import time
 import warnings
@@ -36,7 +35,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from dhumor.errors import EXIT_ROWS_FAILED, ConfigError, DataError
+from dhumor.errors import ConfigError, DataError
 from dhumor.inference.sources import is_url
 
 log = logging.getLogger("dhumor")
@@ -363,13 +362,7 @@ def run(items: list, results, settings: RaySettings, checkpoint: str, schema, ca
                 clock["last_rows_s"] = round(time.perf_counter() - t0, 2)
                 hits["features"] += int(batch["cached"].sum())
                 hits["computed"] += int(batch["computed"].sum())
-                for r in rows:
-                    if r["error"]:
-                        summary.failed += 1
-                        summary.errors[r["error"].split(":")[0][:80]] += 1
-                    else:
-                        summary.scored += 1
-                    summary.explanation_failed += bool(r.get("explanation_error"))
+                summary.count(rows)
                 pending += rows
                 if len(pending) >= PART_ROWS or time.monotonic() - last_write >= PART_SECONDS:
                     results.append(pending)
@@ -449,16 +442,4 @@ def _score(args, results, starter: RayStarter) -> int:
     summary = run(items, results, settings, str(ckpt), schema, cache_path, args.ocr, device=args.device,
                   threshold=args.decision_threshold, retry_errors=args.retry_errors, progress=not args.quiet,
                   explain_spec=explain_spec, streams=(meta.get("hparams") or {}).get("streams"), starter=starter)
-    if summary.total == 0:
-        print(f"dhumor score: no files found in {source}", file=sys.stderr)
-    elif summary.already_done == summary.total and not summary.interrupted:
-        print(f"dhumor score: nothing to do: all {summary.total} memes already have a row in {args.out}",
-              file=sys.stderr)
-    if summary.interrupted:
-        print(f"dhumor score: interrupted; {summary.scored + summary.failed} rows written this run are kept. "
-              f"Run the same command again to continue.", file=sys.stderr)
-    elif summary.failed_in_output:
-        print(f"dhumor score: {summary.failed_in_output} of {summary.total} rows in {args.out} are errors "
-              f"(see their 'error' / 'explanation_error' fields); exit code {EXIT_ROWS_FAILED}", file=sys.stderr)
-    print(json.dumps(summary.to_dict()), file=sys.stderr)  # last line: machine-readable summary
-    return summary.exit_code
+    return summary.report(source, args.out)

@@ -11,6 +11,7 @@ settings is refused rather than mixing two models' rows in one file, unless aske
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter
@@ -51,6 +52,34 @@ class ScoreSummary:
         d = dict(vars(self))
         d["errors"] = dict(self.errors)
         return d
+
+    def count(self, rows: Iterable[dict]) -> None:
+        """Count rows written this run (scored, failed and why, failed explanations)."""
+        for r in rows:
+            if r["error"]:
+                self.failed += 1
+                self.errors[r["error"].split(":")[0][:80]] += 1
+            else:
+                self.scored += 1
+            self.explanation_failed += bool(r.get("explanation_error"))
+
+    def report(self, source, out) -> int:
+        """What `dhumor score` prints when a run ends (stderr; the last line is the JSON summary), on any
+        engine; returns the exit code."""
+        import sys
+
+        if self.total == 0:
+            print(f"dhumor score: no files found in {source}", file=sys.stderr)
+        elif self.already_done == self.total and not self.interrupted:
+            print(f"dhumor score: nothing to do: all {self.total} memes already have a row in {out}", file=sys.stderr)
+        if self.interrupted:
+            print(f"dhumor score: interrupted; {self.scored + self.failed} rows written this run are kept. "
+                  f"Run the same command again to continue.", file=sys.stderr)
+        elif self.failed_in_output:
+            print(f"dhumor score: {self.failed_in_output} of {self.total} rows in {out} are errors "
+                  f"(see their 'error' / 'explanation_error' fields); exit code {EXIT_ROWS_FAILED}", file=sys.stderr)
+        print(json.dumps(self.to_dict()), file=sys.stderr)  # last line: machine-readable summary
+        return self.exit_code
 
     @property
     def exit_code(self) -> int:
@@ -152,13 +181,7 @@ class Scorer:
         try:
             for rows in self.pipe.run(todo, self.batch_size, self.workers, self.threshold):
                 self.results.append(rows)
-                for r in rows:
-                    if r["error"]:
-                        summary.failed += 1
-                        summary.errors[r["error"].split(":")[0][:80]] += 1
-                    else:
-                        summary.scored += 1
-                    summary.explanation_failed += bool(r.get("explanation_error"))
+                summary.count(rows)
                 bar.update(len(rows))
         except KeyboardInterrupt:
             summary.interrupted = True  # rows written so far are complete; a rerun continues
