@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dhumor.errors import ConfigError
+from dhumor.util.files import atomic_write
 
 ROLES = ("reviewer", "admin")
 # What each role may do; the demo's handlers check these server-side (gr.Request.username).
@@ -112,21 +113,8 @@ def _read_raw(path: Path) -> dict:
 
 
 def _write(path: Path, data: dict) -> None:
-    """Atomic, owner-only: a temporary file in the same folder, fsynced, renamed over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Atomic and owner-only (0600 from the start: the hashes are never readable by others)."""
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=True) + "\n", mode=0o600)
 
 
 def add_user(path: str | Path, name: str, password: str, role: str = "reviewer") -> bool:

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 from dhumor.errors import DataError
-from dhumor.inference.results_file import (FORMATS, acquire_output_lock, check_output_path, provenance_key, release_output_lock,
-                           unescape_text)
+from dhumor.inference.results_file import (FORMATS, acquire_output_lock, check_output_path, provenance_key,
+                                           release_output_lock, unescape_text)
+from dhumor.util.files import atomic_write
 
 
 def _row_id(line: bytes, header: list[str] | None, path: str | Path, n: int) -> tuple[str, str | None]:
@@ -83,14 +83,7 @@ def merge_results(inputs: list[str | Path], out: str | Path) -> int:
             lines.append(line)
     key = acquire_output_lock(out)  # no `dhumor score` may be appending to the merged file meanwhile
     try:
-        tmp = out.with_name(out.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            if header is not None:
-                fh.write(header + b"\n")
-            fh.writelines(line + b"\n" for line in lines)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
+        atomic_write(out, ([header + b"\n"] if header is not None else []) + [line + b"\n" for line in lines])
     finally:
         release_output_lock(key)
     return len(lines)

@@ -9,7 +9,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from dhumor.inference.decision import Decider
-from dhumor.util.files import file_sha256
+from dhumor.util.files import atomic_write, file_sha256
 
 log = logging.getLogger("dhumor")
 
@@ -90,12 +90,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
                     for line in part.read_text(encoding="utf-8").split("\n"):  # "\n" only ends a row
                         if line.strip():
                             rows.setdefault(json.loads(line)["id"], line)
-            tmp = Path(f"{self.output}.tmp")
-            with open(tmp, "w", encoding="utf-8") as fh:
-                fh.writelines(rows[k] + "\n" for k in sorted(rows))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.output)
+            atomic_write(self.output, "".join(rows[k] + "\n" for k in sorted(rows)))
             for r in range(trainer.world_size):
                 self._part(r).unlink(missing_ok=True)
             print(f"dhumor predict: {len(rows)} rows -> {self.output}")

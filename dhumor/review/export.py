@@ -21,7 +21,6 @@ import csv
 import io
 import itertools
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from dhumor.errors import InvalidValueError
 from dhumor.review.log import ReviewLog, csv_safe
 from dhumor.util.files import file_sha256
 from dhumor.schema import PRESETS, TaskSchema, get_schema
+from dhumor.util.files import atomic_write
 
 
 @dataclass
@@ -204,9 +204,6 @@ def export_reviews(log: ReviewLog, out: str | Path, include_conflicts: bool = Fa
     if not records:
         raise InvalidValueError(f"{log.path}: every reviewed meme was left out ({len(report.conflicts)} conflicts, "
                          f"{len(report.skipped)} unusable); nothing to write")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(_render(sch, records), encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write(out, _render(sch, records))
     report.written = len(records)
     return report

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import io
 import json
 import os
 import sqlite3
 import threading
 from pathlib import Path
 
+from dhumor.util.files import atomic_write
+
 VERDICTS = {"confirm": None, "override: flag": True, "override: do not flag": False}
+
 
 
 def default_review_log() -> Path:
@@ -128,15 +132,14 @@ class ReviewLog:
         spreadsheets (:func:`csv_safe`)."""
         out = Path(out)
         rows = [{k: csv_safe(v) for k, v in r.items()} for r in reversed(self.rows())]
-        tmp = out.with_name(out.name + ".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            cols = ["id", "created", "sha256", "filename", "checkpoint", "model_flagged", "threshold", "verdict",
-                    "final_flagged", "note", "moderator", "signed_in", "labels", "queue", "item_id", "path",
-                    "caption", "checkpoint_digest", "seen", "model_output"]
-            w = csv.DictWriter(fh, cols, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, out)
+        cols = ["id", "created", "sha256", "filename", "checkpoint", "model_flagged", "threshold", "verdict",
+                "final_flagged", "note", "moderator", "signed_in", "labels", "queue", "item_id", "path",
+                "caption", "checkpoint_digest", "seen", "model_output"]
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write(out, buf.getvalue())
         return out
 
 

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Iterable
 
 
-def atomic_write(path: str | os.PathLike, data: str | bytes | Iterable[bytes], encoding: str = "utf-8") -> Path:
-    """Replace ``path`` with ``data`` (text, bytes, or an iterable of byte chunks) atomically and durably."""
+def atomic_write(path: str | os.PathLike, data: str | bytes | Iterable[bytes], encoding: str = "utf-8",
+                 mode: int | None = None) -> Path:
+    """Replace ``path`` with ``data`` (text, bytes, or an iterable of byte chunks) atomically and durably.
+    ``mode``: the file's permissions (default: readable by others, as the umask allows)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -33,7 +35,7 @@ def atomic_write(path: str | os.PathLike, data: str | bytes | Iterable[bytes], e
                     fh.write(chunk)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; an output is meant to be read by others
+        os.chmod(tmp, (0o666 & ~_umask()) if mode is None else mode)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
