@@ -199,7 +199,8 @@ def _evaluate_parser(add) -> None:
     e.add_argument("--manifest", required=True, help="HarMeme jsonl or D-HUMOR csv/xlsx (relative paths: under the "
                                                      "data root, $DHUMOR_DATA or data/harmeme-c, when found there)")
     e.add_argument("--images", default=None, help="folder of the manifest's images (default: images/ beside it)")
-    e.add_argument("--format", default="auto", choices=["auto", "harmeme", "dhumor"])
+    e.add_argument("--format", default="auto", choices=["auto", "harmeme", "dhumor"],
+                   help="manifest format: auto decides by its suffix")
     e.add_argument("--ocr", default="none", choices=engine_choices(),
                    help="'none' uses the manifest's captions; an engine reads them from the images instead")
     e.add_argument("--skip-bad", action="store_true", help="skip bad rows and unusable images instead of failing")
@@ -223,7 +224,8 @@ def _score_parser(add) -> None:
     s.add_argument("--workers", type=_positive_int, default=2, help="threads for decoding and OCR")
     s.add_argument("--batch-size", type=_positive_int, default=16, help="memes per model batch (and per write)")
     s.add_argument("--shard", default=None, help="i/n: score only shard i of n (0-based), for n machines")
-    s.add_argument("--format", default="auto", choices=["auto", "harmeme", "dhumor", "folder"])
+    s.add_argument("--format", default="auto", choices=["auto", "harmeme", "dhumor", "folder"],
+                   help="what the input is: auto decides by its suffix (or a folder)")
     s.add_argument("--images", default=None, help="images folder of a manifest (default: images/ beside it)")
     s.add_argument("--retry-errors", action="store_true",
                    help="also rescore rows whose file was unusable (transient failures are always retried)")
@@ -278,7 +280,8 @@ def _explain_parser(add) -> None:
                    help="shuffle: a seeded random order, so that a partial run is a random sample")
     x.add_argument("--seed", type=int, default=0)
     x.add_argument("--limit", type=_positive_int, default=None, help="only the first N items (after ordering)")
-    x.add_argument("--format", default="auto", choices=["auto", "harmeme", "dhumor", "folder"])
+    x.add_argument("--format", default="auto", choices=["auto", "harmeme", "dhumor", "folder"],
+                   help="what the input is: auto decides by its suffix (or a folder)")
     x.add_argument("--images", default=None, help="images folder of a manifest (default: images/ beside it)")
     _add_common(x)
 
