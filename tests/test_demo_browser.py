@@ -79,9 +79,14 @@ def browser():
 
 
 def _wait(fn, timeout=120, what=""):
+    from selenium.common.exceptions import StaleElementReferenceException
+
     t0 = time.time()
     while time.time() - t0 < timeout:
-        v = fn()
+        try:
+            v = fn()
+        except StaleElementReferenceException:  # the page re-rendered between finding and reading: look again
+            v = None
         if v:
             return v
         time.sleep(0.1)
