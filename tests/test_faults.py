@@ -778,7 +778,7 @@ def test_each_failure_of_a_meme_in_its_class(tmp_path, monkeypatch, raised, kind
     def load(path):
         raise raised
 
-    monkeypatch.setattr("dhumor.inference.pipeline.load_image_with_digest", load)
+    monkeypatch.setattr("dhumor.inference.prepare.load_image_with_digest", load)
     fake = SimpleNamespace(ocr=None)  # preprocess needs nothing else of a pipeline
     if kind is None:  # a bug: not a row, the run stops (exit 1 with --debug's traceback)
         with pytest.raises(TypeError):

@@ -292,7 +292,7 @@ def test_a_bug_in_the_pipeline_is_exit_1_not_a_row(trained, src, tmp_path, monke
     def broken(path, *a, **k):
         raise TypeError("a bug in dhumor")  # not the file's fault: must not become a "transient" row
 
-    monkeypatch.setattr("dhumor.inference.pipeline.load_image_with_digest", broken)
+    monkeypatch.setattr("dhumor.inference.prepare.load_image_with_digest", broken)
     assert _score(trained / "export", src, out) == 1
     assert "internal error: TypeError: a bug in dhumor" in capsys.readouterr().err
     assert not out.exists() or not ResultsFile(out, HARMEME).rows()

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from dhumor.inference.results_file import ResultsFile
 from dhumor.inference.items import Item
-from dhumor.inference.pipeline import TRANSIENT, preprocess
+from dhumor.inference.prepare import TRANSIENT, preprocess
 from dhumor.inference.scoring import resume
 from dhumor.explain.explainer import Explainer
 

@@ -159,7 +159,7 @@ def _reader(ocr_engine: str, cache_path: str | None) -> SimpleNamespace:
 def preprocess_batch(batch: dict, ocr_engine: str, cache_path: str | None) -> dict:
     """``Pipeline.preprocess`` (decode, sha256, OCR) on a batch of pickled items; URLs are read through fsspec."""
     from dhumor.images import decode_image, sha256_bytes
-    from dhumor.inference.pipeline import PERMANENT, TRANSIENT, Prepared, preprocess
+    from dhumor.inference.prepare import PERMANENT, TRANSIENT, Prepared, preprocess
     from dhumor.inference.sources import read_url_bytes
 
     # The same preprocess as `dhumor score` (decode, sha256, OCR), without loading a model here.
@@ -202,7 +202,7 @@ class ExplainStage:
     def __call__(self, batch: dict) -> dict:
         from dhumor.inference.pipeline import Pipeline
 
-        from dhumor.inference.pipeline import explainer_provenance
+        from dhumor.inference.prepare import explainer_provenance
 
         prepared = [pickle.loads(b) for b in batch["prepared"]]
         Pipeline.explain(self, prepared)
