@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import threading
@@ -119,6 +120,17 @@ def _probability(text: str) -> float:
     return x
 
 
+def _finite_float(text: str) -> float:
+    """Any finite number (nan and inf refused here, before any model loads)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
+    return x
+
+
 def _positive_float(text: str) -> float:
     try:
         x = float(text)
@@ -164,7 +176,7 @@ def _add_decision(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on-unfamiliar", default="abstain", choices=["abstain", "flag", "ignore"],
                    help="the decision on a meme unlike the training memes: abstain (reason 'unfamiliar'), flag it "
                         "for a moderator, or decide it as any other (docs/unfamiliar.md)")
-    p.add_argument("--ood-threshold", type=float, default=None,
+    p.add_argument("--ood-threshold", type=_finite_float, default=None,
                    help="unfamiliarity score above which a meme is unfamiliar (default: the checkpoint's, which "
                         "calls 5%% of its held-out split unfamiliar)")
     p.add_argument("--abstain-uncertain", action="store_true",
@@ -512,13 +524,17 @@ def _check_provenance_early(results, ckpt, meta, args) -> None:
 
     if args.rescore or not results.path.exists():
         return None
-    threshold = Decider.from_meta(TaskSchema.from_dict(meta["schema"]), meta, args.decision_threshold).threshold
-    mine = {"checkpoint": checkpoint_digest(ckpt), "threshold": float(threshold), "ocr": args.ocr}
+    decider = Decider.from_meta(TaskSchema.from_dict(meta["schema"]), meta, args.decision_threshold,
+                                args.on_unfamiliar, args.abstain_uncertain)
+    mine = {"checkpoint": checkpoint_digest(ckpt), "threshold": float(decider.threshold), "ocr": args.ocr}
     index = results.index()
     check_provenance(results, index, mine, rescore=False, fields=tuple(mine))
     if args.explain != "none":  # the explainer's settings are only known once it is built
         return None
-    check_provenance(results, index, {**mine, "explainer": None}, rescore=False)
+    ood_th = args.ood_threshold if args.ood_threshold is not None else (meta.get("ood") or {}).get("threshold")
+    unfamiliar = {"threshold": None if ood_th is None else float(ood_th), "on_unfamiliar": decider.on_unfamiliar,
+                  "uncertain_margin": decider.uncertain_margin}  # as Pipeline.provenance records them
+    check_provenance(results, index, {**mine, "explainer": None, "unfamiliar": unfamiliar}, rescore=False)
     return index
 
 
@@ -641,8 +657,9 @@ def cmd_reviews(args) -> int:
     path = Path(args.review_log) if args.review_log else default_review_log()
     if not path.is_file():
         raise ConfigError(f"{path}: no review log here (pass --review-log)")
-    from dhumor.review.export import parse_time
+    from dhumor.review.export import check_export_out, parse_time
 
+    check_export_out(args.out)  # a file an export did not write (a manifest, notes) is never replaced
     since, until = parse_time(args.since, "--since"), parse_time(args.until, "--until")
     rep = export_reviews(ReviewLog(path), args.out, include_conflicts=args.include_conflicts, schema=args.task,
                          users=args.user, since=since, until=until)

@@ -157,7 +157,11 @@ def test_csv_output_has_the_columns_and_the_summary_counts(trained, harmeme_fixt
     assert {"abstain", "abstain_reason", "ood_score", "unfamiliar"} <= set(rows[0])
     assert all(r["unfamiliar"] == "True" and r["abstain_reason"] == "unfamiliar" and np.isfinite(float(r["ood_score"]))
                for r in rows)
-    assert _score(harmeme_fixture, out, trained / "export") == 0  # a rerun resumes the CSV it wrote
+    assert _score(harmeme_fixture, out, trained / "export", "--ood-threshold=-1e9") == 0  # a rerun resumes its CSV
+    capsys.readouterr()
+    # ... but never with another abstention policy: the rows would mix two (provenance records it)
+    assert _score(harmeme_fixture, out, trained / "export") == 2
+    assert "unfamiliar above -1000000000.0 -> abstain" in capsys.readouterr().err
 
 
 def test_a_checkpoint_without_statistics_still_scores_and_says_so_once(trained, harmeme_fixture, tmp_path, caplog):
@@ -171,14 +175,15 @@ def test_a_checkpoint_without_statistics_still_scores_and_says_so_once(trained, 
     new = Pipeline.from_checkpoint(trained / "export").score_file(harmeme_fixture.parent / "images" / "meme_001.png",
                                                                   caption="happy coffee")
     assert new["tasks"] == row["tasks"]  # the statistics never change a probability
-    # A partial copy (dhumor.json names a statistics file that is not there): warned, scored, ood null.
+    # A partial copy (dhumor.json names a statistics file that is not there) is a damaged checkpoint: refused
+    # by name, never a run that silently abstains on nothing.
+    from dhumor.errors import CheckpointError
+
     partial = tmp_path / "partial"
     shutil.copytree(trained / "export", partial)
     (partial / meta["ood"]["file"]).unlink()
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="dhumor"):
-        p = Pipeline.from_checkpoint(partial)
-    assert p.ood is None and any("ood.safetensors: missing" in r.getMessage() for r in caplog.records)
+    with pytest.raises(CheckpointError, match="ood.safetensors: missing"):
+        Pipeline.from_checkpoint(partial)
 
 
 def test_refitting_writes_the_same_statistics_file_and_a_damaged_one_is_refused(trained, tmp_path):

@@ -165,6 +165,12 @@ def test_cli_reviews_export(tmp_path, harmeme_fixture, capsys):
     assert "4 memes ->" in err and err.count("conflict on") == 2 and "--include-conflicts keeps them" in err
     assert main(["reviews", "export", "--out", str(out), "--review-log", str(tmp_path / "none.sqlite")]) == 2
     assert "none.sqlite: no review log here" in capsys.readouterr().err
+    assert main(["reviews", "export", "--out", str(out), "--review-log", log.path]) == 0  # its own file: replaced
+    manifest = tmp_path / "manifest.jsonl"  # anything else is left as it is
+    manifest.write_text('{"id": "m1", "image": "a.jpg", "labels": ["not harmful"]}\n')
+    assert main(["reviews", "export", "--out", str(manifest), "--review-log", log.path]) == 2
+    assert manifest.read_text() == '{"id": "m1", "image": "a.jpg", "labels": ["not harmful"]}\n'
+    assert "is not a reviewed manifest" in capsys.readouterr().err
 
 
 def test_mix_extra():

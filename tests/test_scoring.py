@@ -142,8 +142,17 @@ def test_shards_partition_and_merge(trained, tmp_path, capsys):
     merged = tmp_path / "all.jsonl"
     assert main(["merge", *map(str, outs), "--out", str(merged)]) == 0
     assert len(_rows(merged)) == 10
-    assert main(["merge", str(outs[0]), str(outs[0]), "--out", str(merged)]) == 2
+    assert main(["merge", str(outs[0]), str(outs[0]), "--out", str(tmp_path / "again.jsonl")]) == 2
     assert "shards overlap" in capsys.readouterr().err
+    # merge writes a new file: never over an existing one (notes, a manifest, an earlier merge) or an input
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text("my precious notes\n")
+    before = merged.read_bytes()
+    assert main(["merge", str(outs[0]), "--out", str(notes)]) == 2
+    assert main(["merge", str(outs[0]), "--out", str(merged)]) == 2
+    assert main(["merge", str(outs[0]), str(outs[1]), "--out", str(outs[1])]) == 2
+    assert notes.read_text() == "my precious notes\n" and merged.read_bytes() == before
+    assert "exists" in capsys.readouterr().err
     assert main(["score", str(src), "--checkpoint", str(trained / "export"), "--out", str(merged), "--shard", "2/2"]) == 2
 
 

@@ -5,9 +5,9 @@ import csv
 import json
 from pathlib import Path
 
-from dhumor.errors import DataError
-from dhumor.inference.results_file import (FORMATS, acquire_output_lock, check_output_path, provenance_key,
-                                           release_output_lock, unescape_text)
+from dhumor.errors import ConfigError, DataError
+from dhumor.inference.results_file import (FORMATS, acquire_output_lock, check_not_input, check_output_path,
+                                           provenance_key, release_output_lock, unescape_text)
 from dhumor.util.files import atomic_write
 
 
@@ -43,6 +43,9 @@ def merge_results(inputs: list[str | Path], out: str | Path) -> int:
     """Concatenate JSONL (or CSV) shard outputs, refusing an id that appears twice or rows of different
     settings (provenance); write-then-rename."""
     out = check_output_path(out)
+    check_not_input(out, *inputs)
+    if out.exists() and (out.is_symlink() or out.stat().st_size):  # a merge writes a new file, never over another
+        raise ConfigError(f"--out {out}: exists; dhumor merge writes a new file: give another --out (or remove it)")
     suffixes = {Path(p).suffix.lower() for p in inputs} | {out.suffix.lower()}
     if len(suffixes) != 1 or suffixes - set(FORMATS):
         raise DataError(out, "merge inputs and output must all be .jsonl or all .csv")

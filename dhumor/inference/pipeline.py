@@ -123,7 +123,10 @@ class Pipeline:
         return {"checkpoint": self.checkpoint_digest,
                 "threshold": float(self.decider.threshold if threshold is None else threshold),
                 "ocr": self.ocr.engine if self.ocr is not None else "none",
-                "explainer": explainer_provenance(self.explainer.settings) if self.explainer is not None else None}
+                "explainer": explainer_provenance(self.explainer.settings) if self.explainer is not None else None,
+                # what decides abstention: a resumed file never mixes two policies
+                "unfamiliar": {"threshold": self.ood_threshold, "on_unfamiliar": self.decider.on_unfamiliar,
+                               "uncertain_margin": self.decider.uncertain_margin}}
 
     def reasoning_source(self) -> dict:
         """Where this pipeline's reasoning-stream text comes from."""
@@ -374,11 +377,9 @@ def load_ood(path: str | Path, meta: dict | None) -> OODScorer | None:
             log.warning("%s has no unfamiliarity statistics: rows carry \"ood\": null and no meme abstains as "
                         "unfamiliar (refit it with `dhumor fit`, or add them with bench/add_ood_stats.py)", path)
         return None
-    try:
-        return OODScorer.load(path, entry)
-    except CheckpointError as e:  # a partial copy of a checkpoint still scores; it says what it lacks
-        log.warning("%s; rows carry \"ood\": null and no meme abstains as unfamiliar", e)
-        return None
+    # A checkpoint that declares statistics it cannot supply (missing, damaged, wrong shapes) is a damaged
+    # checkpoint: CheckpointError, exit 2 (deciding without them would silently stop every abstention).
+    return OODScorer.load(path, entry)
 
 
 def _source_text(src: dict) -> str:

@@ -424,7 +424,12 @@ def describe_provenance(key: str | None) -> str:
     ex = p.get("explainer")
     ex_text = "no explainer" if not ex else "explainer " + "/".join(
         str(ex.get(k)) for k in ("backend", "model", "prompt_version") if ex.get(k)) + f" x{ex.get('iterations')}"
-    return f"checkpoint {str(p.get('checkpoint'))[:12]}, threshold {p.get('threshold')}, ocr {p.get('ocr')}, {ex_text}"
+    text = f"checkpoint {str(p.get('checkpoint'))[:12]}, threshold {p.get('threshold')}, ocr {p.get('ocr')}, {ex_text}"
+    un = p.get("unfamiliar")
+    if isinstance(un, dict):
+        text += (f", unfamiliar above {un.get('threshold')} -> {un.get('on_unfamiliar')}"
+                 + (f", abstain within {un['uncertain_margin']} of the threshold" if un.get("uncertain_margin") else ""))
+    return text
 
 
 def check_provenance(results: ResultsFile, index: dict[str, RowInfo], provenance: dict, rescore: bool,

@@ -263,7 +263,8 @@ def checkpoint_digest(path: str | Path) -> str:
     if path.is_dir() or path.suffix == ".safetensors":
         d = path if path.is_dir() else path.parent
         parts = [d / WEIGHTS if path.is_dir() else path, d / META]
-        for p in parts:
+        stats = d / "ood.safetensors"  # the unfamiliarity statistics decide abstention: part of the model
+        for p in parts + ([stats] if stats.is_file() else []):
             h.update(bytes.fromhex(file_sha256(p)))
     else:
         h.update(bytes.fromhex(file_sha256(path)))

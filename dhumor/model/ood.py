@@ -273,6 +273,14 @@ class OODScorer:
         missing = [k for k in need.get(method, ()) if k not in tensors]
         if missing:
             raise CheckpointError(f"{checkpoint}: unfamiliarity statistics lack {missing}")
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        if method == "mahalanobis":
+            means, p = shapes["means"], shapes["precision"]
+            if len(means) != 2 or means[0] < 1 or p != (means[1], means[1]):
+                raise CheckpointError(f"{checkpoint}: unfamiliarity statistics have inconsistent shapes (means "
+                                      f"{means}, precision {p})")
+        elif method.startswith("knn") and len(shapes["bank"]) != 2:
+            raise CheckpointError(f"{checkpoint}: unfamiliarity statistics: bank has shape {shapes['bank']}")
         info = {k: v for k, v in m.items() if k not in ("method", "threshold", "file", "bytes", "k")}
         th = m.get("threshold")
         return cls(method, tensors, k=int(m.get("k") or DEFAULT_K), threshold=None if th is None else float(th),

@@ -157,6 +157,23 @@ def select_rows(rows: list[dict], users=None, since=None, until=None) -> list[di
     return out
 
 
+def check_export_out(out: str | Path) -> None:
+    """Refuse (ConfigError, file untouched) an ``--out`` that exists and is not a manifest an earlier export
+    wrote (its rows, or its CSV header, name the ``reviewers``): an export replaces only its own file."""
+    out = Path(out)
+    if not out.exists() or (out.is_file() and out.stat().st_size == 0):
+        return
+    try:
+        with open(out, "rb") as fh:
+            first = fh.readline(1 << 20).decode("utf-8-sig").strip()
+        ours = ("reviewers" in json.loads(first)) if first.startswith("{") else ("reviewers" in first.split(","))
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not out.is_file() or out.is_symlink() or not ours:
+        raise InvalidValueError(f"--out {out}: exists and is not a reviewed manifest of `dhumor reviews export`; "
+                                f"give another --out (it is left as it is)")
+
+
 def export_reviews(log: ReviewLog, out: str | Path, include_conflicts: bool = False,
                    schema: str | TaskSchema | None = None, users=None, since=None, until=None) -> ExportReport:
     """Write the queue verdicts of ``log`` as a labelled manifest at ``out`` (write-then-rename);
