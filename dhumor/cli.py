@@ -517,24 +517,19 @@ def _check_provenance_early(results, ckpt, meta, args) -> None:
     """Before any model loads: refuse an --out whose rows another checkpoint, threshold or OCR engine wrote
     (the explainer's settings are compared too, once it is built: :meth:`Scorer.run`). Returns the file's
     index when every setting is known to match (no explainer), so a finished run needs no model."""
-    from dhumor.inference.decision import Decider
     from dhumor.inference.results_file import check_provenance
-    from dhumor.model.checkpoint_meta import checkpoint_digest
-    from dhumor.schema import TaskSchema
+    from dhumor.inference.scoring import planned_provenance
 
     if args.rescore or not results.path.exists():
         return None
-    decider = Decider.from_meta(TaskSchema.from_dict(meta["schema"]), meta, args.decision_threshold,
-                                args.on_unfamiliar, args.abstain_uncertain)
-    mine = {"checkpoint": checkpoint_digest(ckpt), "threshold": float(decider.threshold), "ocr": args.ocr}
+    planned = planned_provenance(ckpt, meta, args.decision_threshold, args.ocr, args.on_unfamiliar,
+                                 args.ood_threshold, args.abstain_uncertain)
+    mine = {k: planned[k] for k in ("checkpoint", "threshold", "ocr")}
     index = results.index()
     check_provenance(results, index, mine, rescore=False, fields=tuple(mine))
     if args.explain != "none":  # the explainer's settings are only known once it is built
         return None
-    ood_th = args.ood_threshold if args.ood_threshold is not None else (meta.get("ood") or {}).get("threshold")
-    unfamiliar = {"threshold": None if ood_th is None else float(ood_th), "on_unfamiliar": decider.on_unfamiliar,
-                  "uncertain_margin": decider.uncertain_margin}  # as Pipeline.provenance records them
-    check_provenance(results, index, {**mine, "explainer": None, "unfamiliar": unfamiliar}, rescore=False)
+    check_provenance(results, index, {**planned, "explainer": None}, rescore=False)
     return index
 
 

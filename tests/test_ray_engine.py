@@ -108,6 +108,21 @@ def test_same_rows_as_score_bad_file_and_rerun(tmp_path, capsys):
     assert _score(src, ray_out, "--engine", "ray") == 3
     assert "nothing to do" in capsys.readouterr().err and time.perf_counter() - t < 15
     assert len(_parquet(ray_out)) == 6
+    # ... but a rerun with other settings never mixes two models' (or policies') rows into the dataset
+    assert _score(src, ray_out, "--engine", "ray", "--decision-threshold", "0.9") == 2
+    assert "rows were written with" in capsys.readouterr().err and len(_parquet(ray_out)) == 6
+
+
+def test_a_folder_that_is_not_a_dhumor_dataset_is_refused_untouched(tmp_path, capsys):
+    src = tmp_path / "memes"
+    src.mkdir()
+    shutil.copy(ROOT / "examples" / "horse.jpg", src / "horse.jpg")
+    out = tmp_path / "mine.parquet"
+    out.mkdir()
+    (out / "important.txt").write_text("keep me")
+    assert _score(src, out, "--engine", "ray") == 2
+    assert "not parts of a dhumor dataset" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["important.txt"]
 
 
 @pytest.mark.parametrize("args, expect", [

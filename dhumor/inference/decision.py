@@ -62,7 +62,7 @@ class Decider:
         if abstain_uncertain:
             margin = (meta.get("abstention") or {}).get("uncertain_margin")
             if margin is None:
-                raise ValueError("this checkpoint has no confidence-abstention preset (dhumor.json 'abstention'; "
+                raise InvalidValueError("this checkpoint has no confidence-abstention preset (dhumor.json 'abstention'; "
                                  "fitted by `dhumor fit`); leave out --abstain-uncertain")
         return cls(schema, meta.get("thresholds"), temps, threshold, on_unfamiliar, margin)
 

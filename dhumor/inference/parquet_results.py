@@ -45,7 +45,32 @@ def check_parquet_out(path: str | Path) -> Path:
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {path}: exists and is not a folder (a Parquet dataset is a folder of parts); "
                           f"give another --out")
+    if path.is_dir():
+        _check_own_dataset(path)
     return path
+
+
+def _check_own_dataset(path: Path) -> None:
+    """A folder that is not a dhumor dataset (other files, parts of another schema) is refused, untouched:
+    a run never writes its parts beside someone else's files, nor takes their ids as done."""
+    names = sorted(p.name for p in path.iterdir())
+    foreign = [n for n in names if not (_PART.fullmatch(n) or n in (SUCCESS, COMMON_METADATA)
+                                        or (n.startswith(".") and n.endswith(".tmp")))]
+    if foreign:
+        raise ConfigError(f"--out {path}: holds files that are not parts of a dhumor dataset (e.g. {foreign[0]!r}); "
+                          f"give another --out (nothing in it is changed)")
+    parts = [n for n in names if _PART.fullmatch(n)]
+    if parts:
+        import pyarrow.parquet as pq
+
+        try:
+            cols = set(pq.read_schema(path / parts[0]).names)
+        except Exception as e:  # not Parquet at all, or torn: never taken for rows
+            raise ConfigError(f"--out {path}: {parts[0]} is not a readable Parquet part ({type(e).__name__}); "
+                              f"give another --out") from None
+        if not {"id", "error"} <= cols:  # keys every row has, error rows included
+            raise ConfigError(f"--out {path}: {parts[0]} is not a part of `dhumor score` rows (columns "
+                              f"{sorted(cols)[:5]}...); give another --out (nothing in it is changed)")
 
 
 def _arrow_text(s: str) -> str:

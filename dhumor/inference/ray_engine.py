@@ -217,7 +217,7 @@ class ModelStage:
     """The scorer's ``Pipeline`` in an actor: features (stage cache), TCRNet, calibration, decision → row JSON."""
 
     def __init__(self, checkpoint: str, cache_path: str | None, device: str, threshold: float | None,
-                 ocr_engine: str = "none"):
+                 ocr_engine: str = "none", decision: dict | None = None):
         from dhumor.cache import StageCache
         from dhumor.inference.pipeline import Pipeline
         from dhumor.ocr import create_ocr
@@ -226,7 +226,7 @@ class ModelStage:
         # row's provenance, as `dhumor score`'s does.
         cache = StageCache(cache_path)
         self.pipe = Pipeline.from_checkpoint(checkpoint, cache=cache, device=device, threshold=threshold,
-                                             progress=False, ocr=create_ocr(ocr_engine, cache))
+                                             progress=False, ocr=create_ocr(ocr_engine, cache), **(decision or {}))
 
     def __call__(self, batch: dict) -> dict:
         from dhumor.inference.results_file import dumps_row
@@ -269,7 +269,7 @@ def _resolve(settings: RaySettings, resources: dict) -> tuple[int, float]:
 
 def build_dataset(items: list, settings: RaySettings, checkpoint: str, cache_path: str | None, ocr: str,
                   device: str, threshold: float | None, resources: dict, explain_spec: dict | None = None,
-                  streams: list[str] | None = None):
+                  streams: list[str] | None = None, decision: dict | None = None):
     """The Ray Data pipeline for ``items`` (lazy; iterate it to run)."""
     import ray
 
@@ -310,7 +310,7 @@ def build_dataset(items: list, settings: RaySettings, checkpoint: str, cache_pat
                             num_cpus=explain_cpus)
     ds = ds.map_batches(ModelStage, fn_constructor_kwargs={"checkpoint": checkpoint, "cache_path": cache_path,
                                                             "device": device, "threshold": threshold,
-                                                            "ocr_engine": ocr},
+                                                            "ocr_engine": ocr, "decision": decision},
                         batch_size=bs, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
                         num_gpus=per or None,
                         num_cpus=model_cpus)
@@ -320,23 +320,34 @@ def build_dataset(items: list, settings: RaySettings, checkpoint: str, cache_pat
 def run(items: list, results, settings: RaySettings, checkpoint: str, schema, cache_path: str | None,
         ocr: str, device: str = "auto", threshold: float | None = None, retry_errors: bool = False,
         progress: bool = True, explain_spec: dict | None = None, streams: list[str] | None = None,
-        starter: RayStarter | None = None):
+        starter: RayStarter | None = None, provenance: dict | None = None, rescore: bool = False,
+        decision: dict | None = None):
     """Score ``items`` on Ray into ``results`` (a :class:`ParquetResults`); a :class:`~dhumor.inference.scoring.ScoreSummary`.
 
     The same bookkeeping as :meth:`dhumor.inference.scoring.Scorer.run`: ids already in the dataset are skipped,
-    rows with a transient error (all error rows with ``retry_errors``) are redone."""
+    rows with a transient error (all error rows with ``retry_errors``) are redone; rows written with other
+    settings than ``provenance`` (:func:`~dhumor.inference.scoring.planned_provenance`) are refused, or
+    scored again with ``rescore``. ``decision``: the unfamiliarity flags of the model actors' pipeline."""
     from tqdm.auto import tqdm
 
     from dhumor.inference.parquet_results import arrow_id
-    from dhumor.inference.results_file import row_info
+    from dhumor.inference.results_file import check_provenance, provenance_key, row_info
     from dhumor.inference.scoring import ScoreSummary, _needs_redo, tally
 
     summary = ScoreSummary(total=len(items))
     t0 = time.perf_counter()
     results.repair()
     wanted = {arrow_id(it.id) for it in items}
-    previous = {r["id"]: r for r in results.rows() if r["id"] in wanted}
-    redo = {i for i, r in previous.items() if _needs_redo(row_info(r), retry_errors)}
+    every = results.rows()
+    stale: set[str] = set()
+    if provenance is not None:  # a resumed dataset never mixes two models' or two policies' rows
+        index = {r["id"]: row_info(r, provenance_key(r["provenance"]) if isinstance(r.get("provenance"), dict)
+                                   else None) for r in every}
+        fields = tuple(k for k in provenance if k != "explainer") if explain_spec is not None else None
+        mine = provenance if explain_spec is not None else {**provenance, "explainer": None}
+        stale = check_provenance(results, index, mine, rescore, fields=fields)
+    previous = {r["id"]: r for r in every if r["id"] in wanted}
+    redo = {i for i, r in previous.items() if _needs_redo(row_info(r), retry_errors)} | (stale & set(previous))
     if redo:
         results.drop_ids(redo)
         summary.redone = len(redo)
@@ -354,7 +365,7 @@ def run(items: list, results, settings: RaySettings, checkpoint: str, schema, ca
             resources = starter.wait()
             clock["ray_started_s"] = round(time.perf_counter() - t0, 2)
             ds = build_dataset(todo, settings, checkpoint, cache_path, ocr, device, threshold, resources,
-                               explain_spec, streams)
+                               explain_spec, streams, decision)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 rows = [json.loads(s) for s in batch["row"]]
                 clock.setdefault("first_rows_s", round(time.perf_counter() - t0, 2))
@@ -439,7 +450,13 @@ def _score(args, results, starter: RayStarter) -> int:
                            model_actors=args.ray_model_actors, gpus_per_actor=args.ray_gpus_per_actor,
                            ocr_cpus=args.ray_ocr_cpus, explain_actors=args.ray_explain_actors)
     cache_path = str(Path(args.cache).expanduser().resolve()) if args.cache else os.environ.get("DHUMOR_CACHE")
+    from dhumor.inference.scoring import planned_provenance
+
+    unfamiliar = {"on_unfamiliar": args.on_unfamiliar, "ood_threshold": args.ood_threshold,
+                  "abstain_uncertain": args.abstain_uncertain}
+    planned = planned_provenance(ckpt, meta, args.decision_threshold, args.ocr, **unfamiliar)
     summary = run(items, results, settings, str(ckpt), schema, cache_path, args.ocr, device=args.device,
                   threshold=args.decision_threshold, retry_errors=args.retry_errors, progress=not args.quiet,
-                  explain_spec=explain_spec, streams=(meta.get("hparams") or {}).get("streams"), starter=starter)
+                  explain_spec=explain_spec, streams=(meta.get("hparams") or {}).get("streams"), starter=starter,
+                  provenance=planned, rescore=args.rescore, decision=unfamiliar)
     return summary.report(source, args.out)

@@ -138,6 +138,23 @@ def tally(rows: Iterable[dict], schema, csv: bool, summary: ScoreSummary) -> Non
     summary.unfamiliar_share = round(unf / scored, 4) if scored else None
 
 
+def planned_provenance(checkpoint, meta: dict, threshold: float | None, ocr: str, on_unfamiliar: str = "abstain",
+                       ood_threshold: float | None = None, abstain_uncertain: bool = False) -> dict:
+    """The provenance a run's rows will record (as :meth:`Pipeline.provenance` writes it), from the
+    checkpoint's metadata and the flags alone: before any model loads. The explainer is left out (it is
+    only known once built)."""
+    from dhumor.inference.decision import Decider
+    from dhumor.model.checkpoint_meta import checkpoint_digest
+    from dhumor.schema import TaskSchema
+
+    decider = Decider.from_meta(TaskSchema.from_dict(meta["schema"]), meta, threshold, on_unfamiliar,
+                                abstain_uncertain)
+    ood_th = ood_threshold if ood_threshold is not None else (meta.get("ood") or {}).get("threshold")
+    return {"checkpoint": checkpoint_digest(checkpoint), "threshold": float(decider.threshold), "ocr": ocr,
+            "unfamiliar": {"threshold": None if ood_th is None else float(ood_th),
+                           "on_unfamiliar": decider.on_unfamiliar, "uncertain_margin": decider.uncertain_margin}}
+
+
 def resume(results: ResultsFile, items: Sequence[Item], needs_redo: Callable[[RowInfo], bool],
            stale: Callable[[dict[str, RowInfo]], set[str]] = lambda index: set()) -> tuple[list[Item], int]:
     """Where a run on ``results`` starts, for every command that writes rows (``score``, ``explain``):
