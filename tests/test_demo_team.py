@@ -324,3 +324,27 @@ def test_a_decompression_bomb_or_a_non_image_is_the_rows_error(team, tmp_path):
     s = _session(team, "rita")
     r = s.post(team["url"] + "gradio_api/upload", files={"files": ("big.png", big.read_bytes())}, timeout=30)
     assert r.status_code == 413
+
+
+def test_user_names_that_differ_only_in_case_are_refused(tmp_path):
+    """`ana` and `ANA` would be two people to the demo and one to a reader of the audit trail."""
+    import json as _json
+
+    from dhumor.app.auth import Users, add_user
+    from dhumor.errors import ConfigError
+
+    users = tmp_path / "users.json"
+    assert add_user(users, "ana", "long-enough-pw", role="admin")
+    with pytest.raises(ConfigError, match="differ only in letter case"):
+        add_user(users, "ANA", "long-enough-pw")
+    data = _json.loads(users.read_text())
+    data["users"]["ANA"] = dict(data["users"]["ana"], role="reviewer")  # a hand-edited file
+    users.write_text(_json.dumps(data))
+    with pytest.raises(ConfigError, match="differ only in letter case"):
+        Users.load(users)
+    # a linked users file: the file the demo reads gets the new user, the link stays a link
+    real, link = tmp_path / "real.json", tmp_path / "link.json"
+    add_user(real, "rui", "long-enough-pw")
+    link.symlink_to(real)
+    add_user(link, "eva", "long-enough-pw")
+    assert link.is_symlink() and set(Users.load(real).users) == {"rui", "eva"}

@@ -15,15 +15,15 @@ True
 from __future__ import annotations
 
 import json
-import os
+import logging
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from dhumor.errors import ConfigError
 from dhumor.util.files import atomic_write
 
+log = logging.getLogger("dhumor")
 ROLES = ("reviewer", "admin")
 # What each role may do; the demo's handlers check these server-side (gr.Request.username).
 PERMISSIONS = {"reviewer": {"score", "review"}, "admin": {"score", "review", "open_queue", "export"}}
@@ -71,6 +71,15 @@ class Users:
                 for u in users.values()):
             raise ConfigError(f"{path}: not a dhumor users file (each user needs a role in {list(ROLES)} and an "
                               f"argon2 hash; make it with `dhumor users add`)")
+        for name in users:  # a hand-edited file is held to what `users add` accepts
+            check_name(name)
+        folded = [n.casefold() for n in users]
+        if len(set(folded)) != len(folded):
+            raise ConfigError(f"{path}: two users differ only in letter case; the audit trail could not tell "
+                              f"them apart: remove one (`dhumor users remove {path} NAME`)")
+        if path.stat().st_mode & 0o077:
+            log.warning("%s: readable by other users of this machine (its password hashes): chmod 600 %s",
+                        path, path)
         return cls(str(path), users)
 
     def check(self, name: str, password: str) -> bool:
@@ -128,8 +137,11 @@ def add_user(path: str | Path, name: str, password: str, role: str = "reviewer")
     path = Path(path)
     data = _read_raw(path)
     new = name not in data["users"]
+    clash = [n for n in data["users"] if n != name and n.casefold() == name.casefold()]
+    if clash:  # `ana` and `ANA` would be two people to the demo and one to a reader of the audit trail
+        raise ConfigError(f"{path}: user {clash[0]!r} exists; names may not differ only in letter case")
     data["users"][name] = {"role": role, "hash": _hasher().hash(password)}
-    _write(path, data)
+    _write(path.resolve(), data)  # a linked users file: the file the demo reads gets the user
     return new
 
 
@@ -139,7 +151,7 @@ def remove_user(path: str | Path, name: str) -> None:
     if not path.exists() or name not in data["users"]:
         raise ConfigError(f"{path}: no user {name!r} (users: {', '.join(sorted(data['users'])) or 'none'})")
     del data["users"][name]
-    _write(path, data)
+    _write(path.resolve(), data)
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

@@ -44,6 +44,8 @@ def url_filesystem(url: str):
     except ImportError as e:
         pkg = _FS_PACKAGES.get(scheme, "the fsspec filesystem package for it")
         raise ConfigError(f"{url}: reading {scheme}:// needs {pkg} (pip install {pkg}): {e}") from None
+    except OSError as e:  # a filesystem that connects on creation (ftp://, sftp://): host unknown or unreachable
+        raise ConfigError(f"{url}: cannot reach it ({type(e).__name__}: {str(e)[:200]}); check the host") from None
     except ValueError as e:
         if "protocol" in str(e).lower():
             raise ConfigError(f"{url}: unknown URL scheme {scheme!r}; give a local path or a URL fsspec knows "

@@ -21,6 +21,10 @@ def _check_offline(model: str | None = None, **_) -> None:
     if model:
         if not Path(model).is_file():
             raise ConfigError(f"--explain-model {model}: no such GGUF file")
+        with open(model, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise ConfigError(f"--explain-model {model}: not a GGUF model file (the offline explainer runs "
+                                  f"llama.cpp GGUF models)")
         return
     from dhumor.encoders.weights import smollm2_gguf
     from dhumor.errors import DHumorError
