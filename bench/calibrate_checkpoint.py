@@ -61,7 +61,9 @@ def main(argv=None):
     meta["calibration"], meta["thresholds"] = fit_calibration(schema, logits, labels)
     n = int((labels[schema.primary] >= 0).sum())
     meta["metrics"] = {**meta["metrics"], "calibration_split": {"split": split, "n": n}}
-    write_checkpoint(state, meta, args.out)
+    stats = (meta.get("ood") or {}).get("file")  # the unfamiliarity statistics travel with the weights
+    extra = {stats: (Path(args.checkpoint) / stats).read_bytes()} if stats else None
+    write_checkpoint(state, meta, args.out, extra_files=extra)
     print(json.dumps({"split": split, "n": n, "calibration": meta["calibration"], "thresholds": meta["thresholds"]}))
 
 

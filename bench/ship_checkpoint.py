@@ -38,7 +38,9 @@ def main(argv=None):
     if args.results:
         res = json.loads(Path(args.results).read_text())
         meta["metrics"]["seed_summary_harmeme_c_val"] = res["summary"]
-    write_checkpoint(state, meta, args.out)
+    stats = (meta.get("ood") or {}).get("file")  # the unfamiliarity statistics travel with the weights
+    write_checkpoint(state, meta, args.out, extra_files={stats: (Path(args.export) / stats).read_bytes()}
+                     if stats else None)
     print(json.dumps({"thresholds": meta["thresholds"], "calibration": meta["calibration"],
                       "val": {t: {k: m.get(k) for k in ("accuracy", "macro_f1", "auroc", "n")}
                               for t, m in val_metrics.items()}}, indent=1))
