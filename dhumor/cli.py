@@ -109,36 +109,23 @@ def _positive_int(text: str) -> int:
     return n
 
 
-def _probability(text: str) -> float:
-    """A number in [0, 1] (nan and inf refused here, before any model loads)."""
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, not {text!r}") from None
-    if not 0.0 <= x <= 1.0:  # also False for nan
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], not {text}")
-    return x
+def _number(ok, why: str, expected: str = "a number"):
+    """An argparse type: a float for which ``ok`` holds (nan and inf refused where ``ok`` says so), checked
+    here, before any model loads; the message says ``why`` not."""
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, not {text!r}") from None
+        if not ok(x):
+            raise argparse.ArgumentTypeError(f"{why}, not {text}")
+        return x
+    return parse
 
 
-def _finite_float(text: str) -> float:
-    """Any finite number (nan and inf refused here, before any model loads)."""
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
-    if not math.isfinite(x):
-        raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
-    return x
-
-
-def _positive_float(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
-    if not (x > 0 and x < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, not {text}")
-    return x
+_probability = _number(lambda x: 0.0 <= x <= 1.0, "must lie in [0, 1]", "a number from 0 to 1")  # nan: False
+_finite_float = _number(math.isfinite, "must be a finite number")
+_positive_float = _number(lambda x: 0 < x < math.inf, "must be a finite number above 0")
 
 
 def _port(text: str) -> int:
