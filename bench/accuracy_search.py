@@ -11,7 +11,7 @@ Directions, all on frozen features from the stage cache:
 Stage 1 (``cv``): 5-fold cross-validation on Harm-C train for every candidate (val never read).
 Stage 2 (``val``): the candidates named by ``--report`` trained on all of train (selection on the
 seeded 10% of train, as `dhumor fit` does), evaluated once on Harm-C val, seeds 0 1 2.
-Results (every candidate, losers included) go to bench/accuracy_results.json and .md; the
+Results (every candidate, losers included) go to bench/results/accuracy_results.json and .md; the
 reliability diagram of the chosen model to docs/reliability.png.
 
     export DHUMOR_DATA=...   # the Harm-C folder
@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harmeme_results import quiet  # noqa: E402
+from record import Recorder, results_path  # noqa: E402
 from tune_cv import headline, predict_probs, train_module  # noqa: E402
 
 from dhumor.cache import StageCache  # noqa: E402
@@ -43,6 +44,7 @@ from dhumor.model.calibration import calibrated_probs, expected_calibration_erro
 from dhumor.model.metrics import compute_metrics  # noqa: E402
 from dhumor.paths import data_root  # noqa: E402
 from dhumor.schema import MISSING, get_schema  # noqa: E402
+from dhumor.util.files import atomic_write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = get_schema("harmeme")
@@ -375,7 +377,7 @@ def run_val(name: str, train, pooled_tr: Pooled, val, pooled_val: Pooled, seeds,
         r["train_cpu_seconds"] = round(time.process_time() - t1, 1)
         rows.append(r)
         kept.append((probs, sel, sel_lab, r["temperature"], ocr_probs))
-    res = {"candidate": name, "spec": s, "seeds": list(seeds), **mean_std(rows, sample=True),
+    res = {"candidate": name, "spec": s, "seeds": list(seeds), **mean_std(rows),
            "seconds": round(time.time() - t0, 1)}
     # The seeds' models as one ensemble (probabilities averaged; all share the selection split, split seed 0).
     avg = lambda i: {k: np.mean([kp[i][k] for kp in kept], 0) for k in kept[0][i]}  # noqa: E731
@@ -384,8 +386,10 @@ def run_val(name: str, train, pooled_tr: Pooled, val, pooled_val: Pooled, seeds,
     return res, kept
 
 
-def mean_std(rows: list[dict], sample: bool = False) -> dict:
-    ddof = 1 if sample and len(rows) > 1 else 0
+def mean_std(rows: list[dict]) -> dict:
+    """Mean and sample std (ddof=1, the documentation's one convention; 0 for a single run) over folds or
+    seeds, and the runs themselves (so a table can always be recomputed)."""
+    ddof = 1 if len(rows) > 1 else 0
     return {"mean": {k: float(np.mean([r[k] for r in rows])) for k in rows[0]},
             "std": {k: float(np.std([r[k] for r in rows], ddof=ddof)) for k in rows[0]},
             "runs": rows}
@@ -467,7 +471,7 @@ def main(argv=None):
     ap.add_argument("--ocr", action="store_true",
                     help="also score TCRNet candidates on OCR captions (held-out fold / val) and allow ocr_train; "
                          "fill the OCR cache first: dhumor ocr <data>/train.jsonl and val.jsonl")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "accuracy_results.json"))
+    ap.add_argument("--out", default=str(results_path("accuracy_results")))
     args = ap.parse_args(argv)
     quiet()
     import logging
@@ -476,6 +480,11 @@ def main(argv=None):
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {"cv": {}, "val": {}}
     result["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, no GPU"
+    for stage in ("cv", "val"):  # files written before one std convention: recompute from the kept runs
+        for entry in result.get(stage, {}).values():
+            if entry.get("runs"):
+                entry.update({k: v for k, v in mean_std(entry["runs"]).items() if k == "std"})
+    rec = Recorder("accuracy_results")
     cache = StageCache()
     train = read_manifest(data_root() / "train.jsonl").memes
     pooled_tr = Pooled(train, cache)
@@ -484,18 +493,19 @@ def main(argv=None):
     ocr_tr = Pooled(ocr_view(train, cache), cache) if needs_ocr_tr else None
 
     def save():
-        out.write_text(json.dumps(result, indent=1))
+        result["last_run"] = rec.provenance()
+        atomic_write(out, json.dumps(result, indent=1))
         md = ["# Issue 13: accuracy search on Harm-C (`python bench/accuracy_search.py`)", "",
               f"Machine: {result['machine']}. Candidates: see CANDIDATES in bench/accuracy_search.py.", "",
               f"## {args.folds}-fold cross-validation on Harm-C train (choices made here; at most {args.max_epochs} "
-              f"epochs, early stopping on a seeded 10% of each training part), mean ± std over folds", "",
+              f"epochs, early stopping on a seeded 10% of each training part), mean ± sample std over folds", "",
               table(list(result["cv"].values())), "",
               "## Harm-C val (reported, never used to choose), seeds 0 1 2, mean ± sample std "
               "(linear probes are deterministic: one run)", "",
               table(list(result["val"].values())), "",
               "Seed ensembles (the three seeds' models averaged; one number each):", "",
               ensemble_table(result["val"])]
-        out.with_suffix(".md").write_text("\n".join(md))
+        atomic_write(out.with_suffix(".md"), "\n".join(md) + "\n")
 
     if args.stage in ("cv", "all"):
         for name in args.only:

@@ -12,15 +12,14 @@ each meme in a freshly loaded page and waits for the decision to appear.
 CPU the server is measured on): first with one user scoring ``--n`` memes one after another, then
 with N users doing so at the same time, in the same warm demo, each meme a new one (never served
 from the cache). Times are from the request to the first streamed output showing the decision,
-the first finished explanation iteration, and the last output. Results (with the machine and its
-load average) go to bench/results/demo_latency.json.
+the first finished explanation iteration, and the last output. Results go to
+bench/results/demo_latency.json (``--users``) or bench/results/demo_latency_browser.json (browser).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import numpy as np
 import requests
 from dhumor.paths import data_root
 from dhumor.resources import EXAMPLES_DIR
+from record import Recorder
 
 ROOT = Path(__file__).resolve().parent.parent
 # Runs in the page: records performance.now() when the decision shows (not pending), when a finished
@@ -61,11 +61,12 @@ def main(argv=None):
     ap.add_argument("--samples", action="store_true", help="also print each meme's latencies")
     ap.add_argument("--users", type=int, default=None,
                     help="concurrent users through gradio_client: measure 1 user, then this many at once")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "demo_latency.json"),
-                    help="where --users writes its results")
+    ap.add_argument("--out", default=None, help="default bench/results/demo_latency.json with --users, "
+                                                "else bench/results/demo_latency_browser.json")
     args = ap.parse_args(argv)
+    rec = Recorder("demo_latency" if args.users else "demo_latency_browser")
     if args.users:
-        return users_main(args)
+        return users_main(args, rec)
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
@@ -141,7 +142,8 @@ def main(argv=None):
     finally:
         d.quit()
         proc.terminate()
-    out = {"explain": args.explain, "threads": args.threads or "all", "memes": len(lat["full"]), "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+    out = {"explain": args.explain, "threads": args.threads or "all", "memes": len(lat["full"]),
+           "cold_stage_cache": True, "warm_up": "one shipped example, not counted"}
     for k, v in lat.items():  # seconds from upload: decision shown, first explanation iteration shown, all done
         if v:
             out[k] = {"p50": round(float(np.percentile(v, 50)), 3), "p95": round(float(np.percentile(v, 95)), 3),
@@ -149,6 +151,7 @@ def main(argv=None):
     if args.samples:
         out["samples"] = samples
     print(json.dumps(out))
+    rec.write(out, args.out)
     return out
 
 
@@ -217,7 +220,7 @@ def _stats(samples: list[dict]) -> dict:
     return out
 
 
-def users_main(args) -> dict:
+def users_main(args, rec) -> dict:
     """1 user, then ``args.users`` at once, each scoring ``args.n`` new memes one after another."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -236,7 +239,6 @@ def users_main(args) -> dict:
     tmp = Path(tempfile.mkdtemp())
     proc, url = _start_demo(args, tmp)
     result = {"explain": args.explain, "threads": args.threads or "all", "memes_per_user": args.n,
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores", "load_average_before": os.getloadavg(),
               "note": "a CPU shared with other work: compare the rows of one run as ratios, not across runs"}
     try:
         clients = [Client(url, verbose=False) for _ in range(args.users)]
@@ -253,7 +255,6 @@ def users_main(args) -> dict:
             result[f"users_{users}"] = {**_stats(samples), "wall_s": round(time.perf_counter() - t0, 1),
                                         **({"samples": samples} if args.samples else {})}
         result["total_s"] = round(time.perf_counter() - t_all, 1)
-        result["load_average_after"] = os.getloadavg()
         one, many = result["users_1"], result[f"users_{args.users}"]
         if "first_explanation" in one and "first_explanation" in many:
             result["ratio_first_explanation_p50"] = round(many["first_explanation"]["p50"] /
@@ -263,8 +264,7 @@ def users_main(args) -> dict:
     finally:
         proc.terminate()
         proc.wait(30)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    rec.write(result, args.out)
     print(json.dumps(result))
     return result
 

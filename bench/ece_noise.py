@@ -19,6 +19,7 @@ import numpy as np
 
 from accuracy_search import ece
 from harmeme_results import VAL, quiet
+from record import Recorder, results_path
 
 
 def primary_probs(checkpoint: str | None, manifest: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -39,8 +40,9 @@ def main(argv=None):
     ap.add_argument("--manifest", default=str(VAL))
     ap.add_argument("--draws", type=int, default=2000, help="bootstrap resamples and simulated label sets")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="also write the numbers to this JSON file")
+    ap.add_argument("--out", default=str(results_path("ece_noise")))
     args = ap.parse_args(argv)
+    rec = Recorder("ece_noise")
     quiet()
     probs, labels, classes = primary_probs(args.checkpoint, Path(args.manifest))
     rng = np.random.default_rng(args.seed)
@@ -58,8 +60,7 @@ def main(argv=None):
            "perfectly_calibrated_ece_95th": round(float(np.quantile(perfect, 0.95)), 4),
            "share_of_perfect_draws_over_0.05": round(float((perfect > 0.05).mean()), 3)}
     print(json.dumps(out, indent=1))
-    if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    rec.write(out, args.out)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from record import Recorder, results_path  # noqa: E402
+
 from dhumor.explain.backends.base import GenerationRequest  # noqa: E402
 from dhumor.explain.prompts import Prompts  # noqa: E402
 from dhumor.paths import resolve_data_path  # noqa: E402
@@ -61,8 +63,9 @@ def main(argv=None):
     ap.add_argument("--grammar", action="store_true")
     ap.add_argument("--engines", nargs="+", default=["llama-seq", "llama-batch", "hf-seq", "hf-batch"],
                     choices=["llama-seq", "llama-batch", "hf-seq", "hf-batch"])
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=str(results_path("explain_engines")))
     args = ap.parse_args(argv)
+    rec = Recorder("explain_engines")
     reqs = requests_for(args.prompts, args.tokens, args.seed, args.grammar)
     results = []
     for name, make in engines(args.threads, args.prompts, args.engines):
@@ -82,8 +85,9 @@ def main(argv=None):
           f"{os.cpu_count()}-core CPU (shared); ratios against llama.cpp one at a time, same run:")
     for r in results:
         print(f"  {r['engine']:<28} {r['tokens_per_second']:7.1f} tokens/s  ({r['tokens_per_second'] / base:.2f}x)")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    for r in results:
+        r["ratio_to_first"] = round(r["tokens_per_second"] / base, 2)
+    rec.write({"args": vars(args), "results": results}, args.out)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 # (--order shuffle: any finished prefix is a random sample). One process uses every core.
 # Resumable: run it again to continue; rows that failed because the backend was down are redone.
 #   DHUMOR_DATA=/path/to/harmeme-c TRAIN_LIMIT=1000 nice -n 10 bash bench/explain_harmeme.sh
-#   -> outputs/explanations/{val,train}.jsonl
+#   -> outputs/explanations/{val,train}.jsonl (explanations of dataset memes: kept out of the repository);
+#   then: python bench/explain_stats.py outputs/explanations/{val,train}.jsonl  -> bench/results/explain_stats.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/explanations}

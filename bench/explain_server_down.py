@@ -24,6 +24,9 @@ from pathlib import Path
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script: the repository's dhumor, and record.py beside this file
+
+from record import Recorder, results_path  # noqa: E402
 
 
 def hung_server() -> tuple[ThreadingHTTPServer, threading.Event, list]:
@@ -48,7 +51,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--memes", type=int, default=20)
     ap.add_argument("--timeout", default=None, help="DHUMOR_OPENAI_TIMEOUT for the run (default: the built-in 60 s)")
+    ap.add_argument("--out", default=str(results_path("explain_server_down")))
     args = ap.parse_args(argv)
+    rec = Recorder("explain_server_down")
     srv, release, seen = hung_server()
     url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,6 +84,7 @@ def main(argv=None):
         "target_met": took <= 180 and len(ids) == args.memes and proc.returncode == 3,
     }
     print(json.dumps(report, indent=1))
+    rec.write(report, args.out)
     if proc.returncode not in (0, 3):
         print(proc.stderr[-2000:], file=sys.stderr)
 

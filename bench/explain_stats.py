@@ -1,6 +1,8 @@
 """Summary of `dhumor explain` outputs: how the Role-Reversal loop behaved and how fast it ran.
 
-    python bench/explain_stats.py outputs/explanations/*.jsonl
+    python bench/explain_stats.py outputs/explanations/val.jsonl outputs/explanations/train.jsonl
+
+Writes bench/results/explain_stats.json (``--out``): the statistics per file and over all of them.
 """
 from __future__ import annotations
 
@@ -11,12 +13,25 @@ from pathlib import Path
 
 import numpy as np
 
+from record import Recorder, results_path
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("files", nargs="+")
+    ap.add_argument("--out", default=str(results_path("explain_stats")))
     args = ap.parse_args(argv)
-    rows = [json.loads(l) for f in args.files for l in Path(f).read_text().splitlines() if l.strip()]
+    rec = Recorder("explain_stats")
+    per_file = {Path(f).name: stats([json.loads(l) for l in Path(f).read_text().splitlines() if l.strip()])
+                for f in args.files}
+    out = stats([json.loads(l) for f in args.files for l in Path(f).read_text().splitlines() if l.strip()])
+    print(json.dumps(out, indent=1))
+    rec.write({"files": per_file, "all": out}, args.out)
+    return out
+
+
+def stats(rows: list[dict]) -> dict:
+    """How the loop behaved over ``rows`` (`dhumor explain` output rows)."""
     its = [it for r in rows for it in r.get("iterations", [])]
     sims = {}
     for r in rows:
@@ -38,7 +53,6 @@ def main(argv=None):
         "tokens_per_second_per_stream": round(tokens / gen_s, 1) if gen_s else None,
         "generation_seconds_per_meme": round(gen_s / max(1, len(rows)), 1),
     }
-    print(json.dumps(out, indent=1))
     return out
 
 

@@ -30,6 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from record import Recorder, results_path  # noqa: E402
+
 from dhumor.cache import StageCache  # noqa: E402
 from dhumor.explain import Explainer  # noqa: E402
 from dhumor.explain.explainer import VisualCues  # noqa: E402
@@ -120,8 +122,9 @@ def main(argv=None):
     ap.add_argument("--sequences", type=int, default=8, help="answers decoded together (batched configs)")
     ap.add_argument("--max-tokens", type=int, default=400)
     ap.add_argument("--configs", nargs="+", default=["sequential-v1", "batched-v1", "batched-v2"], choices=CONFIGS)
-    ap.add_argument("--out", default=None, help="also write the results here (JSON)")
+    ap.add_argument("--out", default=str(results_path("explain_throughput")))
     args = ap.parse_args(argv)
+    rec = Recorder("explain_throughput")
     items = [it for it in collect_items(resolve_data_path("train.jsonl")) if not it.error]
     random.Random(args.seed).shuffle(items)
     memes = []
@@ -141,8 +144,9 @@ def main(argv=None):
               f"  {r['completion_tokens_per_meme']:7.1f} tokens/meme  {r['tokens_per_second']:6.1f} tokens/s"
               f"  parse {r['parse_first_try']:.2f} first / {r['parse_after_repair']:.2f} after repair"
               f"  ok {r['memes_ok']}/{r['memes']}")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    for r in results:
+        r["ratio_to_" + base["config"]] = round(r["memes_per_minute"] / base["memes_per_minute"], 2)
+    rec.write({"args": vars(args), "results": results}, args.out)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ line separators and a BOM in manifests, reruns with other settings, OCR on a 200
 weights and hyper-parameters, a missing threshold, bad flags, a cache locked by another process, a
 redirect loop from the explanation server.
 
-    python bench/faults.py [--checkpoint DIR] [--json outputs/faults.json] [--only SUBSTRING]
+    python bench/faults.py [--checkpoint DIR] [--json FILE, default bench/results/faults.json] [--only SUBSTRING]
 
 Needs root for the mount and chattr cases (they are reported as skipped otherwise). About 3 minutes
 on a 2-core CPU (each case starts a fresh `dhumor` process).
@@ -34,6 +34,8 @@ from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from record import Recorder, results_path  # noqa: E402
 
 import faultkit  # noqa: E402  (tests/faultkit.py: the fault makers the tests use too)
 
@@ -824,10 +826,11 @@ def redirect_loop(b: Bench):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", default=None, help="checkpoint to score with (default: the shipped one)")
-    ap.add_argument("--json", default=None, help="also write the outcomes here")
+    ap.add_argument("--json", default=str(results_path("faults")), help="where the outcomes go")
     ap.add_argument("--only", default=None, help="run only the cases whose name contains this (several: A|B)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
     args = ap.parse_args(argv)
+    rec = Recorder("faults")
     global SCHEMA
     if args.checkpoint:
         from dhumor.model.checkpoint import read_meta
@@ -866,9 +869,7 @@ def main(argv=None) -> int:
           f"rows lost {totals['rows_lost']}, rows duplicated {totals['rows_duplicated']}, "
           f"files damaged {totals['files_damaged']} "
           f"({platform.machine()}, {os.cpu_count()} CPUs, {time.time() - t0:.0f} s)")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"totals": totals, "cases": [asdict(o) for o in outcomes]}, indent=1))
+    rec.write({"totals": totals, "cases": [asdict(o) for o in outcomes]}, args.json)
     return 0 if totals["handled"] == totals["tried"] else 1
 
 

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from record import Recorder, results_path
+
 # Harm-C train caption lengths in BERT uncased WordPiece tokens (incl. [CLS]/[SEP]), percentiles
 # 10/25/50/75/90/95/99 measured on this repository's machine: sampled by the dynamic variant.
 CAPTION_LEN_PERCENTILES = [10, 15, 22, 33, 49, 61, 93]
@@ -220,10 +222,11 @@ def main(argv=None):
     ap.add_argument("--no-compile", action="store_true", help="skip compilation on the compile rungs")
     ap.add_argument("--train-batch", type=int, default=None)
     ap.add_argument("--infer-batch", type=int, default=None)
-    ap.add_argument("--out", default=None, help="also write all rows as JSON here")
+    ap.add_argument("--out", default=str(results_path("gpu_recipe")))
     ap.add_argument("--profile", action="store_true",
                     help="also profile dhumor's training step (len128): where the time goes, by operator group")
     args = ap.parse_args(argv)
+    rec = Recorder("gpu_recipe")
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     gpu = dev.type == "cuda"
     steps = args.steps or (20 if gpu else 2)
@@ -332,8 +335,7 @@ def main(argv=None):
         "targets": {"train": 10, "score": 12},
     }
     print(json.dumps(summary), flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
+    rec.write({"rows": rows, "summary": summary}, args.out)
     return summary
 
 

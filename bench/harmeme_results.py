@@ -1,7 +1,7 @@
 """The README's Harm-C val table: each variant trained through `dhumor fit` with several seeds,
 selected on a seeded 10% of train, then evaluated once on Harm-C val (never used for any choice).
 
-    DHUMOR_DATA=/path/to/harmeme-c python bench/harmeme_results.py --seeds 0 1 2 --out outputs/results/harmeme_val.json
+    DHUMOR_DATA=/path/to/harmeme-c python bench/harmeme_results.py --seeds 0 1 2      # writes bench/results/harmeme_val.json
     python bench/harmeme_results.py --data /path/to/harmeme-c      # the same, without the variable
 
 Spreads are sample standard deviations (ddof=1) over the seeds.
@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import tempfile
 import time
 import warnings
@@ -24,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from dhumor.paths import resolve_data_path
+from record import Recorder, results_path
 
 ROOT = Path(__file__).resolve().parent.parent
 # The data root's splits (``--data`` / $DHUMOR_DATA / data/harmeme-c); main() re-resolves them for --data.
@@ -138,8 +137,7 @@ def time_features(n: int = 200) -> dict:
         t = time.perf_counter()
         fx.extract(memes, ["caption"])
         t_cap = time.perf_counter() - t
-    return {"memes": n, "image_seconds_per_meme": round(t_img / n, 4), "caption_seconds_per_meme": round(t_cap / n, 4),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+    return {"memes": n, "image_seconds_per_meme": round(t_img / n, 4), "caption_seconds_per_meme": round(t_cap / n, 4)}
 
 
 def main(argv=None):
@@ -149,11 +147,12 @@ def main(argv=None):
                                                  "(default $DHUMOR_DATA, else data/harmeme-c)")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
     ap.add_argument("--root", default=str(ROOT / "runs" / "results"))
-    ap.add_argument("--out", default=str(ROOT / "outputs" / "results" / "harmeme_val.json"))
+    ap.add_argument("--out", default=str(results_path("harmeme_val")))
     ap.add_argument("--skip-floor", action="store_true")
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("extra", nargs="*", help="extra `dhumor fit` arguments for every run")
     args = ap.parse_args(argv)
+    rec = Recorder("harmeme_val")
     global TRAIN, VAL
     TRAIN, VAL = resolve_data_path("train.jsonl", args.data), resolve_data_path("val.jsonl", args.data)
     if not VAL.exists():
@@ -181,8 +180,7 @@ def main(argv=None):
     if not args.skip_timing:
         result["feature_timing"] = time_features()
         print(json.dumps(result["feature_timing"]), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    rec.write({"std": "sample (ddof=1) over seeds", **result}, args.out)
 
 
 if __name__ == "__main__":

@@ -5,14 +5,16 @@ becomes one space. Error rates are corpus-level (total edits / total reference l
 with jiwer; an image with an empty reference caption is left out.
 
     python bench/ocr_quality.py --engines rapidocr easyocr   # --manifest, default <data root>/val.jsonl
+
+Writes bench/results/ocr_quality.json (``--out``).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import time
+from pathlib import Path
 
 import jiwer
 
@@ -20,6 +22,7 @@ from dhumor.data.readers import read_manifest
 from dhumor.images import load_image
 from dhumor.ocr import OCR
 from dhumor.paths import data_root
+from record import Recorder, results_path
 
 
 def normalise(s: str) -> str:
@@ -32,7 +35,10 @@ def main(argv=None):
                     help="a manifest with captions (default: the data root's val.jsonl)")
     ap.add_argument("--engines", nargs="+", default=["rapidocr", "easyocr"])
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--out", default=str(results_path("ocr_quality")))
     args = ap.parse_args(argv)
+    rec = Recorder("ocr_quality")
+    rows = []
     memes = [m for m in read_manifest(args.manifest).memes if normalise(m.caption)][: args.limit]
     images = [load_image(m.image) for m in memes]
     refs = [normalise(m.caption) for m in memes]
@@ -44,8 +50,11 @@ def main(argv=None):
         sec = (time.perf_counter() - t0) / len(images)
         out = {"engine": engine, "images": len(images), "cer": round(jiwer.cer(refs, hyps), 4),
                "wer": round(jiwer.wer(refs, hyps), 4), "seconds_per_image": round(sec, 3),
-               "empty_outputs": sum(not h for h in hyps), "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores"}
+               "empty_outputs": sum(not h for h in hyps)}
+        rows.append(out)
         print(json.dumps(out), flush=True)
+    rec.write({"manifest": Path(args.manifest).name, "normalisation": "lower case, whitespace runs to one space",
+               "error_rates": "corpus-level (jiwer)", "engines": rows}, args.out)
 
 
 if __name__ == "__main__":

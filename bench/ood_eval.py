@@ -32,6 +32,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from add_ood_stats import embed, train_and_held_out  # noqa: E402
+from record import Recorder, results_path  # noqa: E402
 
 from dhumor.model.checkpoint import read_meta  # noqa: E402
 from dhumor.data.readers import read_manifest  # noqa: E402
@@ -42,6 +43,7 @@ from dhumor.paths import data_root  # noqa: E402
 from dhumor.inference.pipeline import Pipeline  # noqa: E402
 from dhumor.resources import default_checkpoint  # noqa: E402
 from dhumor.schema import Meme  # noqa: E402
+from dhumor.util.files import atomic_write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # Written for this benchmark: everyday topics that no COVID-19 meme is about.
@@ -190,8 +192,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default=None, help="default: the shipped checkpoint")
     ap.add_argument("--data", default=None)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ood.json"))
+    ap.add_argument("--out", default=str(results_path("ood")))
     args = ap.parse_args(argv)
+    rec = Recorder("ood")
     ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
     meta = read_meta(ckpt)
     primary = meta["schema"]["primary"]
@@ -281,9 +284,8 @@ def main(argv=None):
         "checkpoint_bytes": {"model.safetensors": (ckpt / "model.safetensors").stat().st_size,
                              "ood.safetensors (chosen)": methods[chosen]["bytes"]},
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    Path(args.out).with_suffix(".md").write_text(markdown(out))
+    rec.write(out, args.out)
+    atomic_write(Path(args.out).with_suffix(".md"), markdown(out))
     print(markdown(out))
     print(json.dumps({"chosen": chosen, "risk_coverage": {k: (v["area"], v["at_0.8"]) if isinstance(v, dict) else v
                                                           for k, v in rc.items()},

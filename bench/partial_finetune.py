@@ -20,6 +20,7 @@ from dhumor.encoders.registry import get_entry
 from dhumor.encoders.features import FeatureExtractor
 from dhumor.model.lit import DHumorModule
 from dhumor.model.tcrnet import StreamInput
+from record import Recorder, results_path
 
 SALT = "bench-partial-finetune-v1"
 
@@ -154,7 +155,12 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--parts", nargs="+", default=["caption:1", "caption:2", "image:1"])
+    ap.add_argument("--whole-batch-size", type=int, default=32,
+                    help="batch of the whole-encoder step (both encoders end to end, as configs/finetune-offline.yaml)")
+    ap.add_argument("--out", default=str(results_path("partial_finetune")))
     args = ap.parse_args(argv)
+    rec = Recorder("partial_finetune")
+    rows = []
     torch.set_num_threads(2)
     memes = read_manifest(data_root() / "train.jsonl").memes
     cache = StageCache()
@@ -179,6 +185,39 @@ def main(argv=None):
         epoch = per * (0.8 * 0.9 * len(memes)) / args.batch_size  # a 5-fold training part less its 10% selection
         print(f"{part}: {per:.2f} s per step of {args.batch_size} (median of {args.steps}), "
               f"≈ {epoch / 60:.1f} min per CV epoch of the top part alone", flush=True)
+        rows.append({"part": part, "batch_size": args.batch_size, "seconds_per_step": round(per, 3),
+                     "minutes_per_cv_epoch": round(epoch / 60, 2), "steps": args.steps})
+    whole = whole_encoder_step(memes[: args.whole_batch_size], steps=max(1, min(args.steps, 3)))
+    print(f"whole encoders: {whole['seconds_per_step']:.1f} s per step of {whole['batch_size']}", flush=True)
+    rec.write({"torch_threads": torch.get_num_threads(), "top_parts": rows, "whole_encoders": whole}, args.out)
+
+
+def whole_encoder_step(memes, steps: int) -> dict:
+    """Seconds per training step (forward + backward + AdamW) through both whole encoders, Lite0 on the
+    images and MPNet on the captions of ``memes``: what fine-tuning without cached lower layers pays."""
+    import time
+
+    import numpy as np
+
+    from dhumor.encoders.transforms import eval_transform
+    from dhumor.images import load_image
+
+    lite = EfficientNetLiteEncoder(get_entry("efficientnet-lite0"), pretrained=True).train()
+    mpnet = TextEncoder(get_entry("all-mpnet-base-v2"), pretrained=True).train()
+    tf = eval_transform(lite.entry)
+    pixels = torch.stack([tf(load_image(m.image)) for m in memes])
+    tokens = mpnet.tokenize([m.caption or "" for m in memes])
+    opt = torch.optim.AdamW([*lite.parameters(), *mpnet.parameters()], lr=1e-5)
+    times = []
+    for step in range(steps + 1):
+        t0 = time.perf_counter()
+        loss = lite(pixels).pooled.pow(2).mean() + mpnet(tokens["input_ids"], tokens["attention_mask"]).pooled.pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step:  # the first step warms up allocators
+            times.append(time.perf_counter() - t0)
+    return {"batch_size": len(memes), "seconds_per_step": round(float(np.median(times)), 2), "steps": steps}
 
 
 if __name__ == "__main__":

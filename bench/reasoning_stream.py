@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from harmeme_results import ROOT, TRAIN, VAL, fit, headline, mean_std, quiet
+from record import Recorder, results_path
 
 WITH_EXPLANATIONS = ["configs/ablations/with-explanations.yaml"]
 VARIANTS = {  # name: (extra configs, extra fit args, explanation iteration; None = no reasoning stream)
@@ -52,8 +53,10 @@ def main(argv=None):
     ap.add_argument("--train-on", choices=["all", "explained"], default="all",
                     help="all of Harm-C train, or only its memes that have an explanation")
     ap.add_argument("--root", default=str(ROOT / "runs" / "reasoning"))
-    ap.add_argument("--out", default=str(ROOT / "outputs" / "results" / "reasoning_stream.json"))
+    ap.add_argument("--out", default=None, help="default bench/results/reasoning_stream[_explained].json")
     args = ap.parse_args(argv)
+    name = "reasoning_stream" + ("_explained" if args.train_on == "explained" else "")
+    rec = Recorder(name)
     quiet()
     from dhumor.inference.evaluation import evaluate
     from dhumor.inference.pipeline import Pipeline
@@ -89,8 +92,8 @@ def main(argv=None):
         summary.append({"variant": name, **{split: mean_std([r[split] for r in rs], METRICS)
                                             for split in ("val_explained", "val_all")}})
         print(json.dumps(summary[-1]), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"coverage": coverage, "runs": rows, "summary": summary}, indent=1))
+    rec.write({"std": "sample (ddof=1) over seeds", "coverage": coverage, "runs": rows, "summary": summary},
+              args.out or results_path(name))
 
 
 if __name__ == "__main__":

@@ -21,14 +21,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from record import Recorder, results_path  # noqa: E402
+
 import faultkit  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeat", type=int, default=3, help="runs per case (the median is reported)")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=str(results_path("refusal_times")))
     args = ap.parse_args(argv)
+    rec = Recorder("refusal_times")
     from dhumor.model.checkpoint_meta import checkpoint_digest
     from dhumor.resources import default_checkpoint
     from dhumor.inference.results_file import dumps_row
@@ -112,8 +115,7 @@ def main(argv=None) -> int:
     print("| configuration error | exit | time to refusal (median) |\n|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['exit']} | {r['seconds_median']} s |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+    rec.write(res, args.json)
     return 0 if all(r["exit"] == 2 and r["stderr_lines"] == 1 for r in rows) else 1
 
 

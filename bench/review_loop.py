@@ -11,7 +11,7 @@ Harmful macro-F1 and AUROC on Harm-C val (reporting only) after each round.
 
     DHUMOR_DATA=/path/to/harmeme-c nice -n 10 python bench/review_loop.py --seeds 0 1 2
 
-Writes outputs/results/review_loop.json and .md, and docs/review_loop.png.
+Writes bench/results/review_loop.json and .md, and docs/review_loop.png.
 """
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 from harmeme_results import quiet  # noqa: E402
+from record import Recorder, results_path  # noqa: E402
+
+from dhumor.util.files import atomic_write  # noqa: E402
 
 ORDERINGS = ("uncertain", "random")  # the default arms; "unfamiliar" is a third (--orderings)
 
@@ -207,7 +210,7 @@ def main(argv=None):
     ap.add_argument("--max-epochs", type=int, default=20)
     ap.add_argument("--patience", type=int, default=5, help="early stopping on val macro-F1 of the 10%% split")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared 2-core CPU)")
-    ap.add_argument("--out", default=str(ROOT / "outputs" / "results" / "review_loop.json"))
+    ap.add_argument("--out", default=str(results_path("review_loop")))
     ap.add_argument("--plot", default=str(ROOT / "docs" / "review_loop.png"))
     ap.add_argument("--report-only", action="store_true", help="only redo the table and plot from --out's JSON")
     args = ap.parse_args(argv)
@@ -220,10 +223,10 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     machine = f"{platform.machine()} CPU, {os.cpu_count()} cores, no GPU"
+    rec = Recorder("review_loop")
     t0 = time.perf_counter()
     rows = []
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="dhumor-review-loop-") as tmp:
         for s in args.seeds:
             rows += run_seed(s, sorted(args.budgets), args.init, Path(tmp), args.max_epochs, args.patience,
@@ -233,12 +236,12 @@ def main(argv=None):
                       "budgets": args.budgets, "max_epochs": args.max_epochs, "patience": args.patience,
                       "torch_threads": args.threads, "runs": rows, "summary": summary,
                       "wall_seconds": round(time.perf_counter() - t0, 1)}
-            out.write_text(json.dumps(result, indent=1))  # after every seed: a partial run still reports
+            rec.write(result, out)  # after every seed: a partial run still reports
     report(summary, machine, out, Path(args.plot))
 
 
 def report(summary: list[dict], machine: str, out: Path, png: Path) -> None:
-    out.with_suffix(".md").write_text(markdown(summary, machine))
+    atomic_write(out.with_suffix(".md"), markdown(summary, machine))
     plot(summary, png)
     print(markdown(summary, machine))
 

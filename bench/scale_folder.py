@@ -29,6 +29,9 @@ import tracemalloc
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from record import Recorder, results_path  # noqa: E402
 
 
 def make_folder(folder: Path, n: int) -> None:
@@ -108,11 +111,12 @@ def main(argv=None) -> int:
     ap.add_argument("--resume-n", type=int, default=20000, help="rows of the finished file each version resumes")
     ap.add_argument("--before", default=None, help="checkout of the earlier version (its repository root)")
     ap.add_argument("--checkpoint", default=None, help="default: the one shipped with dhumor")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=str(results_path("scale_folder")))
     ap.add_argument("--scratch", default=None, help="where the folders and outputs go (default: a temp dir)")
     ap.add_argument("--resume-only", action="store_true",
                     help="keep the scoring numbers of --json (same --scratch) and measure the resumes again")
     args = ap.parse_args(argv)
+    rec = Recorder("scale_folder")
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="dhumor-scale-"))
     folder, big = scratch / "memes", scratch / "big"
     t = time.perf_counter()
@@ -152,9 +156,7 @@ def main(argv=None) -> int:
     results["scan"] = scan_memory(big_out)
     results["load_average_end"] = round(os.getloadavg()[0], 1)
     print(json.dumps(results, indent=1))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    rec.write(results, args.json)
     return 0
 
 

@@ -32,6 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import Recorder, results_path  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -142,8 +145,9 @@ def main() -> None:
     ap.add_argument("--cold", type=int, default=0, help="also N other memes through both engines from empty caches "
                                                         "(OCR included)")
     ap.add_argument("--skip-stages", action="store_true")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale_ray.json"))
+    ap.add_argument("--out", default=str(results_path("scale_ray")))
     a = ap.parse_args()
+    rec = Recorder("scale_ray")
 
     images = harm_c_images(a.n)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
@@ -209,8 +213,7 @@ def main() -> None:
     if not a.skip_stages:
         result["stages_cold"] = stage_costs(harm_c_images(a.stage_n + 1)[1:] if a.stage_n else images[:2])
         print(f"stages: {result['stages_cold']}", file=sys.stderr)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    rec.write(result, a.out)
     print(json.dumps(result, indent=2))
 
 

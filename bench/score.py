@@ -4,13 +4,13 @@ pipeline without explanations, and with the offline explanation default.
 Every stage runs cold (a fresh, empty stage cache), so nothing is served from earlier runs.
 
     python bench/score.py --n 100 --explain-n 10          # memes: --images, default <data root>/images
+
+Writes bench/results/score.json (``--out``).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +24,7 @@ from dhumor.inference.results_file import ResultsFile
 from dhumor.inference.items import collect_items
 from dhumor.inference.scoring import Scorer
 from dhumor.paths import data_root
+from record import Recorder, results_path
 
 
 def main(argv=None):
@@ -35,14 +36,16 @@ def main(argv=None):
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", default=str(results_path("score")))
     args = ap.parse_args(argv)
+    rec = Recorder("score")
     items = collect_items(args.images)[: args.n]
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch threads {__import__('torch').get_num_threads()}"
+    torch_threads = __import__("torch").get_num_threads()
     rows = []
 
     def report(stage, n, sec, **extra):
         r = {"stage": stage, "memes": n, "seconds": round(sec, 2), "memes_per_second": round(n / sec, 2),
-             "machine": machine, **extra}
+             **extra}
         rows.append(r)
         print(json.dumps(r), flush=True)
 
@@ -81,6 +84,8 @@ def main(argv=None):
             summary = scorer.run(items[:n])
             report("pipeline_" + ("with_offline_explanations" if explain_backend else "no_explanations"), n,
                    time.perf_counter() - t, scored=summary.scored, failed=summary.failed)
+    rec.write({"torch_threads": torch_threads, "batch_size": args.batch_size, "workers": args.workers,
+               "cold_stage_cache": True, "stages": rows}, args.out)
     return rows
 
 

@@ -3,7 +3,7 @@ and the model card beside the weights. The threshold presets and temperatures ar
 fitted on the run's own held-out split of train (never on Harm-C val); this script does not change them.
 
     python bench/ship_checkpoint.py runs/results/TCRNet_caption_image-seed0/lightning_logs/version_0/export \
-        --results outputs/results/harmeme_val.json --out checkpoints/harmeme-tcrnet [--data /path/to/harmeme-c]
+        --results bench/results/harmeme_val.json --out checkpoints/harmeme-tcrnet [--data /path/to/harmeme-c]
 """
 from __future__ import annotations
 

@@ -31,6 +31,7 @@ from dhumor.model.lit import DHumorModule
 from dhumor.model.metrics import compute_metrics
 from dhumor.paths import resolve_data_path
 from dhumor.schema import MISSING, STREAMS
+from record import Recorder, results_path
 
 
 
@@ -124,8 +125,11 @@ def main():
     ap.add_argument("--max-epochs", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--data", default=None, help="Harm-C folder (default $DHUMOR_DATA, else data/harmeme-c)")
-    ap.add_argument("--out", default=None, help="append one JSON line per candidate here")
+    ap.add_argument("--out", default=str(results_path("tune_cv")),
+                    help="every candidate's fold mean and sample std (rewritten after each candidate)")
     args = ap.parse_args()
+    rec = Recorder("tune_cv")
+    done = []
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -163,9 +167,9 @@ def main():
         res = {"candidate": name, "overrides": over, "folds": args.folds, "mean": mean, "std": std,
                "seconds": round(time.time() - t0, 1)}
         print(json.dumps(res), flush=True)
-        if args.out:
-            with open(args.out, "a") as fh:
-                fh.write(json.dumps(res) + "\n")
+        done.append(res)
+        rec.write({"seed": args.seed, "max_epochs": args.max_epochs, "std": "sample (ddof=1) over folds",
+                   "candidates": done}, args.out)
 
 
 if __name__ == "__main__":

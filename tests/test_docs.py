@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -51,3 +52,79 @@ def test_docs_site_builds_strict(tmp_path):
     assert (tmp_path / "site" / "index.html").exists()
     for page in ("install", "scoring", "explanations", "results"):
         assert (tmp_path / "site" / page / "index.html").exists(), page
+
+
+# ---------------------------------------------------------------- every published number has a source
+RESULTS = ROOT / "bench" / "results"
+# Benches that write a checkpoint (their numbers live in its dhumor.json), not a results file.
+CHECKPOINT_WRITERS = {"calibrate_checkpoint.py", "ship_checkpoint.py", "add_ood_stats.py"}
+HEADLINE_KEYS = ("harmful_acc", "harmful_macro_f1", "harmful_auroc", "harmfulness_macro_f1", "target_macro_f1")
+
+
+def _source_rows() -> list[list[str]]:
+    """(table, command, numbers in) rows of bench/results/README.md."""
+    rows = []
+    for line in (RESULTS / "README.md").read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) == 3 and not cells[0].startswith("---") and cells[1] != "command":
+            rows.append(cells)
+    return rows
+
+
+def test_every_published_number_names_a_command_and_a_committed_file():
+    rows = _source_rows()
+    assert len(rows) >= 20, "bench/results/README.md lists the source of every table"
+    bad = []
+    for table, command, numbers_in in rows:
+        files = re.findall(r"`([\w./-]+\.(?:json|md|png|ipynb))`", numbers_in)
+        scripts = re.findall(r"(?:python|bash) (bench/[\w.]+|notebooks/[\w.]+)", command) + \
+            re.findall(r"`(notebooks/[\w.]+\.ipynb)`", command)
+        if not scripts and "dhumor " not in command:
+            bad.append(f"{table[:50]}: no command")
+        if not files:
+            bad.append(f"{table[:50]}: no committed results file")
+        if re.search(r"outputs/|not reproduced|prints|not kept", numbers_in, re.I):
+            bad.append(f"{table[:50]}: {numbers_in[:60]}")
+        bad += [f"{table[:50]}: {f} does not exist" for f in files + scripts if not (ROOT / f).exists()]
+    assert not bad, "published numbers without a committed source:\n" + "\n".join(bad)
+
+
+def test_every_results_file_is_listed_and_records_what_made_it():
+    listed = (RESULTS / "README.md").read_text(encoding="utf-8")
+    unlisted = [p.name for p in RESULTS.glob("*.json") if p.name not in listed]
+    assert not unlisted, f"bench/results/README.md does not say what {unlisted} back"
+    for p in RESULTS.glob("*.json"):
+        data = json.loads(p.read_text(encoding="utf-8"))
+        if "produced_by" in data:  # written by bench/record.py: what, where and on what it ran
+            assert data["produced_by"].startswith(("python bench/", "python -m")), p.name
+            assert data["machine"]["cores"] and "start" in data["load_average_1min"], p.name
+
+
+def test_every_bench_writes_its_numbers_through_the_recorder():
+    benches = [p for p in (ROOT / "bench").glob("*.py") if "def main" in p.read_text(encoding="utf-8")]
+    assert len(benches) >= 15
+    silent = [p.name for p in benches if p.name not in CHECKPOINT_WRITERS
+              and "Recorder(" not in p.read_text(encoding="utf-8")]
+    assert not silent, f"benches that only print (write bench/results/<name>.json via bench/record.py): {silent}"
+
+
+def _row(text: str, starts: str) -> list[str]:
+    line = next(l for l in text.splitlines() if l.startswith(starts))
+    return [c.strip().strip("*") for c in line.strip().strip("|").split("|")][1:]
+
+
+@pytest.mark.parametrize("page", ["docs/results.md", "README.md"])
+def test_headline_table_is_the_committed_results_file(page):
+    """The headline rows read exactly what bench/harmeme_results.py wrote (mean ± sample std, 3 decimals)."""
+    result = json.loads((RESULTS / "harmeme_val.json").read_text(encoding="utf-8"))
+    assert "sample" in result["std"]
+    text = (ROOT / page).read_text(encoding="utf-8")
+    names = {"caption only": "| caption only", "image only": "| image only", "TCRNet caption+image": "| **TCRNet caption + image**"}
+    for s in result["summary"]:
+        want = [f"{s[k][0]:.3f} ± {s[k][1]:.3f}" for k in HEADLINE_KEYS]
+        assert _row(text, names[s["variant"]]) == want, f"{page}: {s['variant']}"
+
+
+def test_one_std_convention():
+    pages = [README, ROOT / "dhumor/assets/checkpoints/harmeme-tcrnet/MODEL_CARD.md", *(ROOT / "docs").glob("*.md")]
+    assert not [p.name for p in pages if re.search(r"population std", p.read_text(encoding="utf-8"), re.I)]

@@ -1,0 +1,93 @@
+"""One way for every bench to keep its numbers: ``bench/results/<name>.json``, committed.
+
+Each file says what produced it (the command line, the commit, the date) and on what (the machine and
+its load at the start and the end of the run), so a number in the documentation can be traced to a
+file and rerun. Written whole or not at all (``atomic_write``).
+
+    from record import Recorder
+    rec = Recorder("score")                      # load average read now
+    ...
+    rec.write({"memes_per_second": ...}, out)    # out defaults to bench/results/score.json
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+if str(ROOT) not in sys.path:  # a bench run from a checkout without `pip install -e .` (the GPU machine)
+    sys.path.append(str(ROOT))
+
+
+def results_path(name: str) -> Path:
+    """Where the bench called ``name`` keeps its numbers by default."""
+    return RESULTS / f"{name}.json"
+
+
+def machine() -> dict:
+    """The machine the numbers were measured on (no GPU names a GPU-less machine explicitly)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        mem_gib = None
+    gpu = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return {"arch": platform.machine(), "cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem_gib,
+            "gpu": gpu, "python": platform.python_version()}
+
+
+def _commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+changes" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class Recorder:
+    """Started when the bench starts (reads the load); ``write`` adds provenance and writes the file."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.started = _dt.datetime.now(_dt.timezone.utc)
+        self.load_start = round(os.getloadavg()[0], 2)
+
+    def provenance(self) -> dict:
+        return {"produced_by": " ".join(["python", os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
+                "commit": _commit(), "started_utc": self.started.isoformat(timespec="seconds"),
+                "finished_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "machine": machine(),
+                "load_average_1min": {"start": self.load_start, "end": round(os.getloadavg()[0], 2)}}
+
+    def write(self, numbers: dict, out: str | os.PathLike | None = None) -> Path:
+        """Write ``numbers`` plus provenance to ``out`` (default ``bench/results/<name>.json``)."""
+        from dhumor.util.files import atomic_write
+
+        path = Path(out) if out else results_path(self.name)
+        payload = {"bench": self.name, **self.provenance(), **numbers}
+        atomic_write(path, json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
+        print(f"numbers written to {path}", file=sys.stderr)
+        return path
