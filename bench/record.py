@@ -87,7 +87,10 @@ class Recorder:
         from dhumor.util.files import atomic_write
 
         path = Path(out) if out else results_path(self.name)
-        payload = {"bench": self.name, **self.provenance(), **numbers}
+        prov = self.provenance()
+        # A bench's own description of the machine (a string) never replaces the recorded one.
+        clash = {f"{k}_as_reported": numbers[k] for k in prov if k in numbers}
+        payload = {"bench": self.name, **prov, **{k: v for k, v in numbers.items() if k not in prov}, **clash}
         atomic_write(path, json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
         print(f"numbers written to {path}", file=sys.stderr)
         return path

@@ -216,7 +216,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.report_only:
         result = json.loads(Path(args.out).read_text())
-        report(result["summary"], result["machine"], Path(args.out), Path(args.plot))
+        machine = result.get("machine_as_reported", result["machine"])  # record.py keeps the bench's own line there
+        report(result["summary"], machine if isinstance(machine, str) else f"{machine['arch']} CPU, "
+               f"{machine['cores']} cores", Path(args.out), Path(args.plot))
         return
     quiet()
     import torch
