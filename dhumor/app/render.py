@@ -1,5 +1,13 @@
-"""How a result row reads on a page: the explanation with its Role-Reversal trail (model text escaped)."""
+"""How a result row reads on a page: its decision at the moderator's threshold, its class
+probabilities, and the explanation with its Role-Reversal trail (model text escaped)."""
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from dhumor.inference.pipeline import Pipeline
 
 NO_EXPLAINER = ("*No explanation backend is configured.* The decision uses the image and caption only. "
                 "Start the demo with `--explain offline` (SmolLM2-135M, text only, a weak stand-in) or "
@@ -41,3 +49,54 @@ def explanation_markdown(result: dict, has_explainer: bool, used_by_model: bool)
         parts.append(f"\n<details><summary>Iteration {it['iteration']} — {kind}{sim}</summary>\n\n"
                      + "\n\n".join(body) + "\n\n</details>")
     return "\n".join(parts)
+
+
+def redecide(pipe: Pipeline, result: dict, threshold: float) -> dict:
+    """``result`` decided again at ``threshold`` from its stored probabilities (no model call): the
+    decision and the gating of the other tasks both follow the threshold the moderator sets."""
+    probs = {t.name: np.array([result["tasks"][t.name]["probs"][c] for c in t.classes]) for t in pipe.schema.tasks}
+    return {**result, **pipe.decider.describe(probs, threshold, result.get("ood"))}
+
+
+def decision_markdown(pipe: Pipeline, result: dict) -> str:
+    """The decision as the page heads it: flag or not, the probability against the threshold."""
+    dec = result.get("decision")
+    if dec is None:  # the model reads the explanation: it decides once the explanation is final
+        return "## Decision: pending\nthe model reads the explanation; it decides when the explanation is final"
+    flagged, p, th = dec["flagged"], dec["probability"], dec["threshold"]
+    verb = "FLAG" if flagged else "do not flag"
+    text = (f"## Decision: {verb}\n{pipe.schema.primary} probability **{p:.2f}** {'≥' if flagged else '<'} "
+            f"threshold **{th:.2f}**")
+    return text + unfamiliar_markdown(result)
+
+
+def unfamiliar_markdown(result: dict) -> str:
+    """The unfamiliarity score and why the model abstains, if it does (empty without a score)."""
+    dec, ood = result.get("decision") or {}, result.get("ood")
+    text = ""
+    if ood:
+        text = f"\n\nunfamiliarity **{ood['score']:.3f}**: " + ("**unlike the memes it was trained on**"
+                                                               if ood["unfamiliar"] else "familiar")
+    if dec.get("abstain"):
+        why = {"unfamiliar": "this meme is unlike its training memes",
+               "uncertain": "its probability is too close to the threshold"}.get(dec.get("reason"), dec.get("reason"))
+        text += f"\n\n**The model abstains**: {why}; a moderator should decide."
+    elif dec.get("reason") == "unfamiliar":
+        text += "\n\nflagged for a moderator because it is unfamiliar"
+    return text
+
+
+def label_updates(pipe: Pipeline, result: dict) -> list:
+    """One ``gr.Label`` update per task: its class probabilities, titled by whether the task applies."""
+    import gradio as gr
+
+    if not result.get("tasks"):
+        return [gr.update(value=None) for _ in pipe.schema.tasks]
+    out = []
+    for t in pipe.schema.tasks:
+        r = result["tasks"][t.name]
+        title = t.name
+        if r["label"] is None:  # a gated task whose gate is negative: scores shown, no class claimed
+            title = f"{t.name}: not applicable ({t.gate} = {result['tasks'][t.gate]['label']}); scores only"
+        out.append(gr.update(value=r["probs"], label=title))
+    return out

@@ -127,9 +127,9 @@ class ReviewLog:
         with self._lock:
             return {r[0] for r in self.conn.execute(q, args)}
 
-    def export_csv(self, out: str | Path) -> Path:
+    def export_csv(self, out: str | Path) -> int:
         """All reviews, oldest first, as CSV (write-then-rename); text cells are made inert for
-        spreadsheets (:func:`csv_safe`)."""
+        spreadsheets (:func:`csv_safe`). Returns how many reviews it wrote."""
         out = Path(out)
         rows = [{k: csv_safe(v) for k, v in r.items()} for r in reversed(self.rows())]
         cols = ["id", "created", "sha256", "filename", "checkpoint", "model_flagged", "threshold", "verdict",
@@ -140,7 +140,7 @@ class ReviewLog:
         w.writeheader()
         w.writerows(rows)
         atomic_write(out, buf.getvalue())
-        return out
+        return len(rows)
 
 
 # A spreadsheet runs a cell that starts with one of these as a formula (CSV injection); tab and
