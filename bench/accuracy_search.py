@@ -387,11 +387,11 @@ def run_val(name: str, train, pooled_tr: Pooled, val, pooled_val: Pooled, seeds,
 
 
 def mean_std(rows: list[dict]) -> dict:
-    """Mean and sample std (ddof=1, the documentation's one convention; 0 for a single run) over folds or
+    """Mean and sample std (ddof=1, the documentation's one convention; None for a single run) over folds or
     seeds, and the runs themselves (so a table can always be recomputed)."""
-    ddof = 1 if len(rows) > 1 else 0
+    one = len(rows) == 1  # a single run has no spread
     return {"mean": {k: float(np.mean([r[k] for r in rows])) for k in rows[0]},
-            "std": {k: float(np.std([r[k] for r in rows], ddof=ddof)) for k in rows[0]},
+            "std": {k: None if one else float(np.std([r[k] for r in rows], ddof=1)) for k in rows[0]},
             "runs": rows}
 
 

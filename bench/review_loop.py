@@ -146,17 +146,19 @@ def summarize(rows: list[dict]) -> list[dict]:
             s = {"ordering": o, "reviewed": n, "seeds": [r["seed"] for r in rs]}
             for k in ("harmful_macro_f1", "harmful_auroc", "fit_seconds"):
                 v = np.array([r[k] for r in rs], dtype=float)
-                s[k] = [round(float(v.mean()), 4), round(float(v.std(ddof=1)) if len(v) > 1 else 0.0, 4)]
+                s[k] = [round(float(v.mean()), 4), round(float(v.std(ddof=1)), 4) if len(v) > 1 else None]
             out.append(s)
     return out
 
 
 def markdown(summary: list[dict], machine: str) -> str:
-    lines = [f"Harm-C val (177 memes), mean ± sample std over seeds {summary[0]['seeds']}; {machine}.", "",
+    seeds = summary[0]["seeds"]
+    spread = f"mean ± sample std over seeds {seeds}" if len(seeds) > 1 else f"one seed ({seeds[0]}), no spread"
+    lines = [f"Harm-C val (177 memes), {spread}; {machine}.", "",
              "| reviewed | uncertain-first macro-F1 | random macro-F1 | uncertain-first AUROC | random AUROC "
              "| retrain s (uncertain / random) |", "|---|---|---|---|---|---|"]
     by = {(s["ordering"], s["reviewed"]): s for s in summary}
-    f = lambda v: f"{v[0]:.3f} ± {v[1]:.3f}"  # noqa: E731
+    f = lambda v: f"{v[0]:.3f}" + ("" if v[1] is None else f" ± {v[1]:.3f}")  # noqa: E731
     if ("unfamiliar", 0) in by:
         lines[2:4] = ["| reviewed | uncertain-first macro-F1 | random macro-F1 | unfamiliar-first macro-F1 "
                       "| uncertain-first AUROC | random AUROC | unfamiliar-first AUROC |", "|---|---|---|---|---|---|---|"]
@@ -185,7 +187,7 @@ def plot(summary: list[dict], out: Path) -> None:
             ss = [s for s in summary if s["ordering"] == o]
             x = [s["reviewed"] for s in ss]
             m = np.array([s[key][0] for s in ss])
-            e = np.array([s[key][1] for s in ss])
+            e = np.array([s[key][1] or 0.0 for s in ss])  # one seed: no band
             ax.plot(x, m, style, label=f"{o}-first" if o == "uncertain" else o)
             ax.fill_between(x, m - e, m + e, alpha=0.2)
         ax.set_xscale("symlog", linthresh=50)
@@ -216,6 +218,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.report_only:
         result = json.loads(Path(args.out).read_text())
+        result["summary"] = summarize(result["runs"])  # recomputed from the kept runs (one std convention)
+        atomic_write(args.out, json.dumps(result, indent=1) + "\n")
         machine = result.get("machine_as_reported", result["machine"])  # record.py keeps the bench's own line there
         report(result["summary"], machine if isinstance(machine, str) else f"{machine['arch']} CPU, "
                f"{machine['cores']} cores", Path(args.out), Path(args.plot))

@@ -29,6 +29,23 @@ def timed(cmd: list[str], cwd: Path, log: Path) -> dict:
     return {"command": " ".join(cmd), "seconds": round(time.perf_counter() - t0, 1), "exit_code": rc}
 
 
+def dir_bytes(path: Path) -> int:
+    """Bytes of the regular files under ``path`` (links not followed)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def installed_sizes(venv: Path, top: int = 12) -> dict:
+    """The venv's size and its largest installed packages, in MB."""
+    site = next(venv.glob("lib/python*/site-packages"), None)
+    sizes = {}
+    if site:
+        for d in site.iterdir():
+            if d.is_dir() and not d.name.endswith((".dist-info", "__pycache__")):
+                sizes[d.name] = dir_bytes(d)
+    largest = dict(sorted(sizes.items(), key=lambda kv: -kv[1])[:top])
+    return {"venv_mb": round(dir_bytes(venv) / 1e6), "largest_packages_mb": {k: round(v / 1e6) for k, v in largest.items()}}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ref", default="HEAD", help="the commit to clone")
@@ -52,6 +69,8 @@ def main(argv=None):
             plan.append(("make test (the suite CI runs)", ["make", "test"]))
         for name, cmd in plan:
             steps.append({"step": name, **timed(cmd, clone, log)})
+            if (clone / ".venv").is_dir():
+                steps[-1]["installed_after"] = installed_sizes(clone / ".venv")
             print(steps[-1], file=sys.stderr, flush=True)
             if steps[-1]["exit_code"]:
                 break
