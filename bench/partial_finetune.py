@@ -154,6 +154,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--memes", type=int, default=256,
+                    help="train memes whose lower-layer states are computed (steps sample batches from them)")
     ap.add_argument("--parts", nargs="+", default=["caption:1", "caption:2", "image:1"])
     ap.add_argument("--whole-batch-size", type=int, default=32,
                     help="batch of the whole-encoder step (both encoders end to end, as configs/finetune-offline.yaml)")
@@ -162,7 +164,8 @@ def main(argv=None):
     rec = Recorder("partial_finetune")
     rows = []
     torch.set_num_threads(2)
-    memes = read_manifest(data_root() / "train.jsonl").memes
+    all_memes = read_manifest(data_root() / "train.jsonl").memes
+    memes = all_memes[: args.memes]
     cache = StageCache()
     rng = random.Random(0)
     for part in args.parts:
@@ -182,7 +185,7 @@ def main(argv=None):
             if step:  # the first step warms up allocators
                 times.append(time.perf_counter() - t0)
         per = float(np.median(times))
-        epoch = per * (0.8 * 0.9 * len(memes)) / args.batch_size  # a 5-fold training part less its 10% selection
+        epoch = per * (0.8 * 0.9 * len(all_memes)) / args.batch_size  # a 5-fold training part less its 10% selection
         print(f"{part}: {per:.2f} s per step of {args.batch_size} (median of {args.steps}), "
               f"≈ {epoch / 60:.1f} min per CV epoch of the top part alone", flush=True)
         rows.append({"part": part, "batch_size": args.batch_size, "seconds_per_step": round(per, 3),
