@@ -71,6 +71,15 @@ def _source_rows() -> list[list[str]]:
     return rows
 
 
+def _tracked() -> set[str] | None:
+    """Files git tracks in this checkout (None outside a git checkout, e.g. an unpacked sdist)."""
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "ls-files"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return set(out.stdout.splitlines()) if out.returncode == 0 else None
+
+
 def test_every_published_number_names_a_command_and_a_committed_file():
     rows = _source_rows()
     assert len(rows) >= 20, "bench/results/README.md lists the source of every table"
@@ -86,6 +95,9 @@ def test_every_published_number_names_a_command_and_a_committed_file():
         if re.search(r"outputs/|not reproduced|prints|not kept", numbers_in, re.I):
             bad.append(f"{table[:50]}: {numbers_in[:60]}")
         bad += [f"{table[:50]}: {f} does not exist" for f in files + scripts if not (ROOT / f).exists()]
+        tracked = _tracked()
+        bad += [f"{table[:50]}: {f} is not committed (a fresh clone lacks it)" for f in files + scripts
+                if tracked is not None and (ROOT / f).exists() and f not in tracked]
     assert not bad, "published numbers without a committed source:\n" + "\n".join(bad)
 
 
@@ -123,3 +135,12 @@ def test_headline_table_is_the_committed_results_file(page):
     for s in result["summary"]:
         want = [f"{s[k][0]:.3f} ± {s[k][1]:.3f}" for k in HEADLINE_KEYS]
         assert _row(text, names[s["variant"]]) == want, f"{page}: {s['variant']}"
+
+
+def test_index_page_quotes_the_headline_file():
+    """docs/index.md repeats TCRNet's headline in prose: the same three numbers as harmeme_val.json."""
+    result = json.loads((RESULTS / "harmeme_val.json").read_text(encoding="utf-8"))
+    tcr = next(s for s in result["summary"] if s["variant"] == "TCRNet caption+image")
+    text = " ".join((ROOT / "docs" / "index.md").read_text(encoding="utf-8").split())
+    for k in ("harmful_acc", "harmful_macro_f1", "harmful_auroc"):
+        assert f"{tcr[k][0]:.3f} ± {tcr[k][1]:.3f}" in text, k
