@@ -19,7 +19,7 @@ import numpy as np
 
 from accuracy_search import ece
 from harmeme_results import VAL, quiet
-from record import Recorder, results_path
+from record import Recorder, refuse_subset_over_default, results_path
 
 
 def primary_probs(checkpoint: str | None, manifest: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -43,6 +43,7 @@ def main(argv=None):
     ap.add_argument("--out", default=str(results_path("ece_noise")))
     args = ap.parse_args(argv)
     rec = Recorder("ece_noise")
+    refuse_subset_over_default(ap, args.out, results_path("ece_noise"), ["--checkpoint"] if args.checkpoint else [])
     quiet()
     probs, labels, classes = primary_probs(args.checkpoint, Path(args.manifest))
     rng = np.random.default_rng(args.seed)

@@ -22,7 +22,7 @@ def main(argv=None):
     ap.add_argument("--out", default=str(results_path("explain_stats")))
     args = ap.parse_args(argv)
     rec = Recorder("explain_stats")
-    per_file = {Path(f).name: stats([json.loads(l) for l in Path(f).read_text().splitlines() if l.strip()])
+    per_file = {f: stats([json.loads(l) for l in Path(f).read_text().splitlines() if l.strip()])
                 for f in args.files}
     out = stats([json.loads(l) for f in args.files for l in Path(f).read_text().splitlines() if l.strip()])
     print(json.dumps(out, indent=1))

@@ -35,7 +35,7 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from record import Recorder, results_path  # noqa: E402
+from record import Recorder, refuse_subset_over_default, results_path  # noqa: E402
 
 import faultkit  # noqa: E402  (tests/faultkit.py: the fault makers the tests use too)
 
@@ -831,6 +831,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
     args = ap.parse_args(argv)
     rec = Recorder("faults")
+    refuse_subset_over_default(ap, args.json, results_path("faults"), ["--only"] if args.only else [],
+                               flag="--json")
     global SCHEMA
     if args.checkpoint:
         from dhumor.model.checkpoint import read_meta

@@ -21,7 +21,7 @@ and for the last rung (eval mode, batch 512). Encoders are randomly initialised 
 shapes and FLOPs as pretrained ones).
 
     python bench/gpu_recipe.py                 # on a GPU: full-size models
-    python bench/gpu_recipe.py --tiny          # on a CPU: tiny configs, same code (what CI runs)
+    python bench/gpu_recipe.py --tiny --out /tmp/tiny.json   # on a CPU: tiny configs, same code (what CI runs)
 
 Output: one JSON line per measurement, then a summary JSON line with the ladder's ratios.
 """
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from record import Recorder, results_path
+from record import Recorder, refuse_subset_over_default, results_path
 
 # Harm-C train caption lengths in BERT uncased WordPiece tokens (incl. [CLS]/[SEP]), percentiles
 # 10/25/50/75/90/95/99 measured on this repository's machine: sampled by the dynamic variant.
@@ -227,6 +227,7 @@ def main(argv=None):
                     help="also profile dhumor's training step (len128): where the time goes, by operator group")
     args = ap.parse_args(argv)
     rec = Recorder("gpu_recipe")
+    refuse_subset_over_default(ap, args.out, results_path("gpu_recipe"), ["--tiny"] if args.tiny else [])
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     gpu = dev.type == "cuda"
     steps = args.steps or (20 if gpu else 2)

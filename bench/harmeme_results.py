@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from dhumor.paths import resolve_data_path
-from record import Recorder, results_path
+from record import Recorder, refuse_subset_over_default, results_path
 
 ROOT = Path(__file__).resolve().parent.parent
 # The data root's splits (``--data`` / $DHUMOR_DATA / data/harmeme-c); main() re-resolves them for --data.
@@ -153,6 +153,10 @@ def main(argv=None):
     ap.add_argument("extra", nargs="*", help="extra `dhumor fit` arguments for every run")
     args = ap.parse_args(argv)
     rec = Recorder("harmeme_val")
+    refuse_subset_over_default(ap, args.out, results_path("harmeme_val"), [
+        f for f, on in (("--variants", args.variants != list(VARIANTS)), ("--seeds", args.seeds != [0, 1, 2]),
+                        ("--skip-floor", args.skip_floor), ("--skip-timing", args.skip_timing),
+                        ("extra fit arguments", bool(args.extra))) if on])
     global TRAIN, VAL
     TRAIN, VAL = resolve_data_path("train.jsonl", args.data), resolve_data_path("val.jsonl", args.data)
     if not VAL.exists():

@@ -22,7 +22,7 @@ from dhumor.data.readers import read_manifest
 from dhumor.images import load_image
 from dhumor.ocr import OCR
 from dhumor.paths import data_root
-from record import Recorder, results_path
+from record import Recorder, refuse_subset_over_default, results_path
 
 
 def normalise(s: str) -> str:
@@ -38,6 +38,7 @@ def main(argv=None):
     ap.add_argument("--out", default=str(results_path("ocr_quality")))
     args = ap.parse_args(argv)
     rec = Recorder("ocr_quality")
+    refuse_subset_over_default(ap, args.out, results_path("ocr_quality"), ["--limit"] if args.limit else [])
     rows = []
     memes = [m for m in read_manifest(args.manifest).memes if normalise(m.caption)][: args.limit]
     images = [load_image(m.image) for m in memes]

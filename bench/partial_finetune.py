@@ -20,7 +20,7 @@ from dhumor.encoders.registry import get_entry
 from dhumor.encoders.features import FeatureExtractor
 from dhumor.model.lit import DHumorModule
 from dhumor.model.tcrnet import StreamInput
-from record import Recorder, results_path
+from record import Recorder, refuse_subset_over_default, results_path
 
 SALT = "bench-partial-finetune-v1"
 
@@ -162,6 +162,8 @@ def main(argv=None):
     ap.add_argument("--out", default=str(results_path("partial_finetune")))
     args = ap.parse_args(argv)
     rec = Recorder("partial_finetune")
+    refuse_subset_over_default(ap, args.out, results_path("partial_finetune"),
+                               ["--parts"] if args.parts != ["caption:1", "caption:2", "image:1"] else [])
     rows = []
     torch.set_num_threads(2)
     all_memes = read_manifest(data_root() / "train.jsonl").memes

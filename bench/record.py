@@ -15,6 +15,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -60,24 +61,52 @@ def _commit() -> str | None:
     try:
         out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=10)
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+        # Untracked files count where code lives: a new bench or module not yet committed is a change.
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "bench", "dhumor", "configs"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return out.stdout.strip() + ("+changes" if dirty else "") if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
 
 
-class Recorder:
-    """Started when the bench starts (reads the load); ``write`` adds provenance and writes the file."""
+def _where(path: Path) -> str:
+    """``path`` relative to the repository when inside it, else as given (never a machine-local root)."""
+    try:
+        return Path(path).resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return str(path)
 
-    def __init__(self, name: str):
+
+def _dhumor_source() -> str:
+    """Which dhumor the bench measured: this checkout's, or an installed copy elsewhere."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("dhumor")
+    origin = Path(spec.origin).resolve() if spec and spec.origin else None
+    if origin is None:
+        return "not importable"
+    return "this checkout" if ROOT in origin.parents else "an installed copy outside this checkout"
+
+
+class Recorder:
+    """Started when the bench starts (reads the load); ``write`` adds provenance and writes the file.
+
+    ``argv``: the bench's arguments (default ``sys.argv[1:]``), recorded as a command that can be
+    rerun from the repository root (``cwd`` says where it ran when that was elsewhere)."""
+
+    def __init__(self, name: str, argv: list[str] | None = None):
         self.name = name
+        self.argv = list(sys.argv[1:] if argv is None else argv)
         self.started = _dt.datetime.now(_dt.timezone.utc)
         self.load_start = round(os.getloadavg()[0], 2)
 
     def provenance(self) -> dict:
-        return {"produced_by": " ".join(["python", os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
-                "commit": _commit(), "started_utc": self.started.isoformat(timespec="seconds"),
+        script = _where(Path(sys.argv[0])) if sys.argv and sys.argv[0] not in ("", "-c") else f"bench/{self.name}.py"
+        cwd = _where(Path.cwd())
+        return {"produced_by": shlex.join(["python", script, *self.argv]),
+                **({"cwd": cwd} if Path.cwd().resolve() != ROOT else {}),
+                "commit": _commit(), "dhumor_measured": _dhumor_source(),
+                "started_utc": self.started.isoformat(timespec="seconds"),
                 "finished_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "machine": machine(),
                 "load_average_1min": {"start": self.load_start, "end": round(os.getloadavg()[0], 2)}}
@@ -94,3 +123,11 @@ class Recorder:
         atomic_write(path, json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
         print(f"numbers written to {path}", file=sys.stderr)
         return path
+
+
+def refuse_subset_over_default(ap, out, default: Path, subset_flags: list[str], flag: str = "--out") -> None:
+    """A run that measures less than the published one (``subset_flags`` it was given) must name its
+    own ``--out``: the default file holds the published numbers and is not overwritten by a subset."""
+    if subset_flags and Path(out).resolve() == Path(default).resolve():
+        ap.error(f"{', '.join(subset_flags)} measure(s) a subset: pass {flag} FILE (the default "
+                 f"{_where(Path(default))} holds the published run)")

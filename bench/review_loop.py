@@ -213,9 +213,13 @@ def main(argv=None):
     ap.add_argument("--patience", type=int, default=5, help="early stopping on val macro-F1 of the 10%% split")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared 2-core CPU)")
     ap.add_argument("--out", default=str(results_path("review_loop")))
-    ap.add_argument("--plot", default=str(ROOT / "docs" / "review_loop.png"))
+    ap.add_argument("--plot", default=None, help="default docs/review_loop.png for the default --out, "
+                                                 "else --out with .png")
     ap.add_argument("--report-only", action="store_true", help="only redo the table and plot from --out's JSON")
     args = ap.parse_args(argv)
+    if args.plot is None:  # another --out never replaces the published plot
+        default = Path(args.out).resolve() == results_path("review_loop").resolve()
+        args.plot = str(ROOT / "docs" / "review_loop.png") if default else str(Path(args.out).with_suffix(".png"))
     if args.report_only:
         result = json.loads(Path(args.out).read_text())
         result["summary"] = summarize(result["runs"])  # recomputed from the kept runs (one std convention)

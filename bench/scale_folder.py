@@ -134,7 +134,8 @@ def main(argv=None) -> int:
     if args.resume_only:
         old = json.loads(Path(args.json).read_text())
         results["versions"] = {k: {"score": v["score"]} for k, v in old["versions"].items()}
-        results["machine_while_scoring"] = old["machine"]
+        # record.py keeps the bench's own line under machine_as_reported (machine is then its dict)
+        results["machine_while_scoring"] = old.get("machine_as_reported", old["machine"])
     for name, code in versions.items():
         if args.resume_only:
             continue
