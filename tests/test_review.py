@@ -93,7 +93,9 @@ def test_old_review_log_gains_queue_columns(tmp_path):
     con.close()
     log = ReviewLog(path)
     assert log.rows()[0]["labels"] is None and log.labelled_rows() == []
-    log.export_csv(tmp_path / "r.csv")  # the demo's CSV export still works on the old rows
+    # The demo's CSV export still works on the old rows, and says how many it wrote.
+    assert log.export_csv(tmp_path / "r.csv") == len(log.rows()) == 1
+    assert len((tmp_path / "r.csv").read_text().splitlines()) == 2  # header + the one review
 
 
 def _reviewed_log(tmp_path, harmeme_fixture) -> tuple[ReviewLog, list[dict]]:
