@@ -26,6 +26,11 @@ if str(ROOT) not in sys.path:  # a bench run from a checkout without `pip instal
     sys.path.append(str(ROOT))
 
 
+def relativise(text: str) -> str:
+    """Paths inside the repository written relative to it: a committed file names no machine's folders."""
+    return text.replace(json.dumps(str(ROOT) + "/")[1:-1], "")
+
+
 def results_path(name: str) -> Path:
     """Where the bench called ``name`` keeps its numbers by default."""
     return RESULTS / f"{name}.json"
@@ -120,7 +125,7 @@ class Recorder:
         # A bench's own description of the machine (a string) never replaces the recorded one.
         clash = {f"{k}_as_reported": numbers[k] for k in prov if k in numbers}
         payload = {"bench": self.name, **prov, **{k: v for k, v in numbers.items() if k not in prov}, **clash}
-        atomic_write(path, json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
+        atomic_write(path, relativise(json.dumps(payload, indent=1, ensure_ascii=False)) + "\n")
         print(f"numbers written to {path}", file=sys.stderr)
         return path
 
