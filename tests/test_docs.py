@@ -226,6 +226,11 @@ QUOTED = [
     (ROOT / "docs" / "scoring.md", lambda: "| {} |".format(
         _get("score.json", "stages", ("stage", "ocr_rapidocr"), "memes_per_second"))),
     (ROOT / "docs" / "explanations.md", lambda: f"{round(_get('explain_server_down.json', 'seconds'))} s"),
+    (README, lambda: f"{_get('demo_latency_browser.json', 'first_explanation', 'p50'):.2f} s"),
+    (ROOT / "docs" / "demo.md", lambda: f"| {_get('demo_latency_browser.json', 'full', 'p50'):.2f} |"),
+    (ROOT / "docs" / "explanations.md", lambda: "| {:.2f} | **{:.2f}×** |".format(
+        _get("explain_throughput.json", "results", ("config", "batched-v2"), "memes_per_minute"),
+        _get("explain_throughput.json", "results", ("config", "batched-v2"), "ratio_to_sequential-v1"))),
 ]
 
 
