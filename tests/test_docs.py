@@ -227,6 +227,9 @@ QUOTED = [
         _get("score.json", "stages", ("stage", "ocr_rapidocr"), "memes_per_second"))),
     (ROOT / "docs" / "explanations.md", lambda: f"{round(_get('explain_server_down.json', 'seconds'))} s"),
     (README, lambda: f"{_get('demo_latency_browser.json', 'first_explanation', 'p50'):.2f} s"),
+    (ROOT / "docs" / "scoring.md", lambda: "| {:.3f} | {:.3f} |".format(
+        _get("ocr_quality.json", "engines", ("engine", "rapidocr"), "cer"),
+        _get("ocr_quality.json", "engines", ("engine", "rapidocr"), "wer"))),
     (ROOT / "docs" / "demo.md", lambda: f"| {_get('demo_latency_browser.json', 'full', 'p50'):.2f} |"),
     (ROOT / "docs" / "explanations.md", lambda: "| {:.2f} | **{:.2f}×** |".format(
         _get("explain_throughput.json", "results", ("config", "batched-v2"), "memes_per_minute"),
