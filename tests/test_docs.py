@@ -203,6 +203,12 @@ def _tcr(key):
     return lambda: "{:.3f} ± {:.3f}".format(*_get("harmeme_val.json", "summary", ("variant", "TCRNet caption+image"), key))
 
 
+def _review_800() -> list[float]:
+    summary = _get("review_loop.json", "summary")
+    cell = {s["ordering"]: s["harmful_macro_f1"] for s in summary if s["reviewed"] == 800}
+    return [*cell["uncertain"], *cell["random"]]
+
+
 def _f3(*path):
     return lambda: f"{_get(*path):.3f}"
 
@@ -227,6 +233,8 @@ QUOTED = [
         _get("score.json", "stages", ("stage", "ocr_rapidocr"), "memes_per_second"))),
     (ROOT / "docs" / "explanations.md", lambda: f"{round(_get('explain_server_down.json', 'seconds'))} s"),
     (README, lambda: f"{_get('demo_latency_browser.json', 'first_explanation', 'p50'):.2f} s"),
+    (ROOT / "docs" / "review-loop.md",
+     lambda: "| 800 | {:.3f} ± {:.3f} | {:.3f} ± {:.3f} |".format(*_review_800())),
     (ROOT / "docs" / "scoring.md", lambda: "| {:.3f} | {:.3f} |".format(
         _get("ocr_quality.json", "engines", ("engine", "rapidocr"), "cer"),
         _get("ocr_quality.json", "engines", ("engine", "rapidocr"), "wer"))),
