@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from dhumor.paths import resolve_data_path
+from dhumor.util.files import atomic_write
 from record import Recorder, refuse_subset_over_default, results_path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,8 +74,9 @@ def mean_std(rows: list[dict], keys: list[str]) -> dict:
     out = {}
     for k in keys:
         vals = [r[k] for r in rows if r[k] is not None]
-        std = round(float(np.std(vals, ddof=1)), 4) if len(vals) > 1 else None
-        out[k] = [round(float(np.mean(vals)), 4), std]
+        # Six decimals: the documentation rounds to three, and rounding twice can move the last digit.
+        std = round(float(np.std(vals, ddof=1)), 6) if len(vals) > 1 else None
+        out[k] = [round(float(np.mean(vals)), 6), std]
     return out
 
 
@@ -120,6 +122,17 @@ def logistic_floor() -> dict:
     return {"variant": "floor: logistic regression, mpnet caption", **{k: round(v, 4) for k, v in out.items()}}
 
 
+def summarize(rows: list[dict], variants: list[str]) -> list[dict]:
+    """Per variant: the seeds, mean and sample std of every metric, and the mean fit time."""
+    summary = []
+    for v in variants:
+        rs = [r for r in rows if r["variant"] == v]
+        keys = [k for k in rs[0] if k.startswith(("harmful", "harmfulness", "target"))]
+        summary.append({"variant": v, "seeds": [r["seed"] for r in rs], **mean_std(rs, keys),
+                        "fit_seconds_mean": round(float(np.mean([r["fit_seconds"] for r in rs])), 1)})
+    return summary
+
+
 def time_features(n: int = 200) -> dict:
     """Cold-cache feature extraction, seconds per meme, for the default encoders (models loaded first)."""
     from dhumor.cache import StageCache
@@ -150,8 +163,16 @@ def main(argv=None):
     ap.add_argument("--out", default=str(results_path("harmeme_val")))
     ap.add_argument("--skip-floor", action="store_true")
     ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("--resummarize", action="store_true",
+                    help="only recompute --out's summary from the per-seed runs it keeps (no training)")
     ap.add_argument("extra", nargs="*", help="extra `dhumor fit` arguments for every run")
     args = ap.parse_args(argv)
+    if args.resummarize:
+        result = json.loads(Path(args.out).read_text())
+        result["summary"] = summarize(result["runs"], [s["variant"] for s in result["summary"]])
+        result["summary_recomputed_by"] = "python bench/harmeme_results.py --resummarize"
+        atomic_write(args.out, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+        return
     rec = Recorder("harmeme_val")
     refuse_subset_over_default(ap, args.out, results_path("harmeme_val"), [
         f for f, on in (("--variants", args.variants != list(VARIANTS)), ("--seeds", args.seeds != [0, 1, 2]),
@@ -170,13 +191,9 @@ def main(argv=None):
             r = run_variant(v, VARIANTS[v], s, Path(args.root), args.extra)
             rows.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "metrics"}), flush=True)
-    summary = []
-    for v in args.variants:
-        rs = [r for r in rows if r["variant"] == v]
-        keys = [k for k in rs[0] if k.startswith(("harmful", "harmfulness", "target"))]
-        summary.append({"variant": v, "seeds": [r["seed"] for r in rs], **mean_std(rs, keys),
-                        "fit_seconds_mean": round(float(np.mean([r["fit_seconds"] for r in rs])), 1)})
-        print(json.dumps(summary[-1]), flush=True)
+    summary = summarize(rows, args.variants)
+    for s in summary:
+        print(json.dumps(s), flush=True)
     result = {"runs": rows, "summary": summary}
     if not args.skip_floor:
         result["floor"] = logistic_floor()

@@ -30,12 +30,12 @@ def normalise(s: str) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--manifest", default=str(data_root() / "val.jsonl"),
                     help="a manifest with captions (default: the data root's val.jsonl)")
-    ap.add_argument("--engines", nargs="+", default=["rapidocr", "easyocr"])
-    ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--out", default=str(results_path("ocr_quality")))
+    ap.add_argument("--engines", nargs="+", default=["rapidocr", "easyocr"], help="OCR engines to compare")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N captioned memes (a subset run)")
+    ap.add_argument("--out", default=str(results_path("ocr_quality")), help="where the numbers go")
     args = ap.parse_args(argv)
     rec = Recorder("ocr_quality")
     refuse_subset_over_default(ap, args.out, results_path("ocr_quality"), ["--limit"] if args.limit else [])

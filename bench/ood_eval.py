@@ -36,12 +36,12 @@ from record import Recorder, results_path  # noqa: E402
 
 from dhumor.model.checkpoint import read_meta  # noqa: E402
 from dhumor.data.readers import read_manifest  # noqa: E402
-from dhumor.data.synthetic import EXAMPLES, render_meme, sample_image, write_examples, write_fixture  # noqa: E402
+from dhumor.data.synthetic import render_meme, sample_image, write_fixture  # noqa: E402
 from dhumor.inference.items import Item  # noqa: E402
 from dhumor.model.ood import DEFAULT_K, METHODS, UNFAMILIAR_SHARE, OODScorer  # noqa: E402
 from dhumor.paths import data_root  # noqa: E402
 from dhumor.inference.pipeline import Pipeline  # noqa: E402
-from dhumor.resources import default_checkpoint  # noqa: E402
+from dhumor.resources import EXAMPLES_DIR, default_checkpoint  # noqa: E402
 from dhumor.schema import Meme  # noqa: E402
 from dhumor.util.files import atomic_write  # noqa: E402
 
@@ -108,12 +108,22 @@ def photo_memes(out: Path, crops: int = 4, seed: int = 0) -> list[Meme]:
     return memes
 
 
+EXAMPLE_CAPTIONS = {
+    "astronaut": "me explaining my weekend plans to my houseplants",
+    "chelsea": "when the vet says it's just a small procedure",
+    "coffee": "coffee is just anxiety in a cup",
+    "rocket": "elon when the rocket explodes again",
+    "camera": "photographers be like one more shot",
+    "horse": "when you bet everything on the wrong horse",
+}
+
+
 def synthetic_memes(out: Path, n: int = 80) -> list[Meme]:
     """Generated memes: the fixture generator's captioned noise pictures, the example memes, and
     sample photographs with unrelated captions in meme layout."""
     memes = read_manifest(write_fixture(out / "fixture", n=n, seed=7, fmt="harmeme")).memes
-    for p, (name, top, bottom) in zip(write_examples(out / "examples"), EXAMPLES):
-        memes.append(Meme(id=p.stem, image=p, caption=f"{top} {bottom}"))
+    for name, caption in EXAMPLE_CAPTIONS.items():  # the shipped example memes, captions as rendered on them
+        memes.append(Meme(id=name, image=EXAMPLES_DIR / f"{name}.jpg", caption=caption))
     (out / "captioned").mkdir(exist_ok=True)
     for i, name in enumerate(PHOTOS[:12]):
         try:

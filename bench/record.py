@@ -134,5 +134,5 @@ def refuse_subset_over_default(ap, out, default: Path, subset_flags: list[str], 
     """A run that measures less than the published one (``subset_flags`` it was given) must name its
     own ``--out``: the default file holds the published numbers and is not overwritten by a subset."""
     if subset_flags and Path(out).resolve() == Path(default).resolve():
-        ap.error(f"{', '.join(subset_flags)} measure(s) a subset: pass {flag} FILE (the default "
+        ap.error(f"{', '.join(subset_flags)}: a subset of the published run; pass {flag} FILE (the default "
                  f"{_where(Path(default))} holds the published run)")

@@ -17,7 +17,8 @@ from pathlib import Path
 ENV_DATA = "DHUMOR_DATA"
 DEFAULT_DATA_ROOT = Path("data") / "harmeme-c"
 GET_DATA_HINT = ("get Harm-C with `dhumor data harmeme SRC {root}` (SRC: a clone of "
-                 "https://github.com/di-dimitrov/mmf), or point DHUMOR_DATA / --data.root at a folder that has it")
+                 "https://github.com/di-dimitrov/mmf), or point DHUMOR_DATA (or `dhumor fit`'s --data.root, "
+                 "a bench's --data) at a folder that has it")
 
 
 def get_data_hint(root: str | os.PathLike | None = None) -> str:
