@@ -209,6 +209,11 @@ def _review_800() -> list[float]:
     return [*cell["uncertain"], *cell["random"]]
 
 
+def _minutes(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m} min {s} s"
+
+
 def _f3(*path):
     return lambda: f"{_get(*path):.3f}"
 
@@ -233,6 +238,8 @@ QUOTED = [
         _get("score.json", "stages", ("stage", "ocr_rapidocr"), "memes_per_second"))),
     (ROOT / "docs" / "explanations.md", lambda: f"{round(_get('explain_server_down.json', 'seconds'))} s"),
     (README, lambda: f"{_get('demo_latency_browser.json', 'first_explanation', 'p50'):.2f} s"),
+    (ROOT / "docs" / "install.md", lambda: _minutes(_get("setup_times.json", "steps", ("command", "make examples"), "seconds"))),
+    (README, lambda: _minutes(_get("setup_times.json", "steps", ("command", "make test"), "seconds"))),
     (ROOT / "docs" / "review-loop.md",
      lambda: "| 800 | {:.3f} ± {:.3f} | {:.3f} ± {:.3f} |".format(*_review_800())),
     (ROOT / "docs" / "scoring.md", lambda: "| {:.3f} | {:.3f} |".format(
