@@ -485,12 +485,6 @@ def main(argv=None):
             if entry.get("runs"):
                 entry.update({k: v for k, v in mean_std(entry["runs"]).items() if k == "std"})
     rec = Recorder("accuracy_results")
-    cache = StageCache()
-    train = read_manifest(data_root() / "train.jsonl").memes
-    pooled_tr = Pooled(train, cache)
-    # The OCR view of train (3,000 OCR reads when not cached) only where something trains or is scored on it.
-    needs_ocr_tr = args.ocr and (args.stage in ("cv", "all") or any(spec(n)["ocr_train"] for n in args.report))
-    ocr_tr = Pooled(ocr_view(train, cache), cache) if needs_ocr_tr else None
 
     def save():
         result["last_run"] = rec.provenance()
@@ -506,6 +500,16 @@ def main(argv=None):
               "Seed ensembles (the three seeds' models averaged; one number each):", "",
               ensemble_table(result["val"])]
         atomic_write(out.with_suffix(".md"), "\n".join(md) + "\n")
+
+    if args.stage == "report":  # tables from the kept runs: no data, no features
+        save()
+        return
+    cache = StageCache()
+    train = read_manifest(data_root() / "train.jsonl").memes
+    pooled_tr = Pooled(train, cache)
+    # The OCR view of train (3,000 OCR reads when not cached) only where something trains or is scored on it.
+    needs_ocr_tr = args.ocr and (args.stage in ("cv", "all") or any(spec(n)["ocr_train"] for n in args.report))
+    ocr_tr = Pooled(ocr_view(train, cache), cache) if needs_ocr_tr else None
 
     if args.stage in ("cv", "all"):
         for name in args.only:

@@ -76,30 +76,10 @@ def main(argv=None):
         print(f"demo_latency: no folder of memes at {args.images}: pass --images DIR (e.g. --images "
               f"{EXAMPLES_DIR} --n 5), or set DHUMOR_DATA to Harm-C (dhumor data harmeme)", file=sys.stderr)
         sys.exit(2)
-    files, seen = [], set()
-    for p in sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".jpg", ".png")):
-        if p.read_bytes() not in seen and len(files) < args.n:  # a repeated image would come from the cache
-            seen.add(p.read_bytes())
-            files.append(p)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    files = _pick_memes(Path(args.images), args.n)  # a repeated image would come from the cache
+    seen = {p.read_bytes() for p in files}
     tmp = Path(tempfile.mkdtemp())
-    env = {**os.environ, "DHUMOR_CACHE": str(tmp / "cache.sqlite"), "GRADIO_ANALYTICS_ENABLED": "False"}
-    cmd = [sys.executable, str(ROOT / "app" / "app.py"), "--port", str(port), "--review-log", str(tmp / "r.sqlite"),
-           "--explain", args.explain]
-    if args.checkpoint:
-        cmd += ["--checkpoint", args.checkpoint]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / "log", "w"))
-    url = f"http://127.0.0.1:{port}/"
-    for _ in range(600):
-        try:
-            if requests.get(url, timeout=1).status_code == 200:
-                break
-        except requests.RequestException:
-            time.sleep(0.2)
+    proc, url = _start_demo(args, tmp)
     o = Options()
     o.binary_location = "/usr/bin/chromium"
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking"):

@@ -31,6 +31,12 @@ def relativise(text: str) -> str:
     return text.replace(json.dumps(str(ROOT) + "/")[1:-1], "")
 
 
+def as_reported(result: dict, key: str):
+    """A bench's own value of ``key`` in a file it wrote: ``write`` keeps it under ``<key>_as_reported``
+    when the recorder's provenance uses that key (``machine``); older files have it under ``key``."""
+    return result.get(f"{key}_as_reported", result.get(key))
+
+
 def results_path(name: str) -> Path:
     """Where the bench called ``name`` keeps its numbers by default."""
     return RESULTS / f"{name}.json"

@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 from harmeme_results import quiet  # noqa: E402
-from record import Recorder, results_path  # noqa: E402
+from record import Recorder, as_reported, results_path  # noqa: E402
 
 from dhumor.util.files import atomic_write  # noqa: E402
 
@@ -224,7 +224,7 @@ def main(argv=None):
         result = json.loads(Path(args.out).read_text())
         result["summary"] = summarize(result["runs"])  # recomputed from the kept runs (one std convention)
         atomic_write(args.out, json.dumps(result, indent=1) + "\n")
-        machine = result.get("machine_as_reported", result["machine"])  # record.py keeps the bench's own line there
+        machine = as_reported(result, "machine")
         report(result["summary"], machine if isinstance(machine, str) else f"{machine['arch']} CPU, "
                f"{machine['cores']} cores", Path(args.out), Path(args.plot))
         return

@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from record import Recorder, results_path  # noqa: E402
+from record import Recorder, as_reported, results_path  # noqa: E402
 
 
 def make_folder(folder: Path, n: int) -> None:
@@ -134,8 +134,7 @@ def main(argv=None) -> int:
     if args.resume_only:
         old = json.loads(Path(args.json).read_text())
         results["versions"] = {k: {"score": v["score"]} for k, v in old["versions"].items()}
-        # record.py keeps the bench's own line under machine_as_reported (machine is then its dict)
-        results["machine_while_scoring"] = old.get("machine_as_reported", old["machine"])
+        results["machine_while_scoring"] = as_reported(old, "machine")
     for name, code in versions.items():
         if args.resume_only:
             continue

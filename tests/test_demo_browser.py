@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import sqlite3
@@ -62,8 +61,8 @@ def app(trained, tmp_path_factory):
     proc.wait(30)
 
 
-@pytest.fixture
-def browser():
+def chrome(window: str = "1400,1700"):
+    """Debian's headless Chromium under Selenium, with the flags this machine needs."""
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
@@ -71,9 +70,14 @@ def browser():
     o = Options()
     o.binary_location = CHROMIUM
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-              "--disable-dev-shm-usage", "--window-size=1400,1700"):
+              "--disable-dev-shm-usage", f"--window-size={window}"):
         o.add_argument(a)
-    d = webdriver.Chrome(service=Service(DRIVER), options=o)
+    return webdriver.Chrome(service=Service(DRIVER), options=o)
+
+
+@pytest.fixture
+def browser():
+    d = chrome()
     yield d
     d.quit()
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dhumor.cli import main
 
-from test_demo_browser import CHROMIUM, DRIVER, ROOT, _port, _start_app, _wait  # noqa: F401
+from test_demo_browser import ROOT, _port, _start_app, _wait, chrome  # noqa: F401
 
 pytestmark = pytest.mark.slow  # headless Chromium
 
@@ -22,16 +22,7 @@ NOTE = "<img src=x onerror=\"document.title='pwned'\"> **not bold**"
 
 
 def _driver():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    o = Options()
-    o.binary_location = CHROMIUM
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-              "--disable-dev-shm-usage", "--window-size=1400,1500"):
-        o.add_argument(a)
-    return webdriver.Chrome(service=Service(DRIVER), options=o)
+    return chrome("1400,1500")
 
 
 def _sign_in(d, url, name):
